@@ -1,0 +1,111 @@
+//! Command line: `tollgate [-c FILE] [-t] [-u] [-d]` and `tollgate demo [-c FILE]`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::server::{self, ProcessOptions};
+
+/// Exit status for a configuration that fails validation (EX_USAGE).
+pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// tollgate: a programmable HTTP reverse proxy and API gateway built on Pingora.
+///
+/// Signals: SIGTERM drains gracefully (server.grace_period, then
+/// server.graceful_shutdown_timeout); SIGQUIT hands the listening sockets to a new process
+/// started with --upgrade; SIGINT stops at once.
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about, long_about)]
+pub struct Cli {
+    /// Configuration file (YAML).
+    #[arg(
+        short = 'c',
+        long = "conf",
+        value_name = "FILE",
+        default_value = "/etc/tollgate/tollgate.yaml",
+        global = true
+    )]
+    pub conf: PathBuf,
+    /// Validate the configuration, print every problem, and exit: 0 if valid, 64 if not.
+    #[arg(short = 't', long = "test")]
+    pub test: bool,
+    /// Take over the listening sockets of a running instance (binary upgrade), then SIGQUIT it.
+    #[arg(short = 'u', long = "upgrade")]
+    pub upgrade: bool,
+    /// Run in the background as a daemon.
+    #[arg(short = 'd', long = "daemon")]
+    pub daemon: bool,
+    /// What to run instead of the gateway.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start built-in demo upstreams on loopback and the gateway in front of them
+    /// (configuration: conf/demo.yaml unless -c is given).
+    Demo,
+}
+
+/// Parse the command line and run. Returns the process exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let demo = matches!(cli.command, Some(Command::Demo));
+    let path = if demo
+        && !std::env::args_os()
+            .any(|a| a == "-c" || a == "--conf" || a.to_string_lossy().starts_with("--conf="))
+    {
+        PathBuf::from("conf/demo.yaml")
+    } else {
+        cli.conf.clone()
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "{}: {} error(s); configuration not loaded",
+                path.display(),
+                errors.errors.len()
+            );
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if cli.test {
+        println!(
+            "{}: configuration OK ({} listener(s), {} upstream(s), {} route(s))",
+            path.display(),
+            config.listeners.len(),
+            config.upstreams.len(),
+            config.routes.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let opts = ProcessOptions {
+        upgrade: cli.upgrade,
+        daemon: cli.daemon,
+    };
+    if demo {
+        print!("{}", server::demo::banner(&config));
+        let demos = server::demo::services(&config);
+        let mut srv = server::build(config, opts);
+        for d in demos {
+            srv.add_service(d);
+        }
+        srv.run(pingora::server::RunArgs::default());
+    } else {
+        server::run(config, opts);
+    }
+    ExitCode::SUCCESS
+}
+
+fn init_logging() {
+    let env = env_logger::Env::default().default_filter_or("info");
+    let _ = env_logger::Builder::from_env(env)
+        .format_timestamp_millis()
+        .try_init();
+}

@@ -1,0 +1,300 @@
+//! The file schema: what the YAML file may contain, exactly as written.
+//!
+//! Every struct here is `deny_unknown_fields`, so a misspelt key is an error with its line and
+//! column. Defaults live in named functions so `docs/configuration.md` can point at them. Nothing
+//! here is checked beyond its type: [`super::validate`] turns a [`FileConfig`] into the runtime
+//! [`super::Config`] and reports every problem with its path.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Process-wide settings (threads, shutdown timing, pid file, upgrade socket).
+    #[serde(default)]
+    pub server: ServerSection,
+    /// Where the gateway accepts client traffic. At least one.
+    #[serde(default)]
+    pub listeners: Vec<ListenerSection>,
+    /// The admin listener (health, readiness). Optional.
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
+    /// CIDRs whose `X-Forwarded-For` / `X-Request-Id` are believed. Default: none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Named groups of backends.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamSection>,
+    /// Routes, matched most-specific first (see `docs/routing.md`).
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+}
+
+/// `server:`: Pingora's own server settings plus tollgate's process settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Worker threads. Default: the CPUs this process may use.
+    pub threads: Option<usize>,
+    /// After SIGTERM/SIGQUIT, keep serving in-flight requests this long. Default 10s.
+    #[serde(deserialize_with = "de_duration")]
+    pub grace_period: Duration,
+    /// Then wait at most this long for the runtimes to stop. Default 10s.
+    #[serde(deserialize_with = "de_duration")]
+    pub graceful_shutdown_timeout: Duration,
+    /// Pid file. Default `/tmp/tollgate.pid`.
+    pub pid_file: String,
+    /// Unix socket used to hand listening sockets to a new binary. Default `/tmp/tollgate_upgrade.sock`.
+    pub upgrade_sock: String,
+    /// Size of the shared upstream keep-alive pool (per thread). Default: the sum of every
+    /// upstream's `keepalive.pool_size`.
+    pub upstream_keepalive_pool_size: Option<usize>,
+    /// Close idle downstream keep-alive connections after this long. Default 60s.
+    #[serde(deserialize_with = "de_duration")]
+    pub downstream_keepalive_timeout: Duration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            threads: None,
+            grace_period: DEFAULT_GRACE_PERIOD,
+            graceful_shutdown_timeout: DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT,
+            pid_file: "/tmp/tollgate.pid".into(),
+            upgrade_sock: "/tmp/tollgate_upgrade.sock".into(),
+            upstream_keepalive_pool_size: None,
+            downstream_keepalive_timeout: DEFAULT_DOWNSTREAM_KEEPALIVE,
+        }
+    }
+}
+
+/// Default `server.grace_period`: short enough for Kubernetes' 30 s termination grace.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// Default `server.graceful_shutdown_timeout`.
+pub const DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `server.downstream_keepalive_timeout`.
+pub const DEFAULT_DOWNSTREAM_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// One entry of `listeners:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    /// `IP:port` to bind.
+    pub address: String,
+}
+
+/// `admin:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// `IP:port` to bind. Default `127.0.0.1:9901`.
+    #[serde(default = "default_admin_address")]
+    pub address: String,
+}
+
+fn default_admin_address() -> String {
+    "127.0.0.1:9901".into()
+}
+
+/// One entry of `upstreams:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// Balancing algorithm. Default `round_robin`.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Key for `consistent_hash`. Default `client_ip` when the balancer hashes.
+    #[serde(default)]
+    pub hash_key: Option<String>,
+    /// Static backends.
+    #[serde(default)]
+    pub backends: Vec<BackendSection>,
+    /// Connection timeouts.
+    #[serde(default)]
+    pub timeouts: TimeoutsSection,
+    /// Connection reuse.
+    #[serde(default)]
+    pub keepalive: KeepaliveSection,
+    /// Failover.
+    #[serde(default)]
+    pub retries: RetriesSection,
+}
+
+/// Balancing algorithms (`balance:`).
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each backend in turn; weights ignored.
+    #[default]
+    RoundRobin,
+    /// Smooth weighted round robin.
+    Weighted,
+    /// Ketama ring on `hash_key`.
+    ConsistentHash,
+    /// Uniformly random, weighted.
+    Random,
+    /// Fewest in-flight requests (per weight).
+    LeastConnections,
+}
+
+impl Balance {
+    /// The name used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::Weighted => "weighted",
+            Balance::ConsistentHash => "consistent_hash",
+            Balance::Random => "random",
+            Balance::LeastConnections => "least_connections",
+        }
+    }
+}
+
+/// One entry of `backends:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    /// `IP:port`.
+    pub address: String,
+    /// Relative share of traffic. Default 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// `timeouts:` on an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsSection {
+    /// TCP connect. Default 2s.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect: Duration,
+    /// Each read from the backend (time to first byte, and between chunks). Default 30s.
+    #[serde(deserialize_with = "de_duration")]
+    pub read: Duration,
+    /// Each write to the backend. Default 30s.
+    #[serde(deserialize_with = "de_duration")]
+    pub write: Duration,
+    /// A pooled idle connection is closed after this long. Default 60s.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle: Duration,
+}
+
+impl Default for TimeoutsSection {
+    fn default() -> Self {
+        TimeoutsSection {
+            connect: Duration::from_secs(2),
+            read: Duration::from_secs(30),
+            write: Duration::from_secs(30),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `keepalive:` on an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeepaliveSection {
+    /// Idle connections this upstream contributes to the shared pool; 0 disables reuse.
+    /// Default 128.
+    pub pool_size: usize,
+}
+
+impl Default for KeepaliveSection {
+    fn default() -> Self {
+        KeepaliveSection { pool_size: 128 }
+    }
+}
+
+/// `retries:` on an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetriesSection {
+    /// Further backends tried after a failed connect. Default 2.
+    pub attempts: usize,
+}
+
+impl Default for RetriesSection {
+    fn default() -> Self {
+        RetriesSection { attempts: 2 }
+    }
+}
+
+/// One entry of `routes:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    /// Unique name (used in logs and metrics).
+    pub name: String,
+    /// What requests this route takes. Default: everything.
+    #[serde(default, rename = "match")]
+    pub matcher: MatchSection,
+    /// Name of the upstream that serves it.
+    pub upstream: String,
+    /// Remove the matched `path_prefix` before forwarding. Default false.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Regex rewrite of the (stripped) path.
+    #[serde(default)]
+    pub rewrite: Option<RewriteSection>,
+    /// Host header sent upstream. Default: the client's Host, unchanged.
+    #[serde(default)]
+    pub upstream_host: Option<String>,
+}
+
+/// `match:` on a route. All given conditions must hold.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSection {
+    /// Exact names or `*.suffix` wildcards.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Exact path.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Path prefix, matched on segment boundaries.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Regex on the path.
+    #[serde(default)]
+    pub path_regex: Option<String>,
+    /// Allowed methods. Default: any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// `rewrite:` on a route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteSection {
+    /// Regex applied to the path.
+    pub regex: String,
+    /// Replacement, with `$1`/`${name}` captures.
+    pub replace: String,
+}
+
+/// Parse a human duration (`250ms`, `10s`, `5m`, `1h 30m`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. 250ms, 10s or 5m"))
+}
+
+/// Parse a human size (`512`, `64KiB`, `10MiB`, `1GB`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("invalid size {s:?} ({e}); write e.g. 512, 64KiB or 10MiB"))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}

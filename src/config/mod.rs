@@ -1,0 +1,179 @@
+//! Configuration: the YAML file schema ([`file`]), its validation ([`validate`]) into the runtime
+//! model defined here, and located errors ([`error`]).
+//!
+//! ```text
+//! YAML ──serde (deny_unknown_fields)──► FileConfig ──validate──► Config ──► RuntimeState
+//!        line/column errors                     path/value errors, all of them at once
+//! ```
+
+pub mod error;
+pub mod file;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use regex::Regex;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use file::Balance;
+pub use validate::{MAX_RETRIES, MAX_WEIGHT};
+
+/// A validated configuration: every name resolved, every value parsed.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Process settings.
+    pub server: ServerSettings,
+    /// Client-facing listeners.
+    pub listeners: Vec<SocketAddr>,
+    /// Admin listener, if any.
+    pub admin: Option<SocketAddr>,
+    /// Peers whose forwarding headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Upstream groups, sorted by name.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Routes in file order.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `server:` after validation.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Worker threads.
+    pub threads: usize,
+    /// Serve in-flight requests this long after a graceful signal.
+    pub grace_period: Duration,
+    /// Then wait this long for the runtimes to stop.
+    pub graceful_shutdown_timeout: Duration,
+    /// Pid file path.
+    pub pid_file: String,
+    /// Upgrade socket path.
+    pub upgrade_sock: String,
+    /// Shared upstream keep-alive pool size (per thread).
+    pub upstream_keepalive_pool_size: usize,
+    /// Idle downstream keep-alive timeout.
+    pub downstream_keepalive_timeout: Duration,
+}
+
+/// One upstream group after validation.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Its name (the key under `upstreams:`).
+    pub name: String,
+    /// Balancing algorithm.
+    pub balance: Balance,
+    /// Hash key, for `consistent_hash`.
+    pub hash_key: Option<HashKey>,
+    /// Backends, in file order.
+    pub backends: Vec<BackendConfig>,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Per-read timeout.
+    pub read_timeout: Duration,
+    /// Per-write timeout.
+    pub write_timeout: Duration,
+    /// Pooled idle connection lifetime.
+    pub idle_timeout: Duration,
+    /// Idle connections kept; 0 disables reuse.
+    pub pool_size: usize,
+    /// Further backends tried after a failed connect.
+    pub connect_retries: usize,
+}
+
+/// One backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Relative weight (≥ 1).
+    pub weight: u32,
+}
+
+/// What `consistent_hash` hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client address (after trusted-proxy resolution).
+    ClientIp,
+    /// The request path (without query).
+    Path,
+    /// A request header's value.
+    Header(http::HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+    /// A query parameter's value.
+    Query(String),
+}
+
+/// One route after validation.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Unique name.
+    pub name: String,
+    /// Host patterns (lower case); empty = any host.
+    pub hosts: Vec<HostPattern>,
+    /// Path condition.
+    pub path: PathMatch,
+    /// Allowed methods; empty = any.
+    pub methods: Vec<http::Method>,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    /// Strip the `path_prefix` before forwarding.
+    pub strip_prefix: bool,
+    /// Regex rewrite of the forwarded path.
+    pub rewrite: Option<(Regex, String)>,
+    /// Host header to send upstream instead of the client's.
+    pub upstream_host: Option<http::HeaderValue>,
+}
+
+/// A host condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// `api.example.com`.
+    Exact(String),
+    /// `*.example.com`: stores `.example.com`.
+    Suffix(String),
+}
+
+/// A path condition.
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    /// Any path.
+    Any,
+    /// Exactly this path.
+    Exact(String),
+    /// This prefix, on a segment boundary.
+    Prefix(String),
+    /// Paths this regex matches.
+    Regex(Regex),
+}
+
+impl Config {
+    /// Parse and validate YAML text. `source` names the file in error messages.
+    pub fn from_yaml(text: &str, source: &str) -> Result<Config, ConfigErrors> {
+        let file: file::FileConfig = serde_saphyr::from_str(text).map_err(|e| ConfigErrors {
+            source: source.to_string(),
+            errors: vec![ConfigError::new("", e.to_string())],
+        })?;
+        validate::validate(file).map_err(|errors| ConfigErrors {
+            source: source.to_string(),
+            errors,
+        })
+    }
+
+    /// Read, parse and validate a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            source: source.clone(),
+            errors: vec![ConfigError::new("", format!("cannot read the file: {e}"))],
+        })?;
+        Config::from_yaml(&text, &source)
+    }
+
+    /// The upstream named `name`.
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}

@@ -1,0 +1,517 @@
+//! [`FileConfig`] → [`Config`]: resolve names, parse values, and report every problem with the
+//! key path and the offending value. Never stops at the first error.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use regex::Regex;
+
+use super::file::{Balance, FileConfig, RouteSection, UpstreamSection};
+use super::{
+    BackendConfig, Config, ConfigError, HashKey, HostPattern, PathMatch, RouteConfig,
+    ServerSettings, UpstreamConfig,
+};
+
+/// Highest accepted backend weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// Highest accepted `retries.attempts` (Pingora caps retries per request at this).
+pub const MAX_RETRIES: usize = 16;
+
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError::new(path, message));
+    }
+}
+
+pub(super) fn validate(file: FileConfig) -> Result<Config, Vec<ConfigError>> {
+    let mut errs = Errors(Vec::new());
+
+    let server = server_settings(&file, &mut errs);
+
+    if file.listeners.is_empty() {
+        errs.push("listeners", "at least one listener is needed");
+    }
+    let mut listeners = Vec::new();
+    for (i, l) in file.listeners.iter().enumerate() {
+        let path = format!("listeners[{i}].address");
+        if let Some(addr) = socket_addr(&l.address, &path, &mut errs) {
+            if listeners.contains(&addr) {
+                errs.push(&path, format!("{addr} is listed twice"));
+            }
+            listeners.push(addr);
+        }
+    }
+    let admin = file
+        .admin
+        .as_ref()
+        .and_then(|a| socket_addr(&a.address, "admin.address", &mut errs));
+    if let Some(a) = admin
+        && listeners.contains(&a)
+    {
+        errs.push(
+            "admin.address",
+            format!("{a} is also a traffic listener; give the admin API its own port"),
+        );
+    }
+
+    let mut trusted_proxies = Vec::new();
+    for (i, t) in file.trusted_proxies.iter().enumerate() {
+        match parse_cidr(t) {
+            Ok(net) => trusted_proxies.push(net),
+            Err(m) => errs.push(format!("trusted_proxies[{i}]"), m),
+        }
+    }
+
+    let upstreams: Vec<UpstreamConfig> = file
+        .upstreams
+        .iter()
+        .filter_map(|(name, u)| upstream(name, u, &mut errs))
+        .collect();
+    let known: HashSet<&str> = file.upstreams.keys().map(String::as_str).collect();
+
+    let mut routes = Vec::new();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut signatures: HashMap<String, usize> = HashMap::new();
+    for (i, r) in file.routes.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        if r.name.trim().is_empty() {
+            errs.push(format!("{path}.name"), "a route needs a non-empty name");
+        } else if let Some(first) = names.insert(&r.name, i) {
+            errs.push(
+                format!("{path}.name"),
+                format!("duplicate route name {:?} (also routes[{first}])", r.name),
+            );
+        }
+        let upstream_index = upstreams.iter().position(|u| u.name == r.upstream);
+        if !known.contains(r.upstream.as_str()) {
+            errs.push(
+                format!("{path}.upstream"),
+                format!("no upstream named {:?}", r.upstream),
+            );
+        }
+        if let Some(route) = route(r, &path, upstream_index.unwrap_or(0), &mut errs) {
+            let sig = route_signature(&route);
+            if let Some(first) = signatures.insert(sig, i) {
+                errs.push(
+                    format!("{path}.match"),
+                    format!(
+                        "matches exactly the requests routes[{first}] matches, so it would never be used"
+                    ),
+                );
+            }
+            if upstream_index.is_some() {
+                routes.push(route);
+            }
+        }
+    }
+
+    if errs.0.is_empty() {
+        Ok(Config {
+            server,
+            listeners,
+            admin,
+            trusted_proxies,
+            upstreams,
+            routes,
+        })
+    } else {
+        Err(errs.0)
+    }
+}
+
+fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
+    let s = &file.server;
+    let threads = match s.threads {
+        Some(0) => {
+            errs.push("server.threads", "0 is not a thread count; use 1 or more");
+            1
+        }
+        Some(n) if n > 1024 => {
+            errs.push(
+                "server.threads",
+                format!("{n} is more than the 1024 allowed"),
+            );
+            1
+        }
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    for (key, value) in [("pid_file", &s.pid_file), ("upgrade_sock", &s.upgrade_sock)] {
+        if value.trim().is_empty() {
+            errs.push(format!("server.{key}"), "must not be empty");
+        }
+    }
+    if s.downstream_keepalive_timeout.is_zero() {
+        errs.push(
+            "server.downstream_keepalive_timeout",
+            "must be greater than 0s",
+        );
+    }
+    let pool_sum = file.upstreams.values().map(|u| u.keepalive.pool_size).sum();
+    ServerSettings {
+        threads,
+        grace_period: s.grace_period,
+        graceful_shutdown_timeout: s.graceful_shutdown_timeout,
+        pid_file: s.pid_file.clone(),
+        upgrade_sock: s.upgrade_sock.clone(),
+        upstream_keepalive_pool_size: s.upstream_keepalive_pool_size.unwrap_or(pool_sum),
+        downstream_keepalive_timeout: s.downstream_keepalive_timeout,
+    }
+}
+
+fn socket_addr(value: &str, path: &str, errs: &mut Errors) -> Option<SocketAddr> {
+    match value.trim().parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errs.push(
+                path,
+                format!(
+                    "invalid address {value:?}; write IP:port, e.g. 127.0.0.1:8080 or [::1]:8080"
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn parse_cidr(value: &str) -> Result<IpNet, String> {
+    let v = value.trim();
+    if let Ok(net) = v.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(ip) = v.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!(
+        "invalid CIDR {value:?}; write e.g. 10.0.0.0/8, 192.168.1.7 or fd00::/8"
+    ))
+}
+
+fn upstream(name: &str, u: &UpstreamSection, errs: &mut Errors) -> Option<UpstreamConfig> {
+    let path = format!("upstreams.{name}");
+    let before = errs.0.len();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        errs.push(
+            &path,
+            format!("invalid upstream name {name:?}; use letters, digits, '-', '_' and '.'"),
+        );
+    }
+    if u.backends.is_empty() {
+        errs.push(
+            format!("{path}.backends"),
+            "no backends and no discovery; list at least one backend",
+        );
+    }
+    let mut backends = Vec::new();
+    for (i, b) in u.backends.iter().enumerate() {
+        let bpath = format!("{path}.backends[{i}]");
+        if let Some(addr) = socket_addr(&b.address, &format!("{bpath}.address"), errs) {
+            if addr.port() == 0 {
+                errs.push(
+                    format!("{bpath}.address"),
+                    format!("{addr}: port 0 is not a backend port"),
+                );
+            }
+            if backends.iter().any(|x: &BackendConfig| x.addr == addr) {
+                errs.push(
+                    format!("{bpath}.address"),
+                    format!("{addr} is listed twice"),
+                );
+            }
+            backends.push(BackendConfig {
+                addr,
+                weight: b.weight.max(1),
+            });
+        }
+        if b.weight == 0 {
+            errs.push(
+                format!("{bpath}.weight"),
+                "weight 0 is not allowed; remove the backend to send it no traffic",
+            );
+        } else if b.weight > MAX_WEIGHT {
+            errs.push(
+                format!("{bpath}.weight"),
+                format!("weight {} is above the maximum {MAX_WEIGHT}", b.weight),
+            );
+        } else if b.weight != 1 && u.balance == Balance::RoundRobin {
+            errs.push(
+                format!("{bpath}.weight"),
+                format!(
+                    "weight {} has no effect with balance: round_robin; use balance: weighted",
+                    b.weight
+                ),
+            );
+        }
+    }
+    let hash_key = match (&u.hash_key, u.balance) {
+        (Some(k), Balance::ConsistentHash) => match parse_hash_key(k) {
+            Ok(k) => Some(k),
+            Err(m) => {
+                errs.push(format!("{path}.hash_key"), m);
+                None
+            }
+        },
+        (None, Balance::ConsistentHash) => Some(HashKey::ClientIp),
+        (Some(k), other) => {
+            errs.push(
+                format!("{path}.hash_key"),
+                format!(
+                    "hash_key {k:?} is only used by balance: consistent_hash, not {}",
+                    other.as_str()
+                ),
+            );
+            None
+        }
+        (None, _) => None,
+    };
+    let t = &u.timeouts;
+    for (key, d) in [
+        ("connect", t.connect),
+        ("read", t.read),
+        ("write", t.write),
+        ("idle", t.idle),
+    ] {
+        if d.is_zero() {
+            errs.push(format!("{path}.timeouts.{key}"), "must be greater than 0s");
+        }
+    }
+    if u.retries.attempts > MAX_RETRIES {
+        errs.push(
+            format!("{path}.retries.attempts"),
+            format!("{} is above the maximum {MAX_RETRIES}", u.retries.attempts),
+        );
+    }
+    if errs.0.len() > before {
+        return None;
+    }
+    Some(UpstreamConfig {
+        name: name.to_string(),
+        balance: u.balance,
+        hash_key,
+        backends,
+        connect_timeout: t.connect,
+        read_timeout: t.read,
+        write_timeout: t.write,
+        idle_timeout: t.idle,
+        pool_size: u.keepalive.pool_size,
+        connect_retries: u.retries.attempts,
+    })
+}
+
+fn parse_hash_key(k: &str) -> Result<HashKey, String> {
+    let bad = || {
+        format!(
+            "invalid hash_key {k:?}; use client_ip, path, header:NAME, cookie:NAME or query:NAME"
+        )
+    };
+    match k.split_once(':') {
+        None if k == "client_ip" => Ok(HashKey::ClientIp),
+        None if k == "path" => Ok(HashKey::Path),
+        Some((_, "")) | None => Err(bad()),
+        Some(("header", name)) => http::HeaderName::from_bytes(name.as_bytes())
+            .map(HashKey::Header)
+            .map_err(|_| format!("invalid header name {name:?} in hash_key")),
+        Some(("cookie", name)) => Ok(HashKey::Cookie(name.to_string())),
+        Some(("query", name)) => Ok(HashKey::Query(name.to_string())),
+        Some(_) => Err(bad()),
+    }
+}
+
+fn route(r: &RouteSection, path: &str, upstream: usize, errs: &mut Errors) -> Option<RouteConfig> {
+    let before = errs.0.len();
+    let m = &r.matcher;
+    let mut hosts = Vec::new();
+    for (i, h) in m.hosts.iter().enumerate() {
+        match host_pattern(h) {
+            Ok(p) => hosts.push(p),
+            Err(msg) => errs.push(format!("{path}.match.hosts[{i}]"), msg),
+        }
+    }
+    let given: Vec<&str> = [
+        m.path.as_ref().map(|_| "path"),
+        m.path_prefix.as_ref().map(|_| "path_prefix"),
+        m.path_regex.as_ref().map(|_| "path_regex"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if given.len() > 1 {
+        errs.push(
+            format!("{path}.match"),
+            format!(
+                "use only one of path, path_prefix and path_regex (got {})",
+                given.join(", ")
+            ),
+        );
+    }
+    let path_match = if let Some(p) = &m.path {
+        check_path(p, &format!("{path}.match.path"), errs);
+        PathMatch::Exact(p.clone())
+    } else if let Some(p) = &m.path_prefix {
+        check_path(p, &format!("{path}.match.path_prefix"), errs);
+        PathMatch::Prefix(p.clone())
+    } else if let Some(re) = &m.path_regex {
+        match compile(re, &format!("{path}.match.path_regex"), errs) {
+            Some(re) => PathMatch::Regex(re),
+            None => PathMatch::Any,
+        }
+    } else {
+        PathMatch::Any
+    };
+    let mut methods: Vec<http::Method> = Vec::new();
+    for (i, name) in m.methods.iter().enumerate() {
+        let upper = name.trim().to_ascii_uppercase();
+        match http::Method::from_bytes(upper.as_bytes()) {
+            Ok(meth) if !upper.is_empty() => {
+                if methods.contains(&meth) {
+                    errs.push(
+                        format!("{path}.match.methods[{i}]"),
+                        format!("{upper} is listed twice"),
+                    );
+                }
+                methods.push(meth);
+            }
+            _ => errs.push(
+                format!("{path}.match.methods[{i}]"),
+                format!("invalid method {name:?}"),
+            ),
+        }
+    }
+    if r.strip_prefix && !matches!(path_match, PathMatch::Prefix(_)) {
+        errs.push(
+            format!("{path}.strip_prefix"),
+            "strip_prefix needs match.path_prefix",
+        );
+    }
+    let rewrite = r.rewrite.as_ref().and_then(|rw| {
+        let rpath = format!("{path}.rewrite.regex");
+        let re = compile(&rw.regex, &rpath, errs)?;
+        check_replacement(&re, &rw.replace, &format!("{path}.rewrite.replace"), errs);
+        Some((re, rw.replace.clone()))
+    });
+    let upstream_host =
+        r.upstream_host
+            .as_ref()
+            .and_then(|h| match http::HeaderValue::from_str(h.trim()) {
+                Ok(v) if !h.trim().is_empty() => Some(v),
+                _ => {
+                    errs.push(
+                        format!("{path}.upstream_host"),
+                        format!("invalid Host value {h:?}"),
+                    );
+                    None
+                }
+            });
+    if errs.0.len() > before {
+        return None;
+    }
+    Some(RouteConfig {
+        name: r.name.clone(),
+        hosts,
+        path: path_match,
+        methods,
+        upstream,
+        strip_prefix: r.strip_prefix,
+        rewrite,
+        upstream_host,
+    })
+}
+
+fn host_pattern(h: &str) -> Result<HostPattern, String> {
+    let lower = h.trim().trim_end_matches('.').to_ascii_lowercase();
+    let (wild, name) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "invalid host {h:?}; write a name such as api.example.com or a wildcard such as *.example.com"
+        ));
+    }
+    Ok(if wild {
+        HostPattern::Suffix(format!(".{name}"))
+    } else {
+        HostPattern::Exact(name.to_string())
+    })
+}
+
+fn check_path(p: &str, path: &str, errs: &mut Errors) {
+    if !p.starts_with('/') {
+        errs.push(path, format!("{p:?} must start with '/'"));
+    } else if p
+        .bytes()
+        .any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#')
+    {
+        errs.push(
+            path,
+            format!("{p:?} contains a space, control character, '?' or '#'"),
+        );
+    }
+}
+
+fn compile(re: &str, path: &str, errs: &mut Errors) -> Option<Regex> {
+    match Regex::new(re) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            let detail = e
+                .to_string()
+                .lines()
+                .last()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            errs.push(path, format!("invalid regex {re:?}: {detail}"));
+            None
+        }
+    }
+}
+
+/// Every `$N` / `${name}` in a replacement must name a group of the regex.
+fn check_replacement(re: &Regex, replace: &str, path: &str, errs: &mut Errors) {
+    let refs = Regex::new(r"\$(?:\{([^}]*)\}|([0-9]+)|([A-Za-z_][A-Za-z0-9_]*))").expect("static");
+    for c in refs.captures_iter(replace) {
+        let name = c
+            .get(1)
+            .or(c.get(2))
+            .or(c.get(3))
+            .map_or("", |m| m.as_str());
+        let exists = match name.parse::<usize>() {
+            Ok(n) => n < re.captures_len(),
+            Err(_) => re.capture_names().flatten().any(|n| n == name),
+        };
+        if !exists {
+            errs.push(
+                path,
+                format!("{replace:?} refers to ${name}, which the regex does not capture"),
+            );
+        }
+    }
+}
+
+/// A string equal for two routes exactly when they match the same requests.
+fn route_signature(r: &RouteConfig) -> String {
+    let mut hosts: Vec<String> = r.hosts.iter().map(|h| format!("{h:?}")).collect();
+    hosts.sort();
+    let mut methods: Vec<&str> = r.methods.iter().map(|m| m.as_str()).collect();
+    methods.sort();
+    let path = match &r.path {
+        PathMatch::Any => "any".to_string(),
+        PathMatch::Exact(p) => format!("exact:{p}"),
+        PathMatch::Prefix(p) => format!("prefix:{p}"),
+        PathMatch::Regex(re) => format!("regex:{}", re.as_str()),
+    };
+    format!("{hosts:?}|{path}|{methods:?}")
+}

@@ -1,0 +1,116 @@
+//! Error responses: one mapping from a Pingora error to a status, and one writer for the small
+//! JSON body every error carries: `{"error":"...","request_id":"..."}`.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::{ErrorSource, ErrorType};
+
+/// The status for an error that ended a request; `0` means no response can be sent
+/// (the client went away).
+pub fn status_for(e: &Error) -> u16 {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            if e.esource() == &ErrorSource::Upstream =>
+        {
+            504
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}
+
+/// The human message for a status.
+pub fn message_for(status: u16) -> &'static str {
+    match status {
+        400 => "bad request",
+        404 => "no route matches this request",
+        405 => "method not allowed on this route",
+        408 => "request timed out",
+        413 => "request body too large",
+        429 => "too many requests",
+        502 => "upstream unavailable",
+        503 => "no upstream backend available",
+        504 => "upstream timed out",
+        _ => "request failed",
+    }
+}
+
+/// The JSON error body.
+pub fn json_body(message: &str, request_id: &str) -> Bytes {
+    let mut s = String::with_capacity(40 + message.len() + request_id.len());
+    s.push_str("{\"error\":");
+    push_json_str(&mut s, message);
+    s.push_str(",\"request_id\":");
+    push_json_str(&mut s, request_id);
+    s.push('}');
+    Bytes::from(s)
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Write a complete JSON error response. `extra` headers (e.g. `Allow`) are added.
+pub async fn respond(
+    session: &mut Session,
+    status: u16,
+    request_id: &str,
+    extra: &[(&'static str, &str)],
+) -> Result<()> {
+    let body = json_body(message_for(status), request_id);
+    let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    h.insert_header("content-type", "application/json")?;
+    h.insert_header("content-length", body.len().to_string())?;
+    h.insert_header("x-request-id", request_id)?;
+    for (k, v) in extra {
+        h.insert_header(*k, *v)?;
+    }
+    session.write_response_header(Box::new(h), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_errors_to_statuses() {
+        let up = |t| {
+            let mut e = Error::new(t);
+            e.esource = ErrorSource::Upstream;
+            e
+        };
+        assert_eq!(status_for(&up(ErrorType::ConnectRefused)), 502);
+        assert_eq!(status_for(&up(ErrorType::ConnectTimedout)), 504);
+        assert_eq!(status_for(&up(ErrorType::ReadTimedout)), 504);
+        assert_eq!(status_for(&Error::new(ErrorType::HTTPStatus(413))), 413);
+        let mut down = Error::new(ErrorType::ConnectionClosed);
+        down.esource = ErrorSource::Downstream;
+        assert_eq!(status_for(&down), 0);
+    }
+
+    #[test]
+    fn body_is_escaped_json() {
+        assert_eq!(
+            json_body("a \"b\"\n", "id\\1"),
+            r#"{"error":"a \"b\"\u000a","request_id":"id\\1"}"#
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! Header hygiene at the proxy boundary: hop-by-hop stripping (RFC 9110 §7.6.1) and the
+//! forwarding headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`).
+
+use http::HeaderName;
+use http::header::{CONNECTION, UPGRADE};
+use pingora::http::{RequestHeader, ResponseHeader};
+
+/// Hop-by-hop fields that are removed even when `Connection` does not name them.
+const HOP_BY_HOP: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+];
+
+/// Forwarding fields a client must not be able to forge: dropped from untrusted peers.
+pub const FORWARDING: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
+];
+
+/// Is this a WebSocket handshake that may be tunnelled (HTTP/1.1, `Upgrade: websocket`,
+/// `Connection: upgrade`)?
+pub fn is_websocket_upgrade(req: &RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && req
+            .headers
+            .get(UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && connection_tokens(req.headers.get_all(CONNECTION).iter())
+            .any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens<'a>(
+    values: impl Iterator<Item = &'a http::HeaderValue>,
+) -> impl Iterator<Item = &'a str> {
+    values
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Remove `Connection`, every field it names, and the fixed hop-by-hop set from a request.
+/// A WebSocket handshake keeps exactly `Connection: upgrade` and `Upgrade: websocket`.
+pub fn strip_request(req: &mut RequestHeader) {
+    let websocket = is_websocket_upgrade(req);
+    for name in nominated(req.headers.get_all(CONNECTION).iter()) {
+        req.remove_header(&name);
+    }
+    for name in HOP_BY_HOP {
+        req.remove_header(name);
+    }
+    if websocket {
+        // Infallible: static, valid values.
+        let _ = req.insert_header(CONNECTION, "upgrade");
+        let _ = req.insert_header(UPGRADE, "websocket");
+    }
+}
+
+/// The response counterpart: a `101 Switching Protocols` keeps its `Connection`/`Upgrade`.
+pub fn strip_response(resp: &mut ResponseHeader) {
+    let switching = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    let upgrade = resp.headers.get(UPGRADE).cloned();
+    for name in nominated(resp.headers.get_all(CONNECTION).iter()) {
+        resp.remove_header(&name);
+    }
+    for name in HOP_BY_HOP {
+        resp.remove_header(name);
+    }
+    if switching && let Some(up) = upgrade {
+        let _ = resp.insert_header(CONNECTION, "upgrade");
+        let _ = resp.insert_header(UPGRADE, up);
+    }
+}
+
+/// Field names listed in `Connection` values (lower-cased, valid names only).
+fn nominated<'a>(values: impl Iterator<Item = &'a http::HeaderValue>) -> Vec<HeaderName> {
+    connection_tokens(values)
+        .filter_map(|t| HeaderName::from_bytes(t.to_ascii_lowercase().as_bytes()).ok())
+        // Framing belongs to Pingora: a client naming it in `Connection` changes nothing.
+        .filter(|n| n != http::header::CONTENT_LENGTH && n != http::header::TRANSFER_ENCODING)
+        .collect()
+}
+
+/// Drop client-supplied forwarding headers (for peers that are not trusted proxies).
+pub fn drop_forwarding(req: &mut RequestHeader) {
+    for name in FORWARDING {
+        req.remove_header(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn strips_nominated_and_fixed_hop_by_hop() {
+        let mut r = req(&[
+            ("Connection", "close, X-Secret"),
+            ("Connection", "Keep-Alive"),
+            ("X-Secret", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Upgrade", "h2c"),
+            ("X-Kept", "yes"),
+        ]);
+        strip_request(&mut r);
+        let names: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn websocket_handshake_keeps_upgrade() {
+        let mut r = req(&[
+            ("Connection", "Upgrade, X-Drop"),
+            ("Upgrade", "websocket"),
+            ("X-Drop", "1"),
+            ("Sec-WebSocket-Key", "abc"),
+        ]);
+        assert!(is_websocket_upgrade(&r));
+        strip_request(&mut r);
+        assert_eq!(r.headers["connection"], "upgrade");
+        assert_eq!(r.headers["upgrade"], "websocket");
+        assert!(r.headers.get("x-drop").is_none());
+        assert!(r.headers.get("sec-websocket-key").is_some());
+    }
+
+    #[test]
+    fn framing_fields_cannot_be_nominated_away() {
+        let mut r = req(&[("Connection", "content-length"), ("Content-Length", "3")]);
+        strip_request(&mut r);
+        assert_eq!(r.headers["content-length"], "3");
+    }
+
+    #[test]
+    fn response_keeps_upgrade_only_on_101() {
+        let mut ok = ResponseHeader::build(200, None).unwrap();
+        ok.append_header("Connection", "upgrade, X-Hop").unwrap();
+        ok.append_header("Upgrade", "websocket").unwrap();
+        ok.append_header("X-Hop", "1").unwrap();
+        strip_response(&mut ok);
+        assert!(ok.headers.is_empty(), "{:?}", ok.headers);
+        let mut sw = ResponseHeader::build(101, None).unwrap();
+        sw.append_header("Connection", "Upgrade").unwrap();
+        sw.append_header("Upgrade", "websocket").unwrap();
+        strip_response(&mut sw);
+        assert_eq!(sw.headers["upgrade"], "websocket");
+    }
+}

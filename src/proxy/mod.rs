@@ -1,0 +1,310 @@
+//! The gateway's [`ProxyHttp`] implementation: a thin dispatcher. Each phase hands off to a
+//! small piece built once from the configuration (router, upstream selectors) or to a helper
+//! module here (header hygiene, client address, request id, error responses).
+//!
+//! ```text
+//! early_request_filter     snapshot, client address, request id, keep-alive, hop-by-hop strip
+//! request_filter           route match → 404/405 JSON, forwarded path
+//! upstream_peer            selection (skips backends already tried) → HttpPeer
+//! fail_to_connect          retry another backend while attempts remain
+//! upstream_request_filter  X-Forwarded-*, X-Request-Id, path rewrite, Host override
+//! upstream_response_filter hop-by-hop strip on the response
+//! response_filter          X-Request-Id to the client
+//! fail_to_proxy            502/504/… as JSON
+//! ```
+
+pub mod client;
+mod ctx;
+pub mod error;
+pub mod headers;
+pub mod request_id;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::config::HashKey;
+use crate::routing::{RouteMatch, forwarded_path, normalize_host};
+use crate::runtime::RuntimeState;
+use crate::upstream::InFlight;
+pub use ctx::RequestCtx;
+
+/// The gateway: one per process, reading the current [`RuntimeState`].
+pub struct Gateway {
+    state: Arc<ArcSwap<RuntimeState>>,
+}
+
+impl Gateway {
+    /// A gateway serving whatever snapshot `state` holds.
+    pub fn new(state: Arc<ArcSwap<RuntimeState>>) -> Gateway {
+        Gateway { state }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let state = self.state.load_full();
+        let client = client::resolve(
+            &state,
+            session.client_addr().and_then(|a| a.as_inet()),
+            session.req_header(),
+        );
+        ctx.request_id = request_id::pick(session.req_header(), client.trusted);
+        // Keep-alive was decided from the client's `Connection` when the head was read;
+        // apply our idle timeout only where it stays on, before `Connection` is stripped.
+        if session.get_keepalive().is_some() {
+            let secs = state
+                .config
+                .server
+                .downstream_keepalive_timeout
+                .as_secs()
+                .max(1);
+            session.set_keepalive(Some(secs));
+        }
+        let req = session.req_header_mut();
+        headers::strip_request(req);
+        if !client.trusted {
+            headers::drop_forwarding(req);
+        }
+        ctx.client = Some(client);
+        ctx.state = Some(state);
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let state = Arc::clone(ctx.state());
+        // Pingora 0.9.1 already rejected an absolute-form target whose authority differs from
+        // Host (400) and keeps the target origin-form, so Host is the one name to route on.
+        let req = session.req_header();
+        let raw_host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let host = normalize_host(raw_host);
+        let path = req.uri.path();
+        match state.router.find(&host, path, &req.method) {
+            RouteMatch::Found(i) => {
+                let route = state.router.route(i);
+                ctx.forwarded_path = forwarded_path(route, path, req.uri.query());
+                ctx.host = req.headers.get(http::header::HOST).cloned();
+                ctx.upstream = Some(Arc::clone(&state.upstreams[route.upstream]));
+                ctx.route = Some(i);
+                Ok(false)
+            }
+            RouteMatch::MethodNotAllowed(i) => {
+                let allow = state
+                    .router
+                    .route(i)
+                    .methods
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                error::respond(session, 405, &ctx.request_id, &[("allow", &allow)]).await?;
+                Ok(true)
+            }
+            RouteMatch::NotFound => {
+                error::respond(session, 404, &ctx.request_id, &[]).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let upstream = ctx
+            .upstream
+            .clone()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream chosen"))?;
+        let key = hash_key(upstream.hash_key.as_ref(), session.req_header(), ctx);
+        let tried = &ctx.tried;
+        let Some(i) = upstream.select(&key, &|i| !tried.contains(&i)) else {
+            return Error::e_explain(ErrorType::HTTPStatus(502), "no backend left to try");
+        };
+        ctx.tried.push(i);
+        ctx.in_flight = Some(InFlight::start(Arc::clone(&upstream), i));
+        log::debug!(
+            "{}: upstream {} backend {} (attempt {}, in flight {})",
+            ctx.request_id,
+            upstream.name,
+            upstream.backends()[i].addr,
+            ctx.tried.len(),
+            upstream.in_flight(i)
+        );
+        Ok(upstream.peer(i))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(up) = &ctx.upstream
+            && ctx.tried.len() <= up.connect_retries
+            && ctx.tried.len() < up.backends().len()
+        {
+            // Nothing was sent yet, so any method may go to another backend.
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let client = ctx.client.expect("set in early_request_filter");
+        let peer = client.peer.to_string();
+        let xff = match upstream_request.headers.get("x-forwarded-for") {
+            Some(prev) if client.trusted => {
+                let mut v = prev.as_bytes().to_vec();
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(peer.as_bytes());
+                http::HeaderValue::from_bytes(&v)
+                    .unwrap_or_else(|_| http::HeaderValue::from_str(&peer).expect("ip"))
+            }
+            _ => http::HeaderValue::from_str(&peer).expect("an IP address is a valid header value"),
+        };
+        upstream_request.insert_header("x-forwarded-for", xff)?;
+        if !(client.trusted && upstream_request.headers.contains_key("x-forwarded-proto")) {
+            upstream_request.insert_header("x-forwarded-proto", "http")?;
+        }
+        if !(client.trusted && upstream_request.headers.contains_key("x-forwarded-host"))
+            && let Some(host) = ctx.host.clone()
+        {
+            upstream_request.insert_header("x-forwarded-host", host)?;
+        }
+        upstream_request.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        // The upstream always gets origin-form: a rewritten path, or the client's absolute-form
+        // target (`GET http://host/p`, whose authority Pingora already checked against Host)
+        // cut down to its path and query.
+        let raw = upstream_request.raw_path();
+        let path = match ctx.forwarded_path.take() {
+            Some(p) => Some(p),
+            None if raw.first() != Some(&b'/') && raw != b"*" => upstream_request
+                .uri
+                .path_and_query()
+                .map(|pq| pq.as_str().to_string()),
+            None => None,
+        };
+        if let Some(path) = path {
+            let uri = http::Uri::try_from(path).or_err(
+                ErrorType::InternalError,
+                "rewritten path is not a valid URI",
+            )?;
+            upstream_request.set_uri(uri);
+        }
+        let state = ctx.state();
+        if let Some(i) = ctx.route
+            && let Some(h) = &state.router.route(i).upstream_host
+        {
+            upstream_request.insert_header(http::header::HOST, h.clone())?;
+        }
+        if ctx.upstream.as_ref().is_some_and(|u| !u.reuse_connections) {
+            upstream_request.insert_header(http::header::CONNECTION, "close")?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        headers::strip_response(upstream_response);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let status = error::status_for(e);
+        if status > 0 && session.response_written().is_none() {
+            if ctx.request_id.is_empty() {
+                ctx.request_id = request_id::generate();
+            }
+            if let Err(write_err) = error::respond(session, status, &ctx.request_id, &[]).await {
+                log::debug!("could not write the {status} error response: {write_err}");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+}
+
+/// The bytes `consistent_hash` hashes. A missing header/cookie/query value falls back to the
+/// client address, so such requests still spread and stay sticky per client.
+fn hash_key(key: Option<&HashKey>, req: &RequestHeader, ctx: &RequestCtx) -> Bytes {
+    let client_ip = || {
+        Bytes::from(
+            ctx.client
+                .map(|c| c.client_ip.to_string())
+                .unwrap_or_default(),
+        )
+    };
+    let found = match key {
+        None => return Bytes::new(),
+        Some(HashKey::ClientIp) => None,
+        Some(HashKey::Path) => Some(Bytes::copy_from_slice(req.uri.path().as_bytes())),
+        Some(HashKey::Header(name)) => req
+            .headers
+            .get(name)
+            .map(|v| Bytes::copy_from_slice(v.as_bytes())),
+        Some(HashKey::Cookie(name)) => req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| Bytes::copy_from_slice(v.as_bytes())),
+        Some(HashKey::Query(name)) => req.uri.query().and_then(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| Bytes::copy_from_slice(v.as_bytes()))
+        }),
+    };
+    found.unwrap_or_else(client_ip)
+}

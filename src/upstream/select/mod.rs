@@ -1,0 +1,78 @@
+//! Backend selection algorithms, one per file, behind one small trait.
+//!
+//! Each selector is built once per configuration from the backends' weights and addresses and
+//! is lock-free on the request path. `accept` lets the caller veto a candidate (a backend that
+//! already failed this request; later also unhealthy or breaker-open ones): a selector then
+//! offers others until every backend was offered once.
+
+mod consistent;
+mod least_conn;
+mod random;
+mod round_robin;
+mod weighted;
+
+use std::fmt::Debug;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+
+use crate::config::Balance;
+pub use consistent::Consistent;
+pub use least_conn::LeastConnections;
+pub use random::Random;
+pub use round_robin::RoundRobin;
+pub use weighted::Weighted;
+
+/// A backend selection algorithm.
+pub trait Select: Send + Sync + Debug {
+    /// Pick a backend index for a request with hash `key`, given each backend's in-flight count.
+    /// Returns `None` when `accept` refused every backend.
+    fn select(
+        &self,
+        key: &[u8],
+        in_flight: &[AtomicUsize],
+        accept: &dyn Fn(usize) -> bool,
+    ) -> Option<usize>;
+}
+
+/// Build the selector for `balance` over backends with these weights and addresses.
+pub fn build(balance: Balance, weights: &[u32], addrs: &[SocketAddr]) -> Box<dyn Select> {
+    match balance {
+        Balance::RoundRobin => Box::new(RoundRobin::new(weights.len())),
+        Balance::Weighted => Box::new(Weighted::new(weights)),
+        Balance::ConsistentHash => Box::new(Consistent::new(weights, addrs)),
+        Balance::Random => Box::new(Random::new(weights)),
+        Balance::LeastConnections => Box::new(LeastConnections::new(weights)),
+    }
+}
+
+/// Offer every backend once, starting at `start`: the shared fallback when the first pick is
+/// refused.
+pub(crate) fn probe_from(start: usize, n: usize, accept: &dyn Fn(usize) -> bool) -> Option<usize> {
+    (0..n).map(|i| (start + i) % n).find(|&i| accept(i))
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::Select;
+
+    /// Count picks over `rounds` selections with keys `key(i)` and nothing refused.
+    pub fn distribution(
+        s: &dyn Select,
+        n: usize,
+        rounds: usize,
+        key: impl Fn(usize) -> Vec<u8>,
+    ) -> Vec<usize> {
+        let load: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        let mut counts = vec![0; n];
+        for i in 0..rounds {
+            counts[s.select(&key(i), &load, &|_| true).unwrap()] += 1;
+        }
+        counts
+    }
+
+    pub fn idle(n: usize) -> Vec<AtomicUsize> {
+        (0..n).map(|_| AtomicUsize::new(0)).collect()
+    }
+}

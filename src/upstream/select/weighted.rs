@@ -1,0 +1,133 @@
+//! `weighted`: smooth weighted round robin (the nginx algorithm), precomputed.
+//!
+//! Pingora's weighted selectors repeat each backend `weight` times in a row, so weights 3:1 give
+//! `A A A B`. Smooth WRR interleaves them (`A A B A`), which spreads load and keeps a slow
+//! backend from taking bursts. The whole cycle is computed once at build time, so a pick is one
+//! atomic increment and one array read.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::{Select, probe_from};
+
+/// Longest precomputed cycle; larger weight sums are scaled down to fit.
+const MAX_CYCLE: u64 = 1 << 16;
+
+/// Smooth weighted round robin.
+#[derive(Debug)]
+pub struct Weighted {
+    n: usize,
+    cycle: Box<[u32]>,
+    next: AtomicUsize,
+}
+
+impl Weighted {
+    /// Build the cycle for these weights (each ≥ 1).
+    pub fn new(weights: &[u32]) -> Self {
+        let weights = fit(weights);
+        Weighted {
+            n: weights.len(),
+            cycle: smooth_cycle(&weights).into_boxed_slice(),
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Select for Weighted {
+    fn select(
+        &self,
+        _key: &[u8],
+        _load: &[AtomicUsize],
+        accept: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        if self.cycle.is_empty() {
+            return None;
+        }
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.cycle.len();
+        let first = self.cycle[slot] as usize;
+        probe_from(first, self.n, accept)
+    }
+}
+
+/// Reduce weights by their gcd, and scale them so the cycle fits [`MAX_CYCLE`] (each stays ≥ 1).
+fn fit(weights: &[u32]) -> Vec<u64> {
+    let g = weights
+        .iter()
+        .fold(0u64, |g, &w| gcd(g, u64::from(w)))
+        .max(1);
+    let reduced: Vec<u64> = weights.iter().map(|&w| (u64::from(w) / g).max(1)).collect();
+    let total: u64 = reduced.iter().sum();
+    if total <= MAX_CYCLE {
+        return reduced;
+    }
+    reduced
+        .iter()
+        .map(|&w| (w * MAX_CYCLE / total).max(1))
+        .collect()
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// nginx's smooth WRR: each step add every weight to its current value, pick the largest,
+/// subtract the total from it. One full cycle has each backend exactly `weight` times.
+fn smooth_cycle(weights: &[u64]) -> Vec<u32> {
+    let total: i64 = weights.iter().map(|&w| w as i64).sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut cycle = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, &w) in weights.iter().enumerate() {
+            current[i] += w as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        cycle.push(best as u32);
+    }
+    cycle
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{distribution, idle};
+    use super::*;
+
+    #[test]
+    fn interleaves_instead_of_runs() {
+        let w = Weighted::new(&[3, 1]);
+        let load = idle(2);
+        let picks: Vec<usize> = (0..8)
+            .map(|_| w.select(b"", &load, &|_| true).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 0, 1, 0, 0, 0, 1, 0]);
+        let w = Weighted::new(&[5, 1, 1]);
+        let picks: Vec<usize> = (0..7)
+            .map(|_| w.select(b"", &load, &|_| true).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn exact_ratio_over_whole_cycles() {
+        let w = Weighted::new(&[3, 2, 1]);
+        assert_eq!(distribution(&w, 3, 6000, |_| vec![]), [3000, 2000, 1000]);
+    }
+
+    #[test]
+    fn huge_weights_are_scaled_not_refused() {
+        let weights: Vec<u32> = (0..20).map(|i| 10_000 - i).collect();
+        let w = Weighted::new(&weights);
+        assert!(w.cycle.len() as u64 <= MAX_CYCLE + 20);
+        let counts = distribution(&w, 20, w.cycle.len(), |_| vec![]);
+        assert!(counts.iter().all(|&c| c > 0));
+    }
+
+    #[test]
+    fn refused_backend_is_skipped() {
+        let w = Weighted::new(&[3, 1]);
+        let load = idle(2);
+        assert!((0..8).all(|_| w.select(b"", &load, &|i| i == 1) == Some(1)));
+    }
+}

@@ -1,0 +1,274 @@
+//! Shared harness for the integration tests: real upstreams on 127.0.0.1:0 ([`upstream`]), the
+//! real `tollgate` binary ([`TestGateway`]) with its own pid file, upgrade socket and reserved
+//! ports, and small helpers for requests and raw sockets.
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+#[allow(unused_imports)]
+pub use upstream::{Behavior, Received, Upstream, WsUpstream, pattern};
+
+/// The built binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_tollgate")
+}
+
+/// A free loopback port (bound, read, released).
+pub fn reserve_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `tollgate -t -c FILE`: (exit code, stdout, stderr).
+pub fn check_config(path: &Path) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .arg("-t")
+        .arg("-c")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A running gateway process; SIGINT (then SIGKILL) on drop.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+/// Builder for the YAML a gateway runs: the harness writes `server`, `listeners` and `admin`;
+/// the test supplies the rest (upstreams, routes, trusted_proxies, …).
+pub struct GatewayConfig {
+    body: String,
+    server_extra: String,
+    args: Vec<String>,
+}
+
+impl GatewayConfig {
+    pub fn new(body: impl Into<String>) -> Self {
+        GatewayConfig {
+            body: body.into(),
+            server_extra: String::new(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Extra lines under `server:` (indented by the harness).
+    pub fn server(mut self, lines: &str) -> Self {
+        for l in lines.lines() {
+            self.server_extra.push_str("  ");
+            self.server_extra.push_str(l);
+            self.server_extra.push('\n');
+        }
+        self
+    }
+
+    /// Extra command-line arguments.
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_string());
+        self
+    }
+
+    pub fn start(self) -> TestGateway {
+        TestGateway::start_with(self)
+    }
+}
+
+/// One upstream YAML entry: `name: {balance: .., backends: [...]}` plus extra keys.
+pub fn upstream_yaml(
+    name: &str,
+    balance: &str,
+    backends: &[(SocketAddr, u32)],
+    extra: &str,
+) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(a, w)| format!("{{ address: \"{a}\", weight: {w} }}"))
+        .collect();
+    format!(
+        "  {name}:\n    balance: {balance}\n    backends: [{}]\n{extra}",
+        list.join(", ")
+    )
+}
+
+impl TestGateway {
+    /// Start a gateway whose config is `body` plus the harness' server/listener/admin sections.
+    pub fn start(body: &str) -> TestGateway {
+        GatewayConfig::new(body).start()
+    }
+
+    fn start_with(cfg: GatewayConfig) -> TestGateway {
+        for _ in 0..3 {
+            if let Some(gw) = Self::try_start(&cfg) {
+                return gw;
+            }
+        }
+        panic!("the gateway did not start three times in a row");
+    }
+
+    fn try_start(cfg: &GatewayConfig) -> Option<TestGateway> {
+        let dir = tempfile::tempdir().unwrap();
+        let port = reserve_port();
+        let admin_port = reserve_port();
+        let yaml = format!(
+            "server:\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n{extra}listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin_port}\n{body}\n",
+            d = dir.path().display(),
+            extra = cfg.server_extra,
+            body = cfg.body
+        );
+        let conf = dir.path().join("tollgate.yaml");
+        std::fs::write(&conf, &yaml).unwrap();
+        let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+        let child = Command::new(binary())
+            .arg("-c")
+            .arg(&conf)
+            .args(&cfg.args)
+            .env(
+                "RUST_LOG",
+                std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut gw = TestGateway {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            admin: format!("127.0.0.1:{admin_port}").parse().unwrap(),
+            dir,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
+                eprintln!("gateway exited early ({status}):\n{}", gw.log());
+                gw.child = None;
+                return None; // most likely a port race: try again with new ports
+            }
+            if TcpStream::connect(gw.addr).is_ok() && TcpStream::connect(gw.admin).is_ok() {
+                return Some(gw);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the gateway did not listen within 15 s:\n{}", gw.log());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("tollgate.yaml")
+    }
+
+    /// What the gateway wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).unwrap();
+    }
+
+    /// Wait for the process to exit; its exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(s.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Peak resident memory (VmHWM) of the gateway process, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    /// Current resident memory (VmRSS) of the gateway process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+}
+
+fn proc_status_kib(pid: Pid, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An HTTP client that never uses a proxy from the environment.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Send raw bytes on a new connection and read until the server closes or `timeout` passes.
+pub fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// The JSON error body of a response.
+pub fn error_json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
+}
