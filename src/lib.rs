@@ -9,7 +9,7 @@
 //! downstream ─► early_request_filter   snapshot, client address (trusted proxies), request id,
 //!                                      hop-by-hop stripping, forwarding-header hygiene
 //!            ─► request_filter         route match (host → path → method); 404/405 JSON
-//!            ─► upstream_peer          balancer picks a backend (skipping ones already tried)
+//!            ─► upstream_peer          balancer picks a backend (skipping ones that refused to connect)
 //!            ─► upstream_request_filter X-Forwarded-*, X-Request-Id, strip/rewrite, Host
 //!            ─► response filters       hop-by-hop stripping, X-Request-Id
 //!            ─► fail_to_proxy          502 / 504 / … as small JSON bodies

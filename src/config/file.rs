@@ -2,7 +2,7 @@
 //!
 //! Every struct here is `deny_unknown_fields`, so a misspelt key is an error with its line and
 //! column. Defaults live in named functions so `docs/configuration.md` can point at them. Nothing
-//! here is checked beyond its type: [`super::validate`] turns a [`FileConfig`] into the runtime
+//! here is checked beyond its type: `validate` turns a [`FileConfig`] into the runtime
 //! [`super::Config`] and reports every problem with its path.
 
 use std::collections::BTreeMap;

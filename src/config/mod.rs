@@ -1,4 +1,4 @@
-//! Configuration: the YAML file schema ([`file`]), its validation ([`validate`]) into the runtime
+//! Configuration: the YAML file schema ([`mod@file`]), its validation (`validate`) into the runtime
 //! model defined here, and located errors ([`error`]).
 //!
 //! ```text

@@ -23,8 +23,10 @@ pub struct RequestCtx {
     pub forwarded_path: Option<String>,
     /// Original `Host`, for `X-Forwarded-Host`.
     pub host: Option<http::HeaderValue>,
-    /// Backends tried for this request, in order.
-    pub tried: Vec<usize>,
+    /// Upstream attempts so far (connects, and Pingora's retries of stale pooled connections).
+    pub attempts: usize,
+    /// Backends whose connect failed for this request; never offered again to it.
+    pub connect_failed: Vec<usize>,
     /// Counts the request against the backend it is on now.
     pub in_flight: Option<InFlight>,
 }

@@ -5,7 +5,7 @@
 //! ```text
 //! early_request_filter     snapshot, client address, request id, keep-alive, hop-by-hop strip
 //! request_filter           route match → 404/405 JSON, forwarded path
-//! upstream_peer            selection (skips backends already tried) → HttpPeer
+//! upstream_peer            selection (skips backends that refused to connect) → HttpPeer
 //! fail_to_connect          retry another backend while attempts remain
 //! upstream_request_filter  X-Forwarded-*, X-Request-Id, path rewrite, Host override
 //! upstream_response_filter hop-by-hop strip on the response
@@ -138,18 +138,20 @@ impl ProxyHttp for Gateway {
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream chosen"))?;
         let key = hash_key(upstream.hash_key.as_ref(), session.req_header(), ctx);
-        let tried = &ctx.tried;
-        let Some(i) = upstream.select(&key, &|i| !tried.contains(&i)) else {
+        // Only backends that refused a connection are skipped: when Pingora retries after a
+        // stale pooled connection failed, the same backend may be used on a fresh one.
+        let failed = &ctx.connect_failed;
+        let Some(i) = upstream.select(&key, &|i| !failed.contains(&i)) else {
             return Error::e_explain(ErrorType::HTTPStatus(502), "no backend left to try");
         };
-        ctx.tried.push(i);
+        ctx.attempts += 1;
         ctx.in_flight = Some(InFlight::start(Arc::clone(&upstream), i));
         log::debug!(
             "{}: upstream {} backend {} (attempt {}, in flight {})",
             ctx.request_id,
             upstream.name,
             upstream.backends()[i].addr,
-            ctx.tried.len(),
+            ctx.attempts,
             upstream.in_flight(i)
         );
         Ok(upstream.peer(i))
@@ -162,9 +164,13 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        if let Some(flight) = &ctx.in_flight {
+            ctx.connect_failed.push(flight.index());
+        }
+        let failed = ctx.connect_failed.len();
         if let Some(up) = &ctx.upstream
-            && ctx.tried.len() <= up.connect_retries
-            && ctx.tried.len() < up.backends().len()
+            && failed <= up.connect_retries
+            && failed < up.backends().len()
         {
             // Nothing was sent yet, so any method may go to another backend.
             e.set_retry(true);
@@ -261,6 +267,9 @@ impl ProxyHttp for Gateway {
             if ctx.request_id.is_empty() {
                 ctx.request_id = request_id::generate();
             }
+            // The connection is not reused after a failed proxy attempt (the request body may
+            // be half read): say so in the response, as Pingora's own error pages do.
+            session.set_keepalive(None);
             if let Err(write_err) = error::respond(session, status, &ctx.request_id, &[]).await {
                 log::debug!("could not write the {status} error response: {write_err}");
             }

@@ -128,10 +128,22 @@ impl TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let port = reserve_port();
         let admin_port = reserve_port();
+        // Harness defaults, overridden key by key by the test's `server(..)` lines.
+        let mut server = vec![
+            "  threads: 2".to_string(),
+            "  grace_period: 0s".to_string(),
+            "  graceful_shutdown_timeout: 1s".to_string(),
+            format!("  pid_file: {}/tollgate.pid", dir.path().display()),
+            format!("  upgrade_sock: {}/upgrade.sock", dir.path().display()),
+        ];
+        for line in cfg.server_extra.lines() {
+            let key = line.split(':').next().unwrap();
+            server.retain(|l| l.split(':').next().unwrap() != key);
+            server.push(line.to_string());
+        }
         let yaml = format!(
-            "server:\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n{extra}listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin_port}\n{body}\n",
-            d = dir.path().display(),
-            extra = cfg.server_extra,
+            "server:\n{}\nlisteners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin_port}\n{body}\n",
+            server.join("\n"),
             body = cfg.body
         );
         let conf = dir.path().join("tollgate.yaml");
@@ -158,6 +170,12 @@ impl TestGateway {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
+                assert_ne!(
+                    status.code(),
+                    Some(64),
+                    "the test's configuration is invalid:\n{}",
+                    gw.log()
+                );
                 eprintln!("gateway exited early ({status}):\n{}", gw.log());
                 gw.child = None;
                 return None; // most likely a port race: try again with new ports

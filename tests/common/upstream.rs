@@ -22,6 +22,9 @@ pub struct Behavior {
     pub delay: Duration,
     /// Extra response header lines, raw (`Name: value`).
     pub headers: Vec<String>,
+    /// Close, without answering, any request that arrives on an already used connection (the
+    /// keep-alive race: the server gave up on the idle connection as the request arrived).
+    pub drop_reused: bool,
 }
 
 impl Default for Behavior {
@@ -32,6 +35,7 @@ impl Default for Behavior {
             generated_len: None,
             delay: Duration::ZERO,
             headers: Vec::new(),
+            drop_reused: false,
         }
     }
 }
@@ -156,6 +160,7 @@ pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
 
 async fn serve(mut stream: TcpStream, st: Arc<State>) -> std::io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    let mut served = 0usize;
     loop {
         // Read one head.
         let head_end = loop {
@@ -226,6 +231,11 @@ async fn serve(mut stream: TcpStream, st: Arc<State>) -> std::io::Result<()> {
         });
         st.count.fetch_add(1, Ordering::SeqCst);
         let b = st.behavior.lock().unwrap().clone();
+        served += 1;
+        if b.drop_reused && served > 1 {
+            st.active.fetch_sub(1, Ordering::SeqCst);
+            return Ok(());
+        }
         if !b.delay.is_zero() {
             tokio::time::sleep(b.delay).await;
         }
@@ -308,10 +318,13 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
 
+/// Header lists of the WebSocket handshakes received.
+pub type Handshakes = Arc<Mutex<Vec<Vec<(String, String)>>>>;
+
 /// A WebSocket echo upstream that records whether each handshake carried `Upgrade`.
 pub struct WsUpstream {
     pub addr: SocketAddr,
-    pub handshakes: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    pub handshakes: Handshakes,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -326,7 +339,7 @@ impl WsUpstream {
         use futures_util::{SinkExt, StreamExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let handshakes: Arc<Mutex<Vec<Vec<(String, String)>>>> = Arc::default();
+        let handshakes: Handshakes = Arc::default();
         let hs = Arc::clone(&handshakes);
         let task = tokio::spawn(async move {
             loop {

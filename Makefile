@@ -1,0 +1,72 @@
+# tollgate — every target installs what it needs on a fresh Debian machine with only the Rust
+# toolchain (apt-get as root, or through sudo).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+CONF ?= conf/tollgate.yaml
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_UPDATED := /tmp/.tollgate-apt-updated
+
+.PHONY: all build demo run test check fmt-check clippy unit doc bench deps deps-bench clean
+
+all: build
+
+# Build prerequisites: Pingora builds zlib-ng with cmake and C code with a C compiler.
+deps:
+	@need=""; \
+	command -v cmake >/dev/null || need="$$need cmake"; \
+	command -v cc >/dev/null || need="$$need gcc libc6-dev"; \
+	command -v make >/dev/null || need="$$need make"; \
+	command -v pkg-config >/dev/null || need="$$need pkg-config"; \
+	if [ -n "$$need" ]; then \
+	  echo "installing:$$need"; \
+	  [ -f $(APT_UPDATED) ] || { $(SUDO) apt-get update -qq && touch $(APT_UPDATED); }; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$need >/dev/null; \
+	fi
+
+build: deps
+	$(CARGO) build --release
+
+# The gateway with built-in demo upstreams on loopback (conf/demo.yaml).
+demo: deps
+	$(CARGO) run --release -- demo
+
+# The gateway with CONF (default conf/tollgate.yaml).
+run: deps
+	$(CARGO) run --release -- -c $(CONF)
+
+# The whole quality gate: formatting, lints, every test, docs without warnings.
+test: deps fmt-check clippy unit doc
+	@echo "make test: all checks passed"
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy: deps
+	$(CARGO) clippy --all-targets -- -D warnings
+
+unit: deps
+	$(CARGO) test --all-targets
+
+doc: deps
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
+
+# Side-by-side load benchmark (nginx, haproxy, bare Pingora, tollgate); see docs/performance.md.
+deps-bench: deps
+	@need=""; \
+	for t in nginx haproxy wrk; do command -v $$t >/dev/null || need="$$need $$t"; done; \
+	if [ -n "$$need" ]; then \
+	  echo "installing:$$need"; \
+	  [ -f $(APT_UPDATED) ] || { $(SUDO) apt-get update -qq && touch $(APT_UPDATED); }; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$need >/dev/null; \
+	fi
+
+BENCH_ARGS ?= --rounds 3 --seconds 6
+bench: deps-bench
+	$(CARGO) build --release --bin tollgate --example bare_proxy
+	python3 ../shared/bench/proxybench.py $(BENCH_ARGS) \
+	  --bare target/release/examples/bare_proxy \
+	  --extra "tollgate=9103:target/release/tollgate -c bench/tollgate.yaml"
+
+clean:
+	$(CARGO) clean

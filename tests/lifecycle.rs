@@ -1,0 +1,184 @@
+//! The process: `tollgate demo` answering, SIGTERM draining in-flight requests within the
+//! configured grace period, and the admin health endpoint.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Behavior, GatewayConfig, TestGateway, Upstream, client};
+use nix::sys::signal::Signal;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_starts_its_upstreams_and_answers() {
+    // The shipped demo config, moved onto free ports and private pid/socket paths.
+    let dir = tempfile::tempdir().unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/demo.yaml")).unwrap();
+    let gw_port = common::reserve_port();
+    let admin_port = common::reserve_port();
+    let mut yaml = shipped
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{gw_port}"))
+        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin_port}"))
+        .replace(
+            "/tmp/tollgate-demo.pid",
+            &dir.path().join("pid").display().to_string(),
+        )
+        .replace(
+            "/tmp/tollgate-demo-upgrade.sock",
+            &dir.path().join("sock").display().to_string(),
+        );
+    for demo in ["127.0.0.1:9701", "127.0.0.1:9702", "127.0.0.1:9703"] {
+        yaml = yaml.replace(demo, &format!("127.0.0.1:{}", common::reserve_port()));
+    }
+    let conf = dir.path().join("demo.yaml");
+    std::fs::write(&conf, yaml).unwrap();
+    let mut child = Command::new(common::binary())
+        .arg("demo")
+        .arg("-c")
+        .arg(&conf)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    while !banner.contains("Ctrl-C") {
+        assert!(
+            out.read_line(&mut banner).unwrap() > 0,
+            "demo exited: {banner}"
+        );
+    }
+    assert!(
+        banner.contains(&format!("http://127.0.0.1:{gw_port}")),
+        "{banner}"
+    );
+    assert!(banner.contains("curl"), "{banner}");
+
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        match c
+            .get(format!("http://127.0.0.1:{gw_port}/hello"))
+            .send()
+            .await
+        {
+            Ok(r) if r.status() == 200 => break r.text().await.unwrap(),
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("demo did not answer: {other:?}"),
+        }
+    };
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        json["backend"].as_str().unwrap().starts_with("demo-"),
+        "{json}"
+    );
+    assert_eq!(json["path"], "/hello");
+    // The api route strips /api and balances over two demo backends.
+    let mut backends = std::collections::HashSet::new();
+    for _ in 0..8 {
+        let text = c
+            .get(format!("http://127.0.0.1:{gw_port}/api/items"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let j: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(j["path"], "/items");
+        backends.insert(j["backend"].as_str().unwrap().to_string());
+    }
+    assert_eq!(backends.len(), 2, "{backends:?}");
+    let health = c
+        .get(format!("http://127.0.0.1:{admin_port}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGINT,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "demo did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_then_exits() {
+    let up = Upstream::with(Behavior {
+        delay: Duration::from_millis(800),
+        ..Behavior::default()
+    })
+    .await;
+    let mut gw = GatewayConfig::new(format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes: [{{ name: all, upstream: u }}]\n",
+        up.addr
+    ))
+    .server("grace_period: 2s\ngraceful_shutdown_timeout: 1s")
+    .start();
+    let url = gw.url("/slow");
+    let in_flight =
+        tokio::spawn(async move { client().get(url).send().await.map(|r| r.status().as_u16()) });
+    // Wait until the upstream holds the request, then ask the gateway to stop.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.active() == 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopped_at = Instant::now();
+    gw.signal(Signal::SIGTERM);
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        200,
+        "in-flight request was cut off"
+    );
+    // Listeners close at once: new connections are refused while the process drains.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        std::net::TcpStream::connect(gw.addr).is_err(),
+        "still accepting after SIGTERM"
+    );
+    let code = gw
+        .wait(Duration::from_secs(10))
+        .expect("did not exit after grace + timeout");
+    assert_eq!(code, 0);
+    let took = stopped_at.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "exited before the grace period: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "grace 2s + timeout 1s took {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_health_answers() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\n",
+        up.addr
+    ));
+    let r = client()
+        .get(format!("http://{}/health", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), r#"{"status":"ok"}"#);
+    let r = client()
+        .get(format!("http://{}/nope", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
