@@ -182,3 +182,50 @@ async fn admin_health_answers() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_upgrade_hands_the_listener_to_a_new_process() {
+    let up = Upstream::start().await;
+    let old = GatewayConfig::new(format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes: [{{ name: all, upstream: u }}]\n",
+        up.addr
+    ))
+    .server("grace_period: 1s\ngraceful_shutdown_timeout: 1s")
+    .start();
+    let c = client();
+    assert_eq!(c.get(old.url("/")).send().await.unwrap().status(), 200);
+
+    // The new process takes the sockets over the shared upgrade socket (-u), then the old one
+    // is told to hand them over (SIGQUIT). Start the new one first, as Pingora requires.
+    let log = std::fs::File::create(old.dir.path().join("new.log")).unwrap();
+    let mut new = Command::new(common::binary())
+        .arg("-u")
+        .arg("-c")
+        .arg(old.config_path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    old.signal(Signal::SIGQUIT);
+
+    // Keep sending requests through the hand-over: none may be refused.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut served = 0;
+    while Instant::now() < deadline {
+        let r = c.get(old.url("/")).send().await;
+        assert_eq!(r.expect("a request failed during the upgrade").status(), 200);
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served > 50);
+    let mut old = old;
+    assert_eq!(old.wait(Duration::from_secs(10)), Some(0), "the old process did not exit");
+    // The listener is now the new process's.
+    let r = client().get(old.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(new.try_wait().unwrap().is_none(), "the new process died");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(new.id() as i32), Signal::SIGINT).unwrap();
+    let _ = new.wait();
+}
