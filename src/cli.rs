@@ -19,15 +19,10 @@ pub const EXIT_BAD_CONFIG: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version, about, long_about)]
 pub struct Cli {
-    /// Configuration file (YAML).
-    #[arg(
-        short = 'c',
-        long = "conf",
-        value_name = "FILE",
-        default_value = "/etc/tollgate/tollgate.yaml",
-        global = true
-    )]
-    pub conf: PathBuf,
+    /// Configuration file (YAML). Default: /etc/tollgate/tollgate.yaml, or conf/demo.yaml for
+    /// `demo`.
+    #[arg(short = 'c', long = "conf", value_name = "FILE", global = true)]
+    pub conf: Option<PathBuf>,
     /// Validate the configuration, print every problem, and exit: 0 if valid, 64 if not.
     #[arg(short = 't', long = "test")]
     pub test: bool,
@@ -55,14 +50,13 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let demo = matches!(cli.command, Some(Command::Demo));
-    let path = if demo
-        && !std::env::args_os()
-            .any(|a| a == "-c" || a == "--conf" || a.to_string_lossy().starts_with("--conf="))
-    {
-        PathBuf::from("conf/demo.yaml")
-    } else {
-        cli.conf.clone()
-    };
+    let path = cli.conf.clone().unwrap_or_else(|| {
+        PathBuf::from(if demo {
+            "conf/demo.yaml"
+        } else {
+            "/etc/tollgate/tollgate.yaml"
+        })
+    });
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(errors) => {

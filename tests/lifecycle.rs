@@ -215,13 +215,20 @@ async fn binary_upgrade_hands_the_listener_to_a_new_process() {
     let mut served = 0;
     while Instant::now() < deadline {
         let r = c.get(old.url("/")).send().await;
-        assert_eq!(r.expect("a request failed during the upgrade").status(), 200);
+        assert_eq!(
+            r.expect("a request failed during the upgrade").status(),
+            200
+        );
         served += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(served > 50);
     let mut old = old;
-    assert_eq!(old.wait(Duration::from_secs(10)), Some(0), "the old process did not exit");
+    assert_eq!(
+        old.wait(Duration::from_secs(10)),
+        Some(0),
+        "the old process did not exit"
+    );
     // The listener is now the new process's.
     let r = client().get(old.url("/")).send().await.unwrap();
     assert_eq!(r.status(), 200);

@@ -131,7 +131,8 @@ async fn trusted_proxies_are_appended_to_and_their_ids_kept() {
     let resp = client()
         .get(gw.url("/"))
         .header("host", "site.test")
-        .header("x-forwarded-for", "203.0.113.9, 10.1.1.1")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-for", "10.1.1.1")
         .header("x-forwarded-proto", "https")
         .header("x-forwarded-host", "public.test")
         .header("x-request-id", "edge-1234")
@@ -360,14 +361,43 @@ async fn a_dead_pooled_connection_is_retried_on_the_same_backend() {
         ..Behavior::default()
     })
     .await;
-    let gw = TestGateway::start(&one_route(&up.addr, "", ""));
+    // With strip_prefix, so the retry must forward the rewritten path too.
+    let gw = TestGateway::start(&format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes: [{{ name: api, upstream: u, match: {{ path_prefix: /api }}, strip_prefix: true }}]\n",
+        up.addr
+    ));
     let c = client();
     for i in 0..20 {
-        let r = c.get(gw.url("/")).send().await.unwrap();
+        let r = c.get(gw.url("/api/orders?page=2")).send().await.unwrap();
         assert_eq!(r.status(), 200, "request {i}: {}", r.text().await.unwrap());
         r.bytes().await.unwrap();
     }
     // Every request after the first found the pooled connection dead and was retried.
     assert_eq!(up.count(), 39);
     assert_eq!(up.connections(), 20);
+    assert!(
+        up.received().iter().all(|r| r.path == "/orders?page=2"),
+        "a retry lost the rewrite"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_works_without_connection_reuse() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let ws = WsUpstream::start().await;
+    let gw = TestGateway::start(&one_route(
+        &ws.addr,
+        "    keepalive: { pool_size: 0 }\n",
+        "",
+    ));
+    let (mut socket, resp) = tokio_tungstenite::connect_async(format!("ws://{}/", gw.addr))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    socket.send(Message::Text("ping".into())).await.unwrap();
+    assert_eq!(
+        socket.next().await.unwrap().unwrap(),
+        Message::Text("ping".into())
+    );
 }

@@ -208,3 +208,33 @@ async fn absolute_form_target_must_agree_with_host_and_is_forwarded_origin_form(
     let total: usize = f.ups.iter().map(|u| u.count()).sum();
     assert_eq!(total, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalised_before_routing_and_cannot_escape_a_stripped_prefix() {
+    let f = fixture().await;
+    // `/api/v2/../../x` is `/x`: the catch-all, not the /api/v2 route with `/../../x` forwarded.
+    assert_eq!(
+        f.hit("GET", None, "/api/v2/%2e%2e/%2E%2E/x").await,
+        (Some(0), "/x".into(), 200)
+    );
+    assert_eq!(
+        f.hit("GET", None, "/api/v2/../status").await,
+        (Some(3), "/api/status".into(), 200)
+    );
+    assert_eq!(
+        f.hit("GET", None, "//api//v2//items/./a").await,
+        (Some(2), "/items/a".into(), 200)
+    );
+    for bad in ["/api/a%2fb", "/api/a%5cb", "/api/%00", "/api/%zz"] {
+        let raw = common::raw_exchange(
+            f.gw.addr,
+            format!("GET {bad} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+            std::time::Duration::from_secs(5),
+        );
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 400"), "{bad}: {text}");
+        assert!(text.contains("\"request_id\""), "{text}");
+    }
+    let total: usize = f.ups.iter().map(|u| u.count()).sum();
+    assert_eq!(total, 3, "refused paths never reach an upstream");
+}

@@ -19,7 +19,7 @@ use regex::Regex;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use file::Balance;
-pub use validate::{MAX_RETRIES, MAX_WEIGHT};
+pub use validate::{MAX_POOL_SIZE, MAX_RETRIES, MAX_WEIGHT};
 
 /// A validated configuration: every name resolved, every value parsed.
 #[derive(Debug, Clone)]

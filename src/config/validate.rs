@@ -15,6 +15,8 @@ use super::{
 
 /// Highest accepted backend weight.
 pub const MAX_WEIGHT: u32 = 10_000;
+/// Highest accepted idle-connection pool size (Pingora allocates the pool up front).
+pub const MAX_POOL_SIZE: usize = 65_536;
 /// Highest accepted `retries.attempts` (Pingora caps retries per request at this).
 pub const MAX_RETRIES: usize = 16;
 
@@ -150,7 +152,20 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
             "must be greater than 0s",
         );
     }
-    let pool_sum = file.upstreams.values().map(|u| u.keepalive.pool_size).sum();
+    let pool_sum = file
+        .upstreams
+        .values()
+        .map(|u| u.keepalive.pool_size.min(MAX_POOL_SIZE))
+        .fold(0usize, usize::saturating_add)
+        .min(MAX_POOL_SIZE);
+    if let Some(n) = s.upstream_keepalive_pool_size
+        && n > MAX_POOL_SIZE
+    {
+        errs.push(
+            "server.upstream_keepalive_pool_size",
+            format!("{n} is above the maximum {MAX_POOL_SIZE}"),
+        );
+    }
     ServerSettings {
         threads,
         grace_period: s.grace_period,
@@ -282,6 +297,15 @@ fn upstream(name: &str, u: &UpstreamSection, errs: &mut Errors) -> Option<Upstre
             errs.push(format!("{path}.timeouts.{key}"), "must be greater than 0s");
         }
     }
+    if u.keepalive.pool_size > MAX_POOL_SIZE {
+        errs.push(
+            format!("{path}.keepalive.pool_size"),
+            format!(
+                "{} is above the maximum {MAX_POOL_SIZE}",
+                u.keepalive.pool_size
+            ),
+        );
+    }
     if u.retries.attempts > MAX_RETRIES {
         errs.push(
             format!("{path}.retries.attempts"),
@@ -396,19 +420,22 @@ fn route(r: &RouteSection, path: &str, upstream: usize, errs: &mut Errors) -> Op
         check_replacement(&re, &rw.replace, &format!("{path}.rewrite.replace"), errs);
         Some((re, rw.replace.clone()))
     });
-    let upstream_host =
-        r.upstream_host
-            .as_ref()
-            .and_then(|h| match http::HeaderValue::from_str(h.trim()) {
-                Ok(v) if !h.trim().is_empty() => Some(v),
-                _ => {
-                    errs.push(
-                        format!("{path}.upstream_host"),
-                        format!("invalid Host value {h:?}"),
-                    );
-                    None
-                }
-            });
+    let upstream_host = r.upstream_host.as_ref().and_then(|h| {
+        let h = h.trim();
+        match (
+            h.parse::<http::uri::Authority>(),
+            http::HeaderValue::from_str(h),
+        ) {
+            (Ok(a), Ok(v)) if !a.as_str().contains('@') => Some(v),
+            _ => {
+                errs.push(
+                    format!("{path}.upstream_host"),
+                    format!("invalid Host value {h:?}; write host or host:port"),
+                );
+                None
+            }
+        }
+    });
     if errs.0.len() > before {
         return None;
     }
@@ -479,15 +506,52 @@ fn compile(re: &str, path: &str, errs: &mut Errors) -> Option<Regex> {
     }
 }
 
-/// Every `$N` / `${name}` in a replacement must name a group of the regex.
+/// Every `$N` / `$name` / `${name}` in a replacement must name a group of the regex (names
+/// are read the way the regex crate reads them: the longest run of `[A-Za-z0-9_]`, so `$1_x`
+/// means a group called `1_x`), and the literal text must be valid in a URI path.
 fn check_replacement(re: &Regex, replace: &str, path: &str, errs: &mut Errors) {
-    let refs = Regex::new(r"\$(?:\{([^}]*)\}|([0-9]+)|([A-Za-z_][A-Za-z0-9_]*))").expect("static");
-    for c in refs.captures_iter(replace) {
-        let name = c
-            .get(1)
-            .or(c.get(2))
-            .or(c.get(3))
-            .map_or("", |m| m.as_str());
+    let b = replace.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'$' {
+            let c = b[i];
+            if !c.is_ascii_graphic() || b"\"<>\\^`{|}#".contains(&c) {
+                errs.push(
+                    path,
+                    format!(
+                        "{replace:?} contains {:?}, which is not allowed in a URI path",
+                        c as char
+                    ),
+                );
+                return;
+            }
+            i += 1;
+            continue;
+        }
+        if b.get(i + 1) == Some(&b'$') {
+            i += 2; // `$$` is a literal dollar
+            continue;
+        }
+        let (name, next) = if b.get(i + 1) == Some(&b'{') {
+            match replace[i + 2..].find('}') {
+                Some(end) => (&replace[i + 2..i + 2 + end], i + 3 + end),
+                None => ("", b.len()),
+            }
+        } else {
+            let len = b[i + 1..]
+                .iter()
+                .take_while(|c| c.is_ascii_alphanumeric() || **c == b'_')
+                .count();
+            (&replace[i + 1..i + 1 + len], i + 1 + len)
+        };
+        i = next;
+        if name.is_empty() {
+            errs.push(
+                path,
+                format!("{replace:?} has a '$' that names no group; write $$ for a literal '$'"),
+            );
+            continue;
+        }
         let exists = match name.parse::<usize>() {
             Ok(n) => n < re.captures_len(),
             Err(_) => re.capture_names().flatten().any(|n| n == name),
@@ -495,7 +559,10 @@ fn check_replacement(re: &Regex, replace: &str, path: &str, errs: &mut Errors) {
         if !exists {
             errs.push(
                 path,
-                format!("{replace:?} refers to ${name}, which the regex does not capture"),
+                format!(
+                    "{replace:?} refers to ${name}, which the regex does not capture \
+                     (write ${{1}}x to follow a group with text)"
+                ),
             );
         }
     }

@@ -19,6 +19,7 @@ pub fn status_for(e: &Error) -> u16 {
         _ => match e.esource() {
             ErrorSource::Upstream => 502,
             ErrorSource::Downstream => match e.etype() {
+                ErrorType::ReadTimedout => 408,
                 ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => 0,
                 _ => 400,
             },
@@ -67,14 +68,26 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// Write a complete JSON error response. `extra` headers (e.g. `Allow`) are added.
+/// Write a complete JSON error response with the status's standard message. `extra` headers
+/// (e.g. `Allow`) are added.
 pub async fn respond(
     session: &mut Session,
     status: u16,
     request_id: &str,
     extra: &[(&'static str, &str)],
 ) -> Result<()> {
-    let body = json_body(message_for(status), request_id);
+    respond_with(session, status, message_for(status), request_id, extra).await
+}
+
+/// [`respond`] with a specific message.
+pub async fn respond_with(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    request_id: &str,
+    extra: &[(&'static str, &str)],
+) -> Result<()> {
+    let body = json_body(message, request_id);
     let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
     h.insert_header("content-type", "application/json")?;
     h.insert_header("content-length", body.len().to_string())?;
@@ -104,6 +117,9 @@ mod tests {
         let mut down = Error::new(ErrorType::ConnectionClosed);
         down.esource = ErrorSource::Downstream;
         assert_eq!(status_for(&down), 0);
+        let mut slow = Error::new(ErrorType::ReadTimedout);
+        slow.esource = ErrorSource::Downstream;
+        assert_eq!(status_for(&slow), 408);
     }
 
     #[test]

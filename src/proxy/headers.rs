@@ -87,6 +87,21 @@ fn nominated<'a>(values: impl Iterator<Item = &'a http::HeaderValue>) -> Vec<Hea
         .collect()
 }
 
+/// The `X-Forwarded-For` to send: the peer alone, or, for a trusted peer, every incoming
+/// `X-Forwarded-For` line joined in order with the peer appended.
+pub fn forwarded_for(req: &RequestHeader, trusted: bool, peer: &str) -> http::HeaderValue {
+    let mut v: Vec<u8> = Vec::new();
+    if trusted {
+        for line in req.headers.get_all("x-forwarded-for") {
+            v.extend_from_slice(line.as_bytes());
+            v.extend_from_slice(b", ");
+        }
+    }
+    v.extend_from_slice(peer.as_bytes());
+    // Incoming lines were valid header values and the peer is an IP address.
+    http::HeaderValue::from_bytes(&v).expect("joined header values stay valid")
+}
+
 /// Drop client-supplied forwarding headers (for peers that are not trusted proxies).
 pub fn drop_forwarding(req: &mut RequestHeader) {
     for name in FORWARDING {
@@ -137,6 +152,19 @@ mod tests {
         assert_eq!(r.headers["upgrade"], "websocket");
         assert!(r.headers.get("x-drop").is_none());
         assert!(r.headers.get("sec-websocket-key").is_some());
+    }
+
+    #[test]
+    fn forwarded_for_joins_every_line_from_trusted_peers_only() {
+        let r = req(&[
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-For", "203.0.113.7, 10.0.0.2"),
+        ]);
+        assert_eq!(
+            forwarded_for(&r, true, "10.0.0.1"),
+            "6.6.6.6, 203.0.113.7, 10.0.0.2, 10.0.0.1"
+        );
+        assert_eq!(forwarded_for(&r, false, "192.0.2.1"), "192.0.2.1");
     }
 
     #[test]

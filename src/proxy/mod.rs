@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! early_request_filter     snapshot, client address, request id, keep-alive, hop-by-hop strip
-//! request_filter           route match → 404/405 JSON, forwarded path
+//! request_filter           path normalisation (400), route match → 404/405 JSON, forwarded path
 //! upstream_peer            selection (skips backends that refused to connect) → HttpPeer
 //! fail_to_connect          retry another backend while attempts remain
 //! upstream_request_filter  X-Forwarded-*, X-Request-Id, path rewrite, Host override
@@ -19,6 +19,7 @@ pub mod error;
 pub mod headers;
 pub mod request_id;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -30,7 +31,7 @@ use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::HashKey;
-use crate::routing::{RouteMatch, forwarded_path, normalize_host};
+use crate::routing::{RouteMatch, forwarded_path, normalize_host, normalize_path};
 use crate::runtime::RuntimeState;
 use crate::upstream::InFlight;
 pub use ctx::RequestCtx;
@@ -90,6 +91,24 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let state = Arc::clone(ctx.state());
+        // One normalised path for routing, filters and the upstream (see routing::normalize).
+        let normalized = match normalize_path(session.req_header().uri.path()) {
+            Ok(Cow::Borrowed(_)) => None,
+            Ok(Cow::Owned(p)) => Some(p),
+            Err(e) => {
+                error::respond_with(session, 400, e.as_str(), &ctx.request_id, &[]).await?;
+                return Ok(true);
+            }
+        };
+        if let Some(mut p) = normalized {
+            let req = session.req_header_mut();
+            if let Some(q) = req.uri.query() {
+                p.push('?');
+                p.push_str(q);
+            }
+            let uri = http::Uri::try_from(p).or_err(ErrorType::InvalidHTTPHeader, "bad path")?;
+            req.set_uri(uri);
+        }
         // Pingora 0.9.1 already rejected an absolute-form target whose authority differs from
         // Host (400) and keeps the target origin-form, so Host is the one name to route on.
         let req = session.req_header();
@@ -186,16 +205,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let client = ctx.client.expect("set in early_request_filter");
         let peer = client.peer.to_string();
-        let xff = match upstream_request.headers.get("x-forwarded-for") {
-            Some(prev) if client.trusted => {
-                let mut v = prev.as_bytes().to_vec();
-                v.extend_from_slice(b", ");
-                v.extend_from_slice(peer.as_bytes());
-                http::HeaderValue::from_bytes(&v)
-                    .unwrap_or_else(|_| http::HeaderValue::from_str(&peer).expect("ip"))
-            }
-            _ => http::HeaderValue::from_str(&peer).expect("an IP address is a valid header value"),
-        };
+        let xff = headers::forwarded_for(upstream_request, client.trusted, &peer);
         upstream_request.insert_header("x-forwarded-for", xff)?;
         if !(client.trusted && upstream_request.headers.contains_key("x-forwarded-proto")) {
             upstream_request.insert_header("x-forwarded-proto", "http")?;
@@ -210,8 +220,9 @@ impl ProxyHttp for Gateway {
         // target (`GET http://host/p`, whose authority Pingora already checked against Host)
         // cut down to its path and query.
         let raw = upstream_request.raw_path();
-        let path = match ctx.forwarded_path.take() {
-            Some(p) => Some(p),
+        // Cloned, not taken: a retry runs this filter again on a fresh copy of the request.
+        let path = match &ctx.forwarded_path {
+            Some(p) => Some(p.clone()),
             None if raw.first() != Some(&b'/') && raw != b"*" => upstream_request
                 .uri
                 .path_and_query()
@@ -231,7 +242,9 @@ impl ProxyHttp for Gateway {
         {
             upstream_request.insert_header(http::header::HOST, h.clone())?;
         }
-        if ctx.upstream.as_ref().is_some_and(|u| !u.reuse_connections) {
+        if ctx.upstream.as_ref().is_some_and(|u| !u.reuse_connections)
+            && !headers::is_websocket_upgrade(upstream_request)
+        {
             upstream_request.insert_header(http::header::CONNECTION, "close")?;
         }
         Ok(())

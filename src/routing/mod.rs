@@ -11,6 +11,7 @@
 //!
 //! The tables are built once per configuration; a lookup allocates nothing.
 
+mod normalize;
 mod rewrite;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use std::collections::HashMap;
 use http::Method;
 
 use crate::config::{HostPattern, PathMatch, RouteConfig};
+pub use normalize::{PathError, normalize_path};
 pub use rewrite::forwarded_path;
 
 /// The outcome of matching one request.

@@ -10,7 +10,11 @@ use std::sync::atomic::AtomicUsize;
 
 use pingora_ketama::{Bucket, Continuum};
 
-use super::Select;
+use super::{Select, scale_weights};
+
+/// Most ring points per unit of weight total: weights are scaled so the ring stays ≤ 1,000 × 160
+/// points (~1.3 MB) whatever the configured weights.
+const MAX_TOTAL_WEIGHT: u64 = 1000;
 
 /// Ketama consistent hashing.
 pub struct Consistent {
@@ -32,14 +36,15 @@ impl std::fmt::Debug for Consistent {
 impl Consistent {
     /// Build the ring for backends with these weights and (distinct) addresses.
     pub fn new(weights: &[u32], addrs: &[SocketAddr]) -> Self {
+        let weights = scale_weights(weights, MAX_TOTAL_WEIGHT);
         let buckets: Vec<Bucket> = addrs
             .iter()
-            .zip(weights)
-            .map(|(&a, &w)| Bucket::new(a, w.max(1)))
+            .zip(&weights)
+            .map(|(&a, &w)| Bucket::new(a, w as u32))
             .collect();
         Consistent {
             n: addrs.len(),
-            points: weights.iter().map(|&w| w.max(1) as usize * 160).sum(),
+            points: weights.iter().map(|&w| w as usize * 160).sum(),
             ring: Continuum::new(&buckets),
             index: addrs.iter().enumerate().map(|(i, &a)| (a, i)).collect(),
         }

@@ -51,6 +51,27 @@ pub(crate) fn probe_from(start: usize, n: usize, accept: &dyn Fn(usize) -> bool)
     (0..n).map(|i| (start + i) % n).find(|&i| accept(i))
 }
 
+/// Reduce weights by their gcd, then, if their sum still exceeds `max_total`, scale them down
+/// proportionally (each stays ≥ 1). Ratios are kept exactly when the sum fits.
+pub(crate) fn scale_weights(weights: &[u32], max_total: u64) -> Vec<u64> {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    let g = weights
+        .iter()
+        .fold(0u64, |g, &w| gcd(g, u64::from(w)))
+        .max(1);
+    let reduced: Vec<u64> = weights.iter().map(|&w| (u64::from(w) / g).max(1)).collect();
+    let total: u64 = reduced.iter().sum();
+    if total <= max_total {
+        return reduced;
+    }
+    reduced
+        .iter()
+        .map(|&w| (w * max_total / total).max(1))
+        .collect()
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use std::sync::atomic::AtomicUsize;
@@ -74,5 +95,12 @@ pub(crate) mod testing {
 
     pub fn idle(n: usize) -> Vec<AtomicUsize> {
         (0..n).map(|_| AtomicUsize::new(0)).collect()
+    }
+
+    #[test]
+    fn scale_weights_keeps_ratios_and_bounds_the_total() {
+        use super::scale_weights;
+        assert_eq!(scale_weights(&[300, 100, 200], 1000), [3, 1, 2]);
+        assert_eq!(scale_weights(&[10_000, 5_000, 1], 100), [66, 33, 1]);
     }
 }

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Select, probe_from};
+use super::{Select, probe_from, scale_weights};
 
 /// Longest precomputed cycle; larger weight sums are scaled down to fit.
 const MAX_CYCLE: u64 = 1 << 16;
@@ -23,7 +23,7 @@ pub struct Weighted {
 impl Weighted {
     /// Build the cycle for these weights (each ≥ 1).
     pub fn new(weights: &[u32]) -> Self {
-        let weights = fit(weights);
+        let weights = scale_weights(weights, MAX_CYCLE);
         Weighted {
             n: weights.len(),
             cycle: smooth_cycle(&weights).into_boxed_slice(),
@@ -46,27 +46,6 @@ impl Select for Weighted {
         let first = self.cycle[slot] as usize;
         probe_from(first, self.n, accept)
     }
-}
-
-/// Reduce weights by their gcd, and scale them so the cycle fits [`MAX_CYCLE`] (each stays ≥ 1).
-fn fit(weights: &[u32]) -> Vec<u64> {
-    let g = weights
-        .iter()
-        .fold(0u64, |g, &w| gcd(g, u64::from(w)))
-        .max(1);
-    let reduced: Vec<u64> = weights.iter().map(|&w| (u64::from(w) / g).max(1)).collect();
-    let total: u64 = reduced.iter().sum();
-    if total <= MAX_CYCLE {
-        return reduced;
-    }
-    reduced
-        .iter()
-        .map(|&w| (w * MAX_CYCLE / total).max(1))
-        .collect()
-}
-
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// nginx's smooth WRR: each step add every weight to its current value, pick the largest,

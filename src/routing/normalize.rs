@@ -1,0 +1,201 @@
+//! Request-path normalisation before routing (RFC 3986 §6.2.2, §5.2.4): routing, `strip_prefix`,
+//! `rewrite` and the upstream all see the same bytes, so `/api/../admin` cannot match `/api`
+//! and then reach `/admin`.
+//!
+//! - `%XX` escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded, so `%2e%2e` is
+//!   `..`; other escapes are kept (hex upper-cased).
+//! - Escapes of `/`, `\`, `#`, NUL and other control characters are refused: they mean a
+//!   different path to different servers. A raw `\` is refused too. Malformed escapes are refused.
+//! - Dot segments are removed and repeated slashes merged; a trailing slash is kept.
+
+use std::borrow::Cow;
+
+/// Why a path was refused (answered 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    /// `%2F`, `%5C`, `%23`, `%00`–`%1F`, `%7F`.
+    ForbiddenEscape,
+    /// `%` not followed by two hex digits.
+    BadEscape,
+    /// A raw `\` or control byte.
+    ForbiddenByte,
+    /// Not starting with `/`.
+    NotAbsolute,
+}
+
+impl PathError {
+    /// Text for the error response.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathError::ForbiddenEscape => "encoded '/', '\\', '#' or control character in path",
+            PathError::BadEscape => "malformed percent-escape in path",
+            PathError::ForbiddenByte => "backslash or control character in path",
+            PathError::NotAbsolute => "path must start with '/'",
+        }
+    }
+}
+
+/// Normalise `path` (no query). Borrowed when already normal — the common case costs one scan.
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') {
+        // `*` (OPTIONS *) is left to the caller; anything else is not a path.
+        return if path == "*" {
+            Ok(Cow::Borrowed(path))
+        } else {
+            Err(PathError::NotAbsolute)
+        };
+    }
+    if !needs_work(b)? {
+        return Ok(Cow::Borrowed(path));
+    }
+    let decoded = decode_unreserved(path)?;
+    Ok(Cow::Owned(remove_dot_segments(&decoded)))
+}
+
+/// Validate bytes; true when something must change (an escape, `//`, or a dot segment).
+fn needs_work(b: &[u8]) -> Result<bool, PathError> {
+    let mut work = false;
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'\\' => return Err(PathError::ForbiddenByte),
+            c if c.is_ascii_control() => return Err(PathError::ForbiddenByte),
+            b'%' => work = true,
+            b'/' if b.get(i + 1) == Some(&b'/') => work = true,
+            b'.' if b[i - 1] == b'/' => {
+                let rest = &b[i + 1..];
+                let seg_end = rest.first().is_none_or(|&n| n == b'/')
+                    || (rest[0] == b'.' && rest.get(1).is_none_or(|&n| n == b'/'));
+                work |= seg_end;
+            }
+            _ => {}
+        }
+    }
+    Ok(work)
+}
+
+fn hex(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
+}
+
+fn decode_unreserved(path: &str) -> Result<String, PathError> {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'%' {
+            out.push(b[i] as char);
+            i += 1;
+            continue;
+        }
+        let (Some(hi), Some(lo)) = (
+            b.get(i + 1).and_then(|&c| hex(c)),
+            b.get(i + 2).and_then(|&c| hex(c)),
+        ) else {
+            return Err(PathError::BadEscape);
+        };
+        let byte = hi << 4 | lo;
+        match byte {
+            b'/' | b'\\' | b'#' => return Err(PathError::ForbiddenEscape),
+            c if c.is_ascii_control() => return Err(PathError::ForbiddenEscape),
+            c if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => out.push(c as char),
+            _ => {
+                out.push('%');
+                out.push(char::from(b[i + 1].to_ascii_uppercase()));
+                out.push(char::from(b[i + 2].to_ascii_uppercase()));
+            }
+        }
+        i += 3;
+    }
+    Ok(out)
+}
+
+fn remove_dot_segments(path: &str) -> String {
+    let mut stack: Vec<&str> = Vec::new();
+    let mut trailing = path.ends_with('/');
+    for seg in path.split('/') {
+        match seg {
+            "" => {}
+            "." => trailing = true,
+            ".." => {
+                stack.pop();
+                trailing = true;
+            }
+            s => {
+                stack.push(s);
+                trailing = false;
+            }
+        }
+    }
+    // The last segment decides: `/a/b/` and `/a/..` end with a slash; `/a/b` does not.
+    if path.ends_with('/') {
+        trailing = true;
+    }
+    let mut out = String::with_capacity(path.len());
+    for s in &stack {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || trailing {
+        out.push('/');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(p: &str) -> Result<String, PathError> {
+        normalize_path(p).map(|c| c.into_owned())
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed() {
+        for p in [
+            "/",
+            "/a/b",
+            "/a/b/",
+            "/a.b/c.d",
+            "/.well-known/x",
+            "/a..b",
+            "/a/.hidden",
+        ] {
+            assert!(matches!(normalize_path(p), Ok(Cow::Borrowed(_))), "{p}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_and_slashes() {
+        assert_eq!(n("/api/../admin").unwrap(), "/admin");
+        assert_eq!(n("/api/./x").unwrap(), "/api/x");
+        assert_eq!(n("/../../etc/passwd").unwrap(), "/etc/passwd");
+        assert_eq!(n("//api///x//").unwrap(), "/api/x/");
+        assert_eq!(n("/a/b/..").unwrap(), "/a/");
+        assert_eq!(n("/a/.").unwrap(), "/a/");
+        assert_eq!(n("/..").unwrap(), "/");
+    }
+
+    #[test]
+    fn unreserved_escapes_are_decoded_first() {
+        assert_eq!(n("/api/%2e%2e/admin").unwrap(), "/admin");
+        assert_eq!(n("/api/%2E./admin").unwrap(), "/admin");
+        assert_eq!(n("/%41pi/x%7e").unwrap(), "/Api/x~");
+        assert_eq!(n("/a%20b/%c3%a9").unwrap(), "/a%20b/%C3%A9");
+    }
+
+    #[test]
+    fn dangerous_input_is_refused() {
+        assert_eq!(n("/a%2Fb"), Err(PathError::ForbiddenEscape));
+        assert_eq!(n("/a%2fb"), Err(PathError::ForbiddenEscape));
+        assert_eq!(n("/a%5cb"), Err(PathError::ForbiddenEscape));
+        assert_eq!(n("/a%00"), Err(PathError::ForbiddenEscape));
+        assert_eq!(n("/a%23b"), Err(PathError::ForbiddenEscape));
+        assert_eq!(n("/a%0d%0a"), Err(PathError::ForbiddenEscape));
+        assert_eq!(n("/a%zz"), Err(PathError::BadEscape));
+        assert_eq!(n("/a%2"), Err(PathError::BadEscape));
+        assert_eq!(n("/a\\b"), Err(PathError::ForbiddenByte));
+        assert_eq!(n("a/b"), Err(PathError::NotAbsolute));
+        assert_eq!(n("*").unwrap(), "*");
+    }
+}
