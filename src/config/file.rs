@@ -122,6 +122,177 @@ pub struct UpstreamSection {
     /// Failover.
     #[serde(default)]
     pub retries: RetriesSection,
+    /// Active health checks. Default: none (every backend counts as healthy).
+    #[serde(default)]
+    pub health_check: Option<HealthCheckSection>,
+    /// Per-backend circuit breakers and the in-flight cap. On by default.
+    #[serde(default)]
+    pub circuit_breaker: BreakerSection,
+    /// Where backends come from besides `backends`.
+    #[serde(default)]
+    pub discovery: Option<DiscoverySection>,
+}
+
+/// Kinds of upstream failure (`retries.on`, `circuit_breaker.failure_on`).
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The TCP connect failed or timed out.
+    ConnectError,
+    /// Connected, then a read or write timed out.
+    Timeout,
+    /// Connected, then the connection broke (reset, closed early, malformed response).
+    Reset,
+}
+
+/// `circuit_breaker:` on an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSection {
+    /// Turn the outcome breaker off (the in-flight cap still applies). Default true.
+    pub enabled: bool,
+    /// Open after this many failures in a row; 0 disables the rule. Default 5.
+    pub consecutive_failures: u32,
+    /// Open at this failure percentage over `window`; 0 disables the rule. Default 50.
+    pub failure_rate: u8,
+    /// The rate rule needs this many requests in the window. Default 20.
+    pub min_requests: u32,
+    /// Sliding window for the rate rule. Default 10s.
+    #[serde(deserialize_with = "de_duration")]
+    pub window: Duration,
+    /// First open period; doubles on each repeated trip. Default 10s.
+    #[serde(deserialize_with = "de_duration")]
+    pub open_for: Duration,
+    /// Cap on the open period. Default 5m.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_open_for: Duration,
+    /// Probes admitted in half-open; this many must succeed to close. Default 3.
+    pub half_open_requests: u32,
+    /// Requests in flight to the whole upstream beyond which new ones get 503. Default 1024;
+    /// 0 disables the cap.
+    pub max_in_flight: usize,
+    /// Which errors count as failures. Default [connect_error, timeout, reset].
+    pub failure_on: Vec<FailureKind>,
+    /// Response statuses that count as failures. Default [502, 503, 504].
+    pub failure_statuses: Vec<u16>,
+    /// A response head slower than this counts as a failure. Default: off.
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub slow_call: Option<Duration>,
+}
+
+impl Default for BreakerSection {
+    fn default() -> Self {
+        BreakerSection {
+            enabled: true,
+            consecutive_failures: 5,
+            failure_rate: 50,
+            min_requests: 20,
+            window: Duration::from_secs(10),
+            open_for: Duration::from_secs(10),
+            max_open_for: Duration::from_secs(300),
+            half_open_requests: 3,
+            max_in_flight: 1024,
+            failure_on: vec![
+                FailureKind::ConnectError,
+                FailureKind::Timeout,
+                FailureKind::Reset,
+            ],
+            failure_statuses: vec![502, 503, 504],
+            slow_call: None,
+        }
+    }
+}
+
+/// `health_check:` on an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSection {
+    /// `http` or `tcp`.
+    pub kind: HealthCheckKind,
+    /// Path requested by `http` checks. Default `/`.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Host header of `http` checks. Default: the backend address.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Statuses that pass. Default: any 2xx or 3xx.
+    #[serde(default)]
+    pub statuses: Vec<u16>,
+    /// Time between checks of one backend. Default 5s.
+    #[serde(default = "default_health_interval", deserialize_with = "de_duration")]
+    pub interval: Duration,
+    /// Time allowed for one check. Default 1s.
+    #[serde(default = "default_health_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Passing checks in a row to mark a backend healthy. Default 2.
+    #[serde(default = "default_healthy")]
+    pub healthy: u32,
+    /// Failing checks in a row to mark a backend unhealthy. Default 3.
+    #[serde(default = "default_unhealthy")]
+    pub unhealthy: u32,
+    /// When every backend is unhealthy, send traffic anyway instead of answering 503.
+    /// Default false.
+    #[serde(default)]
+    pub fail_open: bool,
+}
+
+/// Health check kinds.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    /// `GET path`, expecting a passing status.
+    Http,
+    /// A TCP connect.
+    Tcp,
+}
+
+fn default_health_path() -> String {
+    "/".into()
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_healthy() -> u32 {
+    2
+}
+fn default_unhealthy() -> u32 {
+    3
+}
+
+/// `discovery:` on an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DiscoverySection {
+    /// A/AAAA records of `name`, re-resolved every `refresh`.
+    Dns {
+        /// The name to resolve (e.g. a Kubernetes headless Service).
+        name: String,
+        /// Port of every discovered backend.
+        port: u16,
+        /// Re-resolve interval. Default 10s.
+        #[serde(default = "default_refresh", deserialize_with = "de_duration")]
+        refresh: Duration,
+        /// Resolvers to ask (`IP:port`). Default: the system's (`/etc/resolv.conf`).
+        #[serde(default)]
+        nameservers: Vec<String>,
+    },
+    /// Children of a znode, each named `IP:port` (or holding it as data), watched.
+    Zookeeper {
+        /// Ensemble addresses (`host:port`).
+        servers: Vec<String>,
+        /// The znode whose children are the backends.
+        path: String,
+        /// ZooKeeper session timeout. Default 10s.
+        #[serde(default = "default_refresh", deserialize_with = "de_duration")]
+        session_timeout: Duration,
+    },
+}
+
+fn default_refresh() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Balancing algorithms (`balance:`).
@@ -217,14 +388,44 @@ impl Default for KeepaliveSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetriesSection {
-    /// Further backends tried after a failed connect. Default 2.
+    /// Further attempts after the first, each on another backend. Default 2.
     pub attempts: usize,
+    /// Errors that are retried. Default [connect_error, reset].
+    pub on: Vec<FailureKind>,
+    /// Response statuses that are retried. Default: none.
+    pub statuses: Vec<u16>,
+    /// Which methods may be retried once sent: `idempotent` (default) or `all`.
+    pub methods: RetryMethods,
+    /// Retries (other than after a failed connect) may be at most this percentage of requests
+    /// over 10 s (at least 3 per 10 s). Default 20.
+    pub budget_percent: u8,
+    /// Base of the jittered exponential backoff before a retry. Default 25ms.
+    #[serde(deserialize_with = "de_duration")]
+    pub backoff: Duration,
 }
 
 impl Default for RetriesSection {
     fn default() -> Self {
-        RetriesSection { attempts: 2 }
+        RetriesSection {
+            attempts: 2,
+            on: vec![FailureKind::ConnectError, FailureKind::Reset],
+            statuses: Vec::new(),
+            methods: RetryMethods::Idempotent,
+            budget_percent: 20,
+            backoff: Duration::from_millis(25),
+        }
     }
+}
+
+/// `retries.methods`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryMethods {
+    /// GET, HEAD, PUT, DELETE, OPTIONS, TRACE only.
+    #[default]
+    Idempotent,
+    /// Every method (the request body must fit the 64 KiB replay buffer).
+    All,
 }
 
 /// One entry of `routes:`.
@@ -292,6 +493,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .parse::<bytesize::ByteSize>()
         .map(|b| b.as_u64())
         .map_err(|e| format!("invalid size {s:?} ({e}); write e.g. 512, 64KiB or 10MiB"))
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    s.map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

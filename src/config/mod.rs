@@ -17,8 +17,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use regex::Regex;
 
+pub use crate::upstream::breaker::BreakerSettings;
 pub use error::{ConfigError, ConfigErrors};
-pub use file::Balance;
+pub use file::{Balance, FailureKind, HealthCheckKind};
 pub use validate::{MAX_POOL_SIZE, MAX_RETRIES, MAX_WEIGHT};
 
 /// A validated configuration: every name resolved, every value parsed.
@@ -78,8 +79,94 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Idle connections kept; 0 disables reuse.
     pub pool_size: usize,
-    /// Further backends tried after a failed connect.
-    pub connect_retries: usize,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Breaker thresholds; `None` when the breaker is disabled.
+    pub breaker: Option<BreakerSettings>,
+    /// What counts as a failed request (for the breaker).
+    pub failure: FailurePolicy,
+    /// In-flight cap for the whole upstream; 0 = none.
+    pub max_in_flight: usize,
+    /// Active health checking.
+    pub health: Option<HealthCheck>,
+    /// Dynamic backends.
+    pub discovery: Option<Discovery>,
+}
+
+/// `retries:` after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Further attempts after the first.
+    pub attempts: usize,
+    /// Errors retried.
+    pub on: Vec<FailureKind>,
+    /// Statuses retried.
+    pub statuses: Vec<u16>,
+    /// Retry non-idempotent methods too.
+    pub all_methods: bool,
+    /// Retry budget as a percentage of requests.
+    pub budget_percent: u8,
+    /// Backoff base.
+    pub backoff: Duration,
+}
+
+/// What counts as a failure for the breaker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailurePolicy {
+    /// Error kinds that count.
+    pub on: Vec<FailureKind>,
+    /// Statuses that count.
+    pub statuses: Vec<u16>,
+    /// Response heads slower than this count.
+    pub slow_call: Option<Duration>,
+}
+
+/// `health_check:` after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// HTTP or TCP.
+    pub kind: HealthCheckKind,
+    /// Path for HTTP checks.
+    pub path: String,
+    /// Host header for HTTP checks (default: the backend address).
+    pub host: Option<String>,
+    /// Passing statuses; empty = 200–399.
+    pub statuses: Vec<u16>,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Time allowed per check.
+    pub timeout: Duration,
+    /// Passes in a row to become healthy.
+    pub healthy: u32,
+    /// Failures in a row to become unhealthy.
+    pub unhealthy: u32,
+    /// Route to unhealthy backends when none is healthy.
+    pub fail_open: bool,
+}
+
+/// `discovery:` after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Discovery {
+    /// DNS A/AAAA.
+    Dns {
+        /// Name to resolve.
+        name: String,
+        /// Backend port.
+        port: u16,
+        /// Re-resolve interval.
+        refresh: Duration,
+        /// Resolvers; empty = system.
+        nameservers: Vec<SocketAddr>,
+    },
+    /// ZooKeeper children.
+    Zookeeper {
+        /// Connect string (`host:port,host:port`).
+        servers: String,
+        /// Parent znode.
+        path: String,
+        /// Session timeout.
+        session_timeout: Duration,
+    },
 }
 
 /// One backend.

@@ -7,10 +7,13 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use regex::Regex;
 
-use super::file::{Balance, FileConfig, RouteSection, UpstreamSection};
+use super::file::{
+    Balance, BreakerSection, DiscoverySection, FileConfig, HealthCheckSection, RetriesSection,
+    RetryMethods, RouteSection, UpstreamSection,
+};
 use super::{
-    BackendConfig, Config, ConfigError, HashKey, HostPattern, PathMatch, RouteConfig,
-    ServerSettings, UpstreamConfig,
+    BackendConfig, BreakerSettings, Config, ConfigError, Discovery, FailurePolicy, HashKey,
+    HealthCheck, HostPattern, PathMatch, RetryPolicy, RouteConfig, ServerSettings, UpstreamConfig,
 };
 
 /// Highest accepted backend weight.
@@ -218,10 +221,10 @@ fn upstream(name: &str, u: &UpstreamSection, errs: &mut Errors) -> Option<Upstre
             format!("invalid upstream name {name:?}; use letters, digits, '-', '_' and '.'"),
         );
     }
-    if u.backends.is_empty() {
+    if u.backends.is_empty() && u.discovery.is_none() {
         errs.push(
             format!("{path}.backends"),
-            "no backends and no discovery; list at least one backend",
+            "no backends and no discovery; list at least one backend or add discovery",
         );
     }
     let mut backends = Vec::new();
@@ -312,6 +315,13 @@ fn upstream(name: &str, u: &UpstreamSection, errs: &mut Errors) -> Option<Upstre
             format!("{} is above the maximum {MAX_RETRIES}", u.retries.attempts),
         );
     }
+    let retry = retry_policy(&u.retries, &path, errs);
+    let (breaker, failure) = breaker_settings(&u.circuit_breaker, &path, errs);
+    let health = u
+        .health_check
+        .as_ref()
+        .and_then(|h| health_check(h, &path, errs));
+    let discovery = u.discovery.as_ref().and_then(|d| discovery(d, &path, errs));
     if errs.0.len() > before {
         return None;
     }
@@ -325,8 +335,203 @@ fn upstream(name: &str, u: &UpstreamSection, errs: &mut Errors) -> Option<Upstre
         write_timeout: t.write,
         idle_timeout: t.idle,
         pool_size: u.keepalive.pool_size,
-        connect_retries: u.retries.attempts,
+        retry,
+        breaker,
+        failure,
+        max_in_flight: u.circuit_breaker.max_in_flight,
+        health,
+        discovery,
     })
+}
+
+fn check_statuses(statuses: &[u16], path: &str, errs: &mut Errors) {
+    for (i, s) in statuses.iter().enumerate() {
+        if !(100..=599).contains(s) {
+            errs.push(
+                format!("{path}[{i}]"),
+                format!("{s} is not an HTTP status (100-599)"),
+            );
+        }
+    }
+}
+
+fn retry_policy(r: &RetriesSection, path: &str, errs: &mut Errors) -> RetryPolicy {
+    if r.budget_percent > 100 {
+        errs.push(
+            format!("{path}.retries.budget_percent"),
+            format!("{} is not a percentage (0-100)", r.budget_percent),
+        );
+    }
+    if r.backoff > std::time::Duration::from_secs(10) {
+        errs.push(
+            format!("{path}.retries.backoff"),
+            "more than 10s between retries; use a smaller backoff",
+        );
+    }
+    check_statuses(&r.statuses, &format!("{path}.retries.statuses"), errs);
+    RetryPolicy {
+        attempts: r.attempts,
+        on: r.on.clone(),
+        statuses: r.statuses.clone(),
+        all_methods: r.methods == RetryMethods::All,
+        budget_percent: r.budget_percent,
+        backoff: r.backoff,
+    }
+}
+
+fn breaker_settings(
+    b: &BreakerSection,
+    path: &str,
+    errs: &mut Errors,
+) -> (Option<BreakerSettings>, FailurePolicy) {
+    let p = format!("{path}.circuit_breaker");
+    if b.failure_rate > 100 {
+        errs.push(
+            format!("{p}.failure_rate"),
+            format!("{} is not a percentage (0-100)", b.failure_rate),
+        );
+    }
+    if b.enabled && b.failure_rate == 0 && b.consecutive_failures == 0 {
+        errs.push(
+            &p,
+            "failure_rate and consecutive_failures are both 0, so the breaker can never open; \
+             set enabled: false instead",
+        );
+    }
+    if b.open_for.is_zero() {
+        errs.push(format!("{p}.open_for"), "must be greater than 0s");
+    }
+    if b.max_open_for < b.open_for {
+        errs.push(format!("{p}.max_open_for"), "must be at least open_for");
+    }
+    if b.window < std::time::Duration::from_millis(10) {
+        errs.push(format!("{p}.window"), "must be at least 10ms");
+    }
+    if b.half_open_requests == 0 {
+        errs.push(format!("{p}.half_open_requests"), "must be at least 1");
+    }
+    if b.slow_call.is_some_and(|d| d.is_zero()) {
+        errs.push(format!("{p}.slow_call"), "must be greater than 0s");
+    }
+    check_statuses(&b.failure_statuses, &format!("{p}.failure_statuses"), errs);
+    let settings = b.enabled.then_some(BreakerSettings {
+        consecutive_failures: b.consecutive_failures,
+        failure_rate: b.failure_rate,
+        min_requests: b.min_requests,
+        window: b.window,
+        open_for: b.open_for,
+        max_open_for: b.max_open_for,
+        half_open_requests: b.half_open_requests.max(1),
+    });
+    let failure = FailurePolicy {
+        on: b.failure_on.clone(),
+        statuses: b.failure_statuses.clone(),
+        slow_call: b.slow_call,
+    };
+    (settings, failure)
+}
+
+fn health_check(h: &HealthCheckSection, path: &str, errs: &mut Errors) -> Option<HealthCheck> {
+    let p = format!("{path}.health_check");
+    let before = errs.0.len();
+    if h.interval.is_zero() {
+        errs.push(format!("{p}.interval"), "must be greater than 0s");
+    }
+    if h.timeout.is_zero() {
+        errs.push(format!("{p}.timeout"), "must be greater than 0s");
+    }
+    if h.healthy == 0 {
+        errs.push(format!("{p}.healthy"), "must be at least 1");
+    }
+    if h.unhealthy == 0 {
+        errs.push(format!("{p}.unhealthy"), "must be at least 1");
+    }
+    check_path(&h.path, &format!("{p}.path"), errs);
+    if let Some(host) = &h.host
+        && host.parse::<http::uri::Authority>().is_err()
+    {
+        errs.push(format!("{p}.host"), format!("invalid Host value {host:?}"));
+    }
+    check_statuses(&h.statuses, &format!("{p}.statuses"), errs);
+    (errs.0.len() == before).then(|| HealthCheck {
+        kind: h.kind,
+        path: h.path.clone(),
+        host: h.host.clone(),
+        statuses: h.statuses.clone(),
+        interval: h.interval,
+        timeout: h.timeout,
+        healthy: h.healthy,
+        unhealthy: h.unhealthy,
+        fail_open: h.fail_open,
+    })
+}
+
+fn discovery(d: &DiscoverySection, path: &str, errs: &mut Errors) -> Option<Discovery> {
+    let p = format!("{path}.discovery");
+    let before = errs.0.len();
+    let out = match d {
+        DiscoverySection::Dns {
+            name,
+            port,
+            refresh,
+            nameservers,
+        } => {
+            if host_pattern(name).is_err() || name.starts_with('*') {
+                errs.push(format!("{p}.name"), format!("invalid DNS name {name:?}"));
+            }
+            if *port == 0 {
+                errs.push(format!("{p}.port"), "port 0 is not a backend port");
+            }
+            if refresh.is_zero() {
+                errs.push(format!("{p}.refresh"), "must be greater than 0s");
+            }
+            let ns: Vec<SocketAddr> = nameservers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| socket_addr(a, &format!("{p}.nameservers[{i}]"), errs))
+                .collect();
+            Discovery::Dns {
+                name: name.trim_end_matches('.').to_string(),
+                port: *port,
+                refresh: *refresh,
+                nameservers: ns,
+            }
+        }
+        DiscoverySection::Zookeeper {
+            servers,
+            path: znode,
+            session_timeout,
+        } => {
+            if servers.is_empty() {
+                errs.push(format!("{p}.servers"), "list at least one ZooKeeper server");
+            }
+            for (i, s) in servers.iter().enumerate() {
+                if s.parse::<http::uri::Authority>()
+                    .map_or(true, |a| a.port_u16().is_none())
+                {
+                    errs.push(
+                        format!("{p}.servers[{i}]"),
+                        format!("invalid server {s:?}; write host:port"),
+                    );
+                }
+            }
+            if !znode.starts_with('/') || (znode.len() > 1 && znode.ends_with('/')) {
+                errs.push(
+                    format!("{p}.path"),
+                    format!("invalid znode path {znode:?}; write e.g. /services/api"),
+                );
+            }
+            if session_timeout.is_zero() {
+                errs.push(format!("{p}.session_timeout"), "must be greater than 0s");
+            }
+            Discovery::Zookeeper {
+                servers: servers.join(","),
+                path: znode.clone(),
+                session_timeout: *session_timeout,
+            }
+        }
+    };
+    (errs.0.len() == before).then_some(out)
 }
 
 fn parse_hash_key(k: &str) -> Result<HashKey, String> {

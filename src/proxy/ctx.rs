@@ -1,10 +1,13 @@
 //! Per-request state carried between the `ProxyHttp` phases.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use crate::proxy::attempt::Attempt;
 use crate::proxy::client::ClientInfo;
 use crate::runtime::RuntimeState;
-use crate::upstream::{InFlight, Upstream};
+use crate::upstream::{Unavailable, Upstream};
 
 /// What one request has learnt so far. Created empty by `new_ctx`, filled phase by phase.
 #[derive(Debug, Default)]
@@ -25,10 +28,18 @@ pub struct RequestCtx {
     pub host: Option<http::HeaderValue>,
     /// Upstream attempts so far (connects, and Pingora's retries of stale pooled connections).
     pub attempts: usize,
-    /// Backends whose connect failed for this request; never offered again to it.
-    pub connect_failed: Vec<usize>,
-    /// Counts the request against the backend it is on now.
-    pub in_flight: Option<InFlight>,
+    /// Retries on another backend so far (counted against `retries.attempts`).
+    pub retries: usize,
+    /// Backends that failed this request; never offered to it again.
+    pub excluded: Vec<SocketAddr>,
+    /// The attempt in progress.
+    pub attempt: Option<Attempt>,
+    /// Wait before the next attempt (a retry after a failure other than a refused connect).
+    pub backoff_due: bool,
+    /// Why no backend could be picked (for the 503 message and `Retry-After`).
+    pub unavailable: Option<Unavailable>,
+    /// The next upstream error is a status retry we raised ourselves (already recorded).
+    pub status_retry: bool,
 }
 
 impl RequestCtx {
@@ -37,5 +48,16 @@ impl RequestCtx {
         self.state
             .as_ref()
             .expect("state is set in early_request_filter")
+    }
+
+    /// `Retry-After` seconds for a 503, when known.
+    pub fn retry_after(&self) -> Option<u64> {
+        let d = match self.unavailable? {
+            Unavailable::AllUnhealthy { retry_after } | Unavailable::AllOpen { retry_after } => {
+                retry_after
+            }
+            Unavailable::Overloaded | Unavailable::NoneLeft => Duration::from_secs(1),
+        };
+        Some(d.as_secs().max(1) + u64::from(d.subsec_nanos() > 0 && d.as_secs() > 0))
     }
 }

@@ -13,11 +13,13 @@
 //! fail_to_proxy            502/504/… as JSON
 //! ```
 
+mod attempt;
 pub mod client;
 mod ctx;
 pub mod error;
 pub mod headers;
 pub mod request_id;
+mod resilience;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -33,7 +35,6 @@ use pingora::upstreams::peer::HttpPeer;
 use crate::config::HashKey;
 use crate::routing::{RouteMatch, forwarded_path, normalize_host, normalize_path};
 use crate::runtime::RuntimeState;
-use crate::upstream::InFlight;
 pub use ctx::RequestCtx;
 
 /// The gateway: one per process, reading the current [`RuntimeState`].
@@ -156,24 +157,8 @@ impl ProxyHttp for Gateway {
             .upstream
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream chosen"))?;
-        let key = hash_key(upstream.hash_key.as_ref(), session.req_header(), ctx);
-        // Only backends that refused a connection are skipped: when Pingora retries after a
-        // stale pooled connection failed, the same backend may be used on a fresh one.
-        let failed = &ctx.connect_failed;
-        let Some(i) = upstream.select(&key, &|i| !failed.contains(&i)) else {
-            return Error::e_explain(ErrorType::HTTPStatus(502), "no backend left to try");
-        };
-        ctx.attempts += 1;
-        ctx.in_flight = Some(InFlight::start(Arc::clone(&upstream), i));
-        log::debug!(
-            "{}: upstream {} backend {} (attempt {}, in flight {})",
-            ctx.request_id,
-            upstream.name,
-            upstream.backends()[i].addr,
-            ctx.attempts,
-            upstream.in_flight(i)
-        );
-        Ok(upstream.peer(i))
+        let key = hash_key(upstream.config.hash_key.as_ref(), session.req_header(), ctx);
+        resilience::choose(&upstream, &key, ctx).await
     }
 
     fn fail_to_connect(
@@ -181,20 +166,21 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut RequestCtx,
-        mut e: Box<Error>,
+        e: Box<Error>,
     ) -> Box<Error> {
-        if let Some(flight) = &ctx.in_flight {
-            ctx.connect_failed.push(flight.index());
-        }
-        let failed = ctx.connect_failed.len();
-        if let Some(up) = &ctx.upstream
-            && failed <= up.connect_retries
-            && failed < up.backends().len()
-        {
-            // Nothing was sent yet, so any method may go to another backend.
-            e.set_retry(true);
-        }
-        e
+        resilience::connect_failed(ctx, e)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let e = e.more_context(format!("Peer: {peer}"));
+        resilience::proxy_failed(session, ctx, e, client_reused)
     }
 
     async fn upstream_request_filter(
@@ -242,7 +228,10 @@ impl ProxyHttp for Gateway {
         {
             upstream_request.insert_header(http::header::HOST, h.clone())?;
         }
-        if ctx.upstream.as_ref().is_some_and(|u| !u.reuse_connections)
+        if ctx
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.config.pool_size == 0)
             && !headers::is_websocket_upgrade(upstream_request)
         {
             upstream_request.insert_header(http::header::CONNECTION, "close")?;
@@ -252,12 +241,12 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         headers::strip_response(upstream_response);
-        Ok(())
+        resilience::response_received(session, ctx, upstream_response)
     }
 
     async fn response_filter(
@@ -283,7 +272,20 @@ impl ProxyHttp for Gateway {
             // The connection is not reused after a failed proxy attempt (the request body may
             // be half read): say so in the response, as Pingora's own error pages do.
             session.set_keepalive(None);
-            if let Err(write_err) = error::respond(session, status, &ctx.request_id, &[]).await {
+            let message = ctx
+                .unavailable
+                .map_or(error::message_for(status), resilience::unavailable_message);
+            let retry_after = ctx
+                .retry_after()
+                .filter(|_| status == 503)
+                .map(|s| s.to_string());
+            let extra: Vec<(&'static str, &str)> = retry_after
+                .iter()
+                .map(|v| ("retry-after", v.as_str()))
+                .collect();
+            if let Err(write_err) =
+                error::respond_with(session, status, message, &ctx.request_id, &extra).await
+            {
                 log::debug!("could not write the {status} error response: {write_err}");
             }
         }

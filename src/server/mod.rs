@@ -6,6 +6,7 @@
 //! listening sockets to a new process started with `--upgrade`; SIGINT stops at once.
 
 pub mod admin;
+pub mod background;
 pub mod demo;
 
 use std::sync::Arc;
@@ -63,7 +64,14 @@ pub fn build(config: Config, opts: ProcessOptions) -> Server {
 
     let listeners = config.listeners.clone();
     let admin = config.admin;
-    let state = Arc::new(ArcSwap::from_pointee(RuntimeState::new(config)));
+    let runtime = RuntimeState::new(config);
+    if let Some(bg) = background::Background::new(&runtime.upstreams) {
+        server.add_service(pingora::services::background::background_service(
+            "health checks and discovery",
+            bg,
+        ));
+    }
+    let state = Arc::new(ArcSwap::from_pointee(runtime));
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         Gateway::new(state),

@@ -211,6 +211,15 @@ impl Breaker {
         (by_streak || by_rate).then(|| self.open(now, BreakerState::Closed))
     }
 
+    /// How long until [`Self::available`] may turn true: zero when it already is.
+    pub fn retry_after(&self, now: Instant) -> Duration {
+        match self.state {
+            _ if self.available(now) => Duration::ZERO,
+            State::Open { until } => (until - now).max(Duration::from_secs(1)),
+            _ => Duration::from_secs(1),
+        }
+    }
+
     /// How long the breaker stays open when it opens next.
     pub fn next_open_period(&self) -> Duration {
         let factor = 1u32.checked_shl(self.trips.min(16)).unwrap_or(u32::MAX);
@@ -265,7 +274,10 @@ mod tests {
 
     fn run(b: &mut Breaker, outcome: Outcome) -> Option<Transition> {
         let (admission, _) = b.admit(now());
-        assert!(!matches!(admission, Admission::Refused { .. }), "refused: {b:?}");
+        assert!(
+            !matches!(admission, Admission::Refused { .. }),
+            "refused: {b:?}"
+        );
         b.record(now(), admission == Admission::Probe, outcome)
     }
 
@@ -304,7 +316,11 @@ mod tests {
         // 60% failures, interleaved so no streak matters: F S F S F ... below 10 requests: closed.
         let pattern = [true, false, true, true, false, true, false, true, false];
         for f in pattern {
-            let o = if f { Outcome::Failure } else { Outcome::Success };
+            let o = if f {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            };
             assert_eq!(run(&mut b, o), None);
         }
         // The 10th request (a failure) makes 6/10 = 60% ≥ 50%.
@@ -338,14 +354,24 @@ mod tests {
         assert_eq!(a1, Admission::Probe);
         assert_eq!(t.unwrap().to, BreakerState::HalfOpen);
         assert_eq!(b.admit(now()).0, Admission::Probe);
-        assert!(matches!(b.admit(now()).0, Admission::Refused { .. }), "only two probes");
+        assert!(
+            matches!(b.admit(now()).0, Admission::Refused { .. }),
+            "only two probes"
+        );
         assert!(!b.available(now()));
         // A request admitted before the trip finishing now changes nothing.
         assert_eq!(b.record(now(), false, Outcome::Failure), None);
         assert_eq!(b.record(now(), true, Outcome::Success), None);
         let t = b.record(now(), true, Outcome::Success).unwrap();
-        assert_eq!((t.from, t.to), (BreakerState::HalfOpen, BreakerState::Closed));
-        assert_eq!(b.next_open_period(), Duration::from_secs(5), "trips reset on close");
+        assert_eq!(
+            (t.from, t.to),
+            (BreakerState::HalfOpen, BreakerState::Closed)
+        );
+        assert_eq!(
+            b.next_open_period(),
+            Duration::from_secs(5),
+            "trips reset on close"
+        );
     }
 
     #[tokio::test(start_paused = true)]

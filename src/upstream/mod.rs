@@ -1,18 +1,32 @@
-//! Upstream groups: their backends, the selector that picks one, per-backend in-flight
-//! counters, and the Pingora peer each backend is reached through.
+//! Upstream groups: their backends (static and discovered), the selector that picks one, and
+//! the per-backend state the resilience features share: in-flight count, health, breaker.
+//!
+//! The member set lives behind an `ArcSwap`: discovery swaps in a new set, reusing the
+//! `Backend` of every address that stays, so health, breaker state and in-flight counts carry
+//! over and requests already sent are not disturbed.
 
+pub mod breaker;
+pub mod discovery;
+pub mod health;
+pub mod retry_budget;
 pub mod select;
+mod window;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{HashKey, UpstreamConfig};
+use crate::config::UpstreamConfig;
+use breaker::{Admission, Breaker, BreakerState, Outcome, Transition};
+use retry_budget::RetryBudget;
 use select::Select;
 
-/// One backend of an upstream.
+/// One backend and its live state.
 #[derive(Debug)]
 pub struct Backend {
     /// Address.
@@ -20,6 +34,132 @@ pub struct Backend {
     /// Weight.
     pub weight: u32,
     peer: HttpPeer,
+    in_flight: AtomicUsize,
+    healthy: AtomicBool,
+    /// Consecutive (passes, failures) of the active health check.
+    streak: Mutex<(u32, u32)>,
+    breaker: Option<Mutex<Breaker>>,
+}
+
+impl Backend {
+    fn new(addr: SocketAddr, weight: u32, cfg: &UpstreamConfig, now: Instant) -> Backend {
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(cfg.connect_timeout);
+        o.read_timeout = Some(cfg.read_timeout);
+        o.write_timeout = Some(cfg.write_timeout);
+        o.idle_timeout = Some(cfg.idle_timeout);
+        Backend {
+            addr,
+            weight,
+            peer,
+            in_flight: AtomicUsize::new(0),
+            healthy: AtomicBool::new(true),
+            streak: Mutex::new((0, 0)),
+            breaker: cfg.breaker.map(|b| Mutex::new(Breaker::new(b, now))),
+        }
+    }
+
+    /// Requests sent to it and not finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether the active health check counts it healthy (always true without checks).
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Breaker state now (`Closed` when the breaker is disabled).
+    pub fn breaker_state(&self, now: Instant) -> BreakerState {
+        self.breaker
+            .as_ref()
+            .map_or(BreakerState::Closed, |b| lock(b).state(now))
+    }
+
+    fn breaker_available(&self, now: Instant) -> bool {
+        self.breaker.as_ref().is_none_or(|b| lock(b).available(now))
+    }
+
+    /// Record an admitted request's outcome; returns a breaker transition to report.
+    pub fn record(&self, now: Instant, probe: bool, outcome: Outcome) -> Option<Transition> {
+        lock(self.breaker.as_ref()?).record(now, probe, outcome)
+    }
+
+    /// Feed one health-check result; returns the new health when it flips.
+    pub fn health_report(
+        &self,
+        passed: bool,
+        healthy_after: u32,
+        unhealthy_after: u32,
+    ) -> Option<bool> {
+        let mut streak = lock(&self.streak);
+        *streak = if passed {
+            (streak.0 + 1, 0)
+        } else {
+            (0, streak.1 + 1)
+        };
+        let was = self.is_healthy();
+        let now = if was {
+            streak.1 < unhealthy_after
+        } else {
+            streak.0 >= healthy_after
+        };
+        (now != was).then(|| {
+            self.healthy.store(now, Ordering::Relaxed);
+            now
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave them inconsistent; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The current backends and their selector.
+pub struct Members {
+    /// Backends, static ones first, then discovered ones in address order.
+    pub backends: Vec<Arc<Backend>>,
+    selector: Box<dyn Select>,
+}
+
+impl std::fmt::Debug for Members {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.backends.iter().map(|b| b.addr))
+            .finish()
+    }
+}
+
+/// Why no backend could be picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Every backend failed its health checks (503).
+    AllUnhealthy {
+        /// Suggested `Retry-After`.
+        retry_after: Duration,
+    },
+    /// Every remaining backend's breaker is open (503, without touching the network).
+    AllOpen {
+        /// When the first breaker admits again.
+        retry_after: Duration,
+    },
+    /// The upstream's in-flight cap is reached (503).
+    Overloaded,
+    /// No backend is known (discovery found none) or every one failed this request.
+    NoneLeft,
+}
+
+/// A picked backend.
+#[derive(Debug)]
+pub struct Pick {
+    /// The backend.
+    pub backend: Arc<Backend>,
+    /// Admitted as a half-open probe.
+    pub probe: bool,
+    /// A breaker transition that admission caused (open → half-open), to report.
+    pub transition: Option<Transition>,
 }
 
 /// A running upstream group, built once per configuration.
@@ -27,98 +167,213 @@ pub struct Backend {
 pub struct Upstream {
     /// Name from the configuration.
     pub name: String,
-    backends: Box<[Backend]>,
-    in_flight: Box<[AtomicUsize]>,
-    selector: Box<dyn Select>,
-    /// What `consistent_hash` hashes on.
-    pub hash_key: Option<HashKey>,
-    /// Further backends tried after a failed connect.
-    pub connect_retries: usize,
-    /// Whether connections to it are pooled.
-    pub reuse_connections: bool,
+    /// Its validated configuration.
+    pub config: UpstreamConfig,
+    members: ArcSwap<Members>,
+    in_flight: AtomicUsize,
+    budget: Mutex<RetryBudget>,
+    /// The discovered part of the member set, kept to rebuild on change.
+    discovered: Mutex<BTreeSet<SocketAddr>>,
+    /// Failed discovery attempts (the last good set was kept).
+    pub discovery_failures: std::sync::atomic::AtomicU64,
 }
 
 impl Upstream {
-    /// Build from a validated configuration.
+    /// Build from a validated configuration, with its static backends.
     pub fn new(cfg: &UpstreamConfig) -> Upstream {
-        let weights: Vec<u32> = cfg.backends.iter().map(|b| b.weight).collect();
-        let addrs: Vec<SocketAddr> = cfg.backends.iter().map(|b| b.addr).collect();
-        let backends: Box<[Backend]> = cfg
+        let now = Instant::now();
+        let backends = cfg
             .backends
             .iter()
-            .map(|b| {
-                let mut peer = HttpPeer::new(b.addr, false, String::new());
-                let o = &mut peer.options;
-                o.connection_timeout = Some(cfg.connect_timeout);
-                o.read_timeout = Some(cfg.read_timeout);
-                o.write_timeout = Some(cfg.write_timeout);
-                o.idle_timeout = Some(cfg.idle_timeout);
-                Backend {
-                    addr: b.addr,
-                    weight: b.weight,
-                    peer,
-                }
-            })
+            .map(|b| Arc::new(Backend::new(b.addr, b.weight, cfg, now)))
             .collect();
         Upstream {
             name: cfg.name.clone(),
-            in_flight: backends.iter().map(|_| AtomicUsize::new(0)).collect(),
-            backends,
-            selector: select::build(cfg.balance, &weights, &addrs),
-            hash_key: cfg.hash_key.clone(),
-            connect_retries: cfg.connect_retries,
-            reuse_connections: cfg.pool_size > 0,
+            members: ArcSwap::from_pointee(Self::members_of(cfg, backends)),
+            in_flight: AtomicUsize::new(0),
+            budget: Mutex::new(RetryBudget::new(cfg.retry.budget_percent, now)),
+            discovered: Mutex::new(BTreeSet::new()),
+            discovery_failures: std::sync::atomic::AtomicU64::new(0),
+            config: cfg.clone(),
         }
     }
 
-    /// The backends, in configuration order.
-    pub fn backends(&self) -> &[Backend] {
-        &self.backends
+    fn members_of(cfg: &UpstreamConfig, backends: Vec<Arc<Backend>>) -> Members {
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+        let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+        Members {
+            selector: select::build(cfg.balance, &weights, &addrs),
+            backends,
+        }
     }
 
-    /// Requests currently sent to backend `i` and not finished.
-    pub fn in_flight(&self, i: usize) -> usize {
-        self.in_flight[i].load(Ordering::Relaxed)
+    /// The current member set.
+    pub fn members(&self) -> Arc<Members> {
+        self.members.load_full()
     }
 
-    /// Pick a backend for a request hashed on `key`, skipping those `accept` refuses.
-    pub fn select(&self, key: &[u8], accept: &dyn Fn(usize) -> bool) -> Option<usize> {
-        self.selector.select(key, &self.in_flight, accept)
+    /// Replace the discovered backends (static ones always stay). Backends that remain keep
+    /// their state. Returns (added, removed) addresses; nothing is swapped when nothing changed.
+    pub fn set_discovered(
+        &self,
+        found: BTreeSet<SocketAddr>,
+    ) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        let mut discovered = lock(&self.discovered);
+        if *discovered == found {
+            return (Vec::new(), Vec::new());
+        }
+        let added: Vec<SocketAddr> = found.difference(&discovered).copied().collect();
+        let removed: Vec<SocketAddr> = discovered.difference(&found).copied().collect();
+        let current = self.members();
+        let now = Instant::now();
+        let mut backends: Vec<Arc<Backend>> = self
+            .config
+            .backends
+            .iter()
+            .filter_map(|b| current.backends.iter().find(|x| x.addr == b.addr).cloned())
+            .collect();
+        for addr in &found {
+            if backends.iter().any(|b| b.addr == *addr) {
+                continue; // also listed statically
+            }
+            let kept = current.backends.iter().find(|b| b.addr == *addr).cloned();
+            backends
+                .push(kept.unwrap_or_else(|| Arc::new(Backend::new(*addr, 1, &self.config, now))));
+        }
+        self.members
+            .store(Arc::new(Self::members_of(&self.config, backends)));
+        *discovered = found;
+        (added, removed)
     }
 
-    /// The Pingora peer for backend `i`, with this upstream's timeouts.
-    pub fn peer(&self, i: usize) -> Box<HttpPeer> {
-        Box::new(self.backends[i].peer.clone())
+    /// Requests in flight to the whole upstream.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Count a first attempt for the retry budget.
+    pub fn budget_request(&self) {
+        lock(&self.budget).request(Instant::now());
+    }
+
+    /// Take one retry from the budget, if it has one.
+    pub fn budget_retry(&self) -> bool {
+        lock(&self.budget).try_retry(Instant::now())
+    }
+
+    /// Is there a backend a retry could go to (not excluded, healthy, breaker admitting)?
+    pub fn has_alternative(&self, excluded: &[SocketAddr]) -> bool {
+        let now = Instant::now();
+        self.members()
+            .backends
+            .iter()
+            .any(|b| !excluded.contains(&b.addr) && b.is_healthy() && b.breaker_available(now))
+    }
+
+    /// Pick a backend for a request hashed on `key`, skipping `excluded` addresses, unhealthy
+    /// backends (unless failing open) and backends whose breaker refuses.
+    pub fn pick(&self, key: &[u8], excluded: &[SocketAddr]) -> Result<Pick, Unavailable> {
+        let cap = self.config.max_in_flight;
+        if cap > 0 && self.in_flight() >= cap {
+            return Err(Unavailable::Overloaded);
+        }
+        let m = self.members();
+        let now = Instant::now();
+        let health = self.config.health.as_ref();
+        let any_healthy = health.is_none() || m.backends.iter().any(|b| b.is_healthy());
+        let ignore_health = health.is_some_and(|h| h.fail_open) && !any_healthy;
+        let mut refused: Vec<usize> = Vec::new();
+        let load = |i: usize| m.backends[i].in_flight();
+        for _ in 0..m.backends.len() {
+            let accept = |i: usize| {
+                let b = &m.backends[i];
+                !excluded.contains(&b.addr)
+                    && !refused.contains(&i)
+                    && (ignore_health || b.is_healthy())
+                    && b.breaker_available(now)
+            };
+            let Some(i) = m.selector.select(key, &load, &accept) else {
+                break;
+            };
+            let b = &m.backends[i];
+            let (admission, transition) = match &b.breaker {
+                None => (Admission::Allowed, None),
+                Some(br) => lock(br).admit(now),
+            };
+            match admission {
+                Admission::Allowed | Admission::Probe => {
+                    return Ok(Pick {
+                        backend: Arc::clone(b),
+                        probe: admission == Admission::Probe,
+                        transition,
+                    });
+                }
+                Admission::Refused { .. } => refused.push(i),
+            }
+        }
+        Err(self.why_unavailable(&m, excluded, any_healthy || ignore_health, now))
+    }
+
+    fn why_unavailable(
+        &self,
+        m: &Members,
+        excluded: &[SocketAddr],
+        any_healthy: bool,
+        now: Instant,
+    ) -> Unavailable {
+        if !any_healthy {
+            let retry_after = self
+                .config
+                .health
+                .as_ref()
+                .map_or(Duration::from_secs(1), health::recovery_time);
+            return Unavailable::AllUnhealthy { retry_after };
+        }
+        // Every candidate left is held back by its breaker: say when the first reopens.
+        let waits: Option<Vec<Duration>> = m
+            .backends
+            .iter()
+            .filter(|b| !excluded.contains(&b.addr))
+            .map(|b| b.breaker.as_ref().map(|br| lock(br).retry_after(now)))
+            .collect();
+        match waits {
+            Some(w) if !w.is_empty() && w.iter().all(|d| !d.is_zero()) => Unavailable::AllOpen {
+                retry_after: w.into_iter().min().unwrap_or(Duration::from_secs(1)),
+            },
+            _ => Unavailable::NoneLeft,
+        }
+    }
+
+    /// The Pingora peer for `backend`, with this upstream's timeouts.
+    pub fn peer(&self, backend: &Backend) -> Box<HttpPeer> {
+        Box::new(backend.peer.clone())
     }
 }
 
-/// Counts one request against a backend's in-flight number until dropped.
+/// Counts one request against a backend's and its upstream's in-flight numbers until dropped.
 #[derive(Debug)]
 pub struct InFlight {
     upstream: Arc<Upstream>,
-    index: usize,
+    backend: Arc<Backend>,
 }
 
 impl InFlight {
-    /// Start counting a request sent to backend `index`.
-    pub fn start(upstream: Arc<Upstream>, index: usize) -> InFlight {
-        upstream.in_flight[index].fetch_add(1, Ordering::Relaxed);
-        InFlight { upstream, index }
+    /// Start counting a request sent to `backend` of `upstream`.
+    pub fn start(upstream: Arc<Upstream>, backend: Arc<Backend>) -> InFlight {
+        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { upstream, backend }
     }
 
     /// The backend being counted.
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
-    /// The upstream it belongs to.
-    pub fn upstream(&self) -> &Arc<Upstream> {
-        &self.upstream
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.upstream.in_flight[self.index].fetch_sub(1, Ordering::Relaxed);
+        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
 
 use pingora_ketama::{Bucket, Continuum};
 
@@ -55,7 +54,7 @@ impl Select for Consistent {
     fn select(
         &self,
         key: &[u8],
-        _load: &[AtomicUsize],
+        _load: &dyn Fn(usize) -> usize,
         accept: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
         let first = self
@@ -89,7 +88,7 @@ impl Select for Consistent {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::idle;
+    use super::super::testing::{as_load, idle};
     use super::*;
 
     fn addrs(n: usize) -> Vec<SocketAddr> {
@@ -100,7 +99,9 @@ mod tests {
 
     fn pick(c: &Consistent, key: &str) -> SocketAddr {
         let load = idle(c.n);
-        addrs(c.n)[c.select(key.as_bytes(), &load, &|_| true).unwrap()]
+        addrs(c.n)[c
+            .select(key.as_bytes(), &as_load(&load), &|_| true)
+            .unwrap()]
     }
 
     #[test]
@@ -123,8 +124,12 @@ mod tests {
         let mut owned_by_removed = 0;
         for k in 0..keys {
             let key = format!("key-{k}");
-            let before = all[five.select(key.as_bytes(), &load, &|_| true).unwrap()];
-            let after = all[four.select(key.as_bytes(), &load, &|_| true).unwrap()];
+            let before = all[five
+                .select(key.as_bytes(), &as_load(&load), &|_| true)
+                .unwrap()];
+            let after = all[four
+                .select(key.as_bytes(), &as_load(&load), &|_| true)
+                .unwrap()];
             if before == all[4] {
                 owned_by_removed += 1;
             }
@@ -148,14 +153,19 @@ mod tests {
         let load = idle(3);
         for k in 0..100 {
             let key = format!("k{k}");
-            let first = c.select(key.as_bytes(), &load, &|_| true).unwrap();
-            let next = c.select(key.as_bytes(), &load, &|i| i != first).unwrap();
+            let first = c
+                .select(key.as_bytes(), &as_load(&load), &|_| true)
+                .unwrap();
+            let next = c
+                .select(key.as_bytes(), &as_load(&load), &|i| i != first)
+                .unwrap();
             assert_ne!(next, first);
             assert_eq!(
                 next,
-                c.select(key.as_bytes(), &load, &|i| i != first).unwrap()
+                c.select(key.as_bytes(), &as_load(&load), &|i| i != first)
+                    .unwrap()
             );
         }
-        assert_eq!(c.select(b"x", &load, &|_| false), None);
+        assert_eq!(c.select(b"x", &as_load(&load), &|_| false), None);
     }
 }

@@ -29,7 +29,7 @@ impl Select for LeastConnections {
     fn select(
         &self,
         _key: &[u8],
-        load: &[AtomicUsize],
+        load: &dyn Fn(usize) -> usize,
         accept: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
         let n = self.weights.len();
@@ -42,7 +42,7 @@ impl Select for LeastConnections {
             if !accept(i) {
                 continue;
             }
-            let active = load[i].load(Ordering::Relaxed) as u64;
+            let active = load(i) as u64;
             // Compare active_i / w_i < active_b / w_b without division.
             let better = match best {
                 None => true,
@@ -58,7 +58,7 @@ impl Select for LeastConnections {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::idle;
+    use super::super::testing::{as_load, idle};
     use super::*;
 
     #[test]
@@ -68,7 +68,7 @@ mod tests {
         load[0].store(5, Ordering::Relaxed);
         load[2].store(1, Ordering::Relaxed);
         for _ in 0..10 {
-            assert_eq!(lc.select(b"", &load, &|_| true), Some(1));
+            assert_eq!(lc.select(b"", &as_load(&load), &|_| true), Some(1));
         }
     }
 
@@ -78,15 +78,15 @@ mod tests {
         let load = idle(2);
         load[0].store(3, Ordering::Relaxed); // 3/2 = 1.5
         load[1].store(2, Ordering::Relaxed); // 2/1 = 2
-        assert_eq!(lc.select(b"", &load, &|_| true), Some(0));
+        assert_eq!(lc.select(b"", &as_load(&load), &|_| true), Some(0));
         let lc = LeastConnections::new(&[1, 1, 1]);
         let load = idle(3);
         let mut seen = [0; 3];
         for _ in 0..30 {
-            seen[lc.select(b"", &load, &|_| true).unwrap()] += 1;
+            seen[lc.select(b"", &as_load(&load), &|_| true).unwrap()] += 1;
         }
         assert_eq!(seen, [10, 10, 10]);
-        assert_eq!(lc.select(b"", &load, &|i| i == 2), Some(2));
-        assert_eq!(lc.select(b"", &load, &|_| false), None);
+        assert_eq!(lc.select(b"", &as_load(&load), &|i| i == 2), Some(2));
+        assert_eq!(lc.select(b"", &as_load(&load), &|_| false), None);
     }
 }

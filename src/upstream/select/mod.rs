@@ -11,25 +11,24 @@ mod random;
 mod round_robin;
 mod weighted;
 
-use std::fmt::Debug;
-use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
-
 use crate::config::Balance;
 pub use consistent::Consistent;
 pub use least_conn::LeastConnections;
 pub use random::Random;
 pub use round_robin::RoundRobin;
+use std::fmt::Debug;
+use std::net::SocketAddr;
 pub use weighted::Weighted;
 
 /// A backend selection algorithm.
 pub trait Select: Send + Sync + Debug {
-    /// Pick a backend index for a request with hash `key`, given each backend's in-flight count.
+    /// Pick a backend index for a request with hash `key`; `load(i)` is backend `i`'s in-flight
+    /// count.
     /// Returns `None` when `accept` refused every backend.
     fn select(
         &self,
         key: &[u8],
-        in_flight: &[AtomicUsize],
+        load: &dyn Fn(usize) -> usize,
         accept: &dyn Fn(usize) -> bool,
     ) -> Option<usize>;
 }
@@ -88,9 +87,13 @@ pub(crate) mod testing {
         let load: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
         let mut counts = vec![0; n];
         for i in 0..rounds {
-            counts[s.select(&key(i), &load, &|_| true).unwrap()] += 1;
+            counts[s.select(&key(i), &as_load(&load), &|_| true).unwrap()] += 1;
         }
         counts
+    }
+
+    pub fn as_load(v: &[AtomicUsize]) -> impl Fn(usize) -> usize + '_ {
+        |i| v[i].load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn idle(n: usize) -> Vec<AtomicUsize> {

@@ -1,7 +1,5 @@
 //! `random`: a uniformly random pick, in proportion to the weights.
 
-use std::sync::atomic::AtomicUsize;
-
 use rand::Rng;
 
 use super::{Select, probe_from};
@@ -40,7 +38,7 @@ impl Select for Random {
     fn select(
         &self,
         _key: &[u8],
-        _load: &[AtomicUsize],
+        _load: &dyn Fn(usize) -> usize,
         accept: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
         if self.n == 0 {

@@ -25,7 +25,7 @@ impl Select for RoundRobin {
     fn select(
         &self,
         _key: &[u8],
-        _load: &[AtomicUsize],
+        _load: &dyn Fn(usize) -> usize,
         accept: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % self.n.max(1);
@@ -35,7 +35,7 @@ impl Select for RoundRobin {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{distribution, idle};
+    use super::super::testing::{as_load, distribution, idle};
     use super::*;
 
     #[test]
@@ -43,7 +43,7 @@ mod tests {
         let rr = RoundRobin::new(3);
         let load = idle(3);
         let picks: Vec<usize> = (0..6)
-            .map(|_| rr.select(b"", &load, &|_| true).unwrap())
+            .map(|_| rr.select(b"", &as_load(&load), &|_| true).unwrap())
             .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
         assert_eq!(distribution(&rr, 3, 300, |_| vec![]), [100, 100, 100]);
@@ -54,8 +54,8 @@ mod tests {
         let rr = RoundRobin::new(3);
         let load = idle(3);
         for _ in 0..6 {
-            assert_ne!(rr.select(b"", &load, &|i| i != 1), Some(1));
+            assert_ne!(rr.select(b"", &as_load(&load), &|i| i != 1), Some(1));
         }
-        assert_eq!(rr.select(b"", &load, &|_| false), None);
+        assert_eq!(rr.select(b"", &as_load(&load), &|_| false), None);
     }
 }

@@ -36,7 +36,7 @@ impl Select for Weighted {
     fn select(
         &self,
         _key: &[u8],
-        _load: &[AtomicUsize],
+        _load: &dyn Fn(usize) -> usize,
         accept: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
         if self.cycle.is_empty() {
@@ -70,7 +70,7 @@ fn smooth_cycle(weights: &[u64]) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{distribution, idle};
+    use super::super::testing::{as_load, distribution, idle};
     use super::*;
 
     #[test]
@@ -78,12 +78,12 @@ mod tests {
         let w = Weighted::new(&[3, 1]);
         let load = idle(2);
         let picks: Vec<usize> = (0..8)
-            .map(|_| w.select(b"", &load, &|_| true).unwrap())
+            .map(|_| w.select(b"", &as_load(&load), &|_| true).unwrap())
             .collect();
         assert_eq!(picks, [0, 0, 1, 0, 0, 0, 1, 0]);
         let w = Weighted::new(&[5, 1, 1]);
         let picks: Vec<usize> = (0..7)
-            .map(|_| w.select(b"", &load, &|_| true).unwrap())
+            .map(|_| w.select(b"", &as_load(&load), &|_| true).unwrap())
             .collect();
         assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
     }
@@ -107,6 +107,6 @@ mod tests {
     fn refused_backend_is_skipped() {
         let w = Weighted::new(&[3, 1]);
         let load = idle(2);
-        assert!((0..8).all(|_| w.select(b"", &load, &|i| i == 1) == Some(1)));
+        assert!((0..8).all(|_| w.select(b"", &as_load(&load), &|i| i == 1) == Some(1)));
     }
 }

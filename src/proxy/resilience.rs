@@ -1,0 +1,233 @@
+//! The resilience decisions of one request, called from the `ProxyHttp` phases: which backend
+//! (health- and breaker-aware), when to fail fast with 503, which failures count against a
+//! backend, and whether to retry elsewhere (policy, attempts, budget, backoff).
+//!
+//! | failure                         | breaker (`failure_on`/`failure_statuses`) | retried elsewhere when                   |
+//! |---------------------------------|-------------------------------------------|------------------------------------------|
+//! | connect refused / timed out     | `connect_error`                           | in `retries.on` (any method; no budget)  |
+//! | read/write timeout              | `timeout`                                 | in `retries.on`, method allowed, budget  |
+//! | reset / closed / bad response   | `reset`                                   | in `retries.on`, method allowed, budget  |
+//! | response status                 | in `failure_statuses`                     | in `retries.statuses`, allowed, budget   |
+//! | response head slower than `slow_call` | yes                                 | no                                       |
+//!
+//! A method is allowed when it is idempotent (or `retries.methods: all`) and the request body
+//! fit Pingora's 64 KiB replay buffer. Pingora's own retry of a stale pooled connection may
+//! reuse the same backend and is not counted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::upstreams::peer::HttpPeer;
+use rand::Rng;
+
+use super::RequestCtx;
+use super::attempt::{Attempt, classify, log_transition};
+use crate::config::FailureKind;
+use crate::upstream::breaker::Outcome;
+use crate::upstream::{Unavailable, Upstream};
+
+/// Longest backoff before a retry.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// `upstream_peer`: pick a backend for `ctx`'s upstream, or fail with the right status.
+pub async fn choose(
+    upstream: &Arc<Upstream>,
+    key: &[u8],
+    ctx: &mut RequestCtx,
+) -> Result<Box<HttpPeer>> {
+    if ctx.attempts == 0 {
+        upstream.budget_request();
+    }
+    if std::mem::take(&mut ctx.backoff_due) {
+        tokio::time::sleep(backoff(upstream.config.retry.backoff, ctx.retries)).await;
+    }
+    // The previous attempt (if any) is finished: drop it before counting the new one.
+    ctx.attempt = None;
+    match upstream.pick(key, &ctx.excluded) {
+        Ok(pick) => {
+            if let Some(t) = pick.transition {
+                log_transition(upstream, &pick.backend, t);
+            }
+            ctx.attempts += 1;
+            log::debug!(
+                "{}: upstream {} backend {} (attempt {}, in flight {})",
+                ctx.request_id,
+                upstream.name,
+                pick.backend.addr,
+                ctx.attempts,
+                pick.backend.in_flight()
+            );
+            let peer = upstream.peer(&pick.backend);
+            ctx.attempt = Some(Attempt::start(
+                Arc::clone(upstream),
+                pick.backend,
+                pick.probe,
+            ));
+            Ok(peer)
+        }
+        Err(why) => {
+            ctx.unavailable = Some(why);
+            // Every backend failed this request already: that is a gateway failure (502);
+            // otherwise nothing can serve it right now (503).
+            let status = if why == Unavailable::NoneLeft && ctx.attempts > 0 {
+                502
+            } else {
+                503
+            };
+            Error::e_explain(ErrorType::HTTPStatus(status), format!("{why:?}"))
+        }
+    }
+}
+
+/// `fail_to_connect`: count the failure, exclude the backend, retry elsewhere if allowed.
+/// Nothing was sent, so any method may be retried and the budget is not charged.
+pub fn connect_failed(ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+    let Some(upstream) = ctx.upstream.clone() else {
+        return e;
+    };
+    if let Some(mut attempt) = ctx.attempt.take() {
+        attempt.finish_error(Some(FailureKind::ConnectError));
+        ctx.excluded.push(attempt.backend().addr);
+    }
+    let policy = &upstream.config.retry;
+    if policy.on.contains(&FailureKind::ConnectError)
+        && ctx.retries < policy.attempts
+        && upstream.has_alternative(&ctx.excluded)
+    {
+        ctx.retries += 1;
+        e.set_retry(true);
+    }
+    e
+}
+
+/// `error_while_proxy`: an error after connecting.
+pub fn proxy_failed(
+    session: &Session,
+    ctx: &mut RequestCtx,
+    mut e: Box<Error>,
+    client_reused: bool,
+) -> Box<Error> {
+    if std::mem::take(&mut ctx.status_retry) {
+        return e; // our own status retry, decided and recorded in `response_received`
+    }
+    let kind = classify(&e);
+    let addr = ctx.attempt.as_ref().map(|a| a.backend().addr);
+    let Some(upstream) = ctx.upstream.clone() else {
+        e.set_retry(false);
+        return e;
+    };
+    let resend = may_resend(session, &upstream);
+    if resend {
+        // Pingora retries a failure on a reused (pooled) connection: the backend may be fine.
+        e.retry.decide_reuse(client_reused);
+    } else {
+        e.set_retry(false);
+    }
+    let stale_connection = e.retry();
+    if let Some(attempt) = ctx.attempt.as_mut() {
+        // A pooled connection the backend had already closed says nothing about its health.
+        attempt.finish_error(if stale_connection { None } else { kind });
+    }
+    if stale_connection || !resend {
+        return e;
+    }
+    let policy = &upstream.config.retry;
+    let mut excluded = ctx.excluded.clone();
+    excluded.extend(addr);
+    if kind.is_some_and(|k| policy.on.contains(&k))
+        && ctx.retries < policy.attempts
+        && upstream.has_alternative(&excluded)
+        && upstream.budget_retry()
+    {
+        ctx.retries += 1;
+        ctx.backoff_due = true;
+        ctx.excluded = excluded;
+        e.set_retry(true);
+    }
+    e
+}
+
+/// `upstream_response_filter`: classify the response for the breaker; turn a retryable status
+/// into a retry while nothing has been sent to the client.
+pub fn response_received(
+    session: &Session,
+    ctx: &mut RequestCtx,
+    resp: &ResponseHeader,
+) -> Result<()> {
+    let (Some(upstream), Some(attempt)) = (ctx.upstream.clone(), ctx.attempt.as_mut()) else {
+        return Ok(());
+    };
+    let status = resp.status.as_u16();
+    let f = &upstream.config.failure;
+    let slow = f.slow_call.is_some_and(|t| attempt.started.elapsed() > t);
+    attempt.finish(if f.statuses.contains(&status) || slow {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    });
+    let policy = &upstream.config.retry;
+    let mut excluded = ctx.excluded.clone();
+    excluded.push(attempt.backend().addr);
+    if policy.statuses.contains(&status)
+        && ctx.retries < policy.attempts
+        && may_resend(session, &upstream)
+        && upstream.has_alternative(&excluded)
+        && upstream.budget_retry()
+    {
+        ctx.retries += 1;
+        ctx.backoff_due = true;
+        ctx.status_retry = true;
+        ctx.excluded = excluded;
+        let mut e = Error::explain(ErrorType::HTTPStatus(status), "retrying a retryable status");
+        e.esource = pingora::ErrorSource::Upstream;
+        e.set_retry(true);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// May this request be sent again? Idempotent (or all methods allowed), and the body fit the
+/// replay buffer.
+fn may_resend(session: &Session, upstream: &Upstream) -> bool {
+    (upstream.config.retry.all_methods || session.req_header().method.is_idempotent())
+        && !session.as_ref().retry_buffer_truncated()
+}
+
+/// Full-jitter exponential backoff: uniform in [0, base × 2^(n-1)], at most [`MAX_BACKOFF`].
+fn backoff(base: Duration, retry: usize) -> Duration {
+    let cap = base
+        .saturating_mul(1u32 << (retry.saturating_sub(1)).min(16))
+        .min(MAX_BACKOFF);
+    if cap.is_zero() {
+        return cap;
+    }
+    rand::thread_rng().gen_range(Duration::ZERO..=cap)
+}
+
+/// The 503/502 message for why no backend was available.
+pub fn unavailable_message(why: Unavailable) -> &'static str {
+    match why {
+        Unavailable::AllUnhealthy { .. } => "no healthy backend",
+        Unavailable::AllOpen { .. } => "circuit breaker open for every backend",
+        Unavailable::Overloaded => "upstream at its in-flight limit",
+        Unavailable::NoneLeft => "no backend available",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        let base = Duration::from_millis(25);
+        for _ in 0..100 {
+            assert!(backoff(base, 1) <= base);
+            assert!(backoff(base, 3) <= base * 4);
+            assert!(backoff(base, 30) <= MAX_BACKOFF);
+        }
+        assert_eq!(backoff(Duration::ZERO, 5), Duration::ZERO);
+    }
+}
