@@ -7,7 +7,7 @@ CONF ?= conf/tollgate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.tollgate-apt-updated
 
-.PHONY: all build demo run test check fmt-check clippy unit doc bench deps deps-bench clean
+.PHONY: all build demo run test check fmt-check clippy unit doc bench deps deps-test deps-bench clean
 
 all: build
 
@@ -45,7 +45,15 @@ fmt-check:
 clippy: deps
 	$(CARGO) clippy --all-targets -- -D warnings
 
-unit: deps
+# Servers the integration tests start on loopback: ZooKeeper (discovery tests).
+deps-test: deps
+	@if [ ! -x /usr/share/zookeeper/bin/zkServer.sh ]; then \
+	  echo "installing: zookeeperd"; \
+	  [ -f $(APT_UPDATED) ] || { $(SUDO) apt-get update -qq && touch $(APT_UPDATED); }; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq zookeeperd >/dev/null; \
+	fi
+
+unit: deps-test
 	$(CARGO) test --all-targets
 
 doc: deps

@@ -26,6 +26,7 @@ use super::RequestCtx;
 use super::attempt::{Attempt, classify, log_transition};
 use crate::config::FailureKind;
 use crate::upstream::breaker::Outcome;
+use crate::upstream::stats::UpstreamStats;
 use crate::upstream::{Unavailable, Upstream};
 
 /// Longest backoff before a retry.
@@ -68,6 +69,13 @@ pub async fn choose(
             Ok(peer)
         }
         Err(why) => {
+            let s = &upstream.stats;
+            match why {
+                Unavailable::AllOpen { .. } => UpstreamStats::inc(&s.rejected_breaker_open),
+                Unavailable::AllUnhealthy { .. } => UpstreamStats::inc(&s.rejected_unhealthy),
+                Unavailable::Overloaded => UpstreamStats::inc(&s.rejected_in_flight),
+                Unavailable::NoneLeft => {}
+            }
             ctx.unavailable = Some(why);
             // Every backend failed this request already: that is a gateway failure (502);
             // otherwise nothing can serve it right now (503).
@@ -96,6 +104,7 @@ pub fn connect_failed(ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
         && ctx.retries < policy.attempts
         && upstream.has_alternative(&ctx.excluded)
     {
+        UpstreamStats::inc(&upstream.stats.retries);
         ctx.retries += 1;
         e.set_retry(true);
     }

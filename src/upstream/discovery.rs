@@ -12,10 +12,10 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Upstream;
+use super::stats::UpstreamStats;
 use crate::config::Discovery;
 
 /// Run the discovery of `upstream` forever.
@@ -46,7 +46,7 @@ fn apply(upstream: &Upstream, source: &str, found: BTreeSet<SocketAddr>) {
 }
 
 fn failed(upstream: &Upstream, source: &str, why: impl std::fmt::Display) {
-    upstream.discovery_failures.fetch_add(1, Ordering::Relaxed);
+    UpstreamStats::inc(&upstream.stats.discovery_failures);
     log::warn!(
         "upstream {}: {source} discovery failed ({why}); keeping the last good backend set",
         upstream.name

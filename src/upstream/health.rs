@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Upstream;
+use super::stats::UpstreamStats;
 use crate::config::{HealthCheck, HealthCheckKind};
 
 /// Check every backend of `upstream` forever, every `hc.interval`.
@@ -27,6 +28,11 @@ pub async fn run(upstream: Arc<Upstream>, hc: HealthCheck) {
         for (backend, result) in futures_util::future::join_all(checks).await {
             let passed = result.is_ok();
             if let Some(now_healthy) = backend.health_report(passed, hc.healthy, hc.unhealthy) {
+                UpstreamStats::inc(if now_healthy {
+                    &upstream.stats.health_up
+                } else {
+                    &upstream.stats.health_down
+                });
                 if now_healthy {
                     log::warn!(
                         "upstream {} backend {} is healthy again",

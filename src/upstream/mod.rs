@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod health;
 pub mod retry_budget;
 pub mod select;
+pub mod stats;
 mod window;
 
 use std::collections::BTreeSet;
@@ -174,8 +175,8 @@ pub struct Upstream {
     budget: Mutex<RetryBudget>,
     /// The discovered part of the member set, kept to rebuild on change.
     discovered: Mutex<BTreeSet<SocketAddr>>,
-    /// Failed discovery attempts (the last good set was kept).
-    pub discovery_failures: std::sync::atomic::AtomicU64,
+    /// Resilience counters (retries, transitions, rejections, discovery failures).
+    pub stats: stats::UpstreamStats,
 }
 
 impl Upstream {
@@ -193,7 +194,7 @@ impl Upstream {
             in_flight: AtomicUsize::new(0),
             budget: Mutex::new(RetryBudget::new(cfg.retry.budget_percent, now)),
             discovered: Mutex::new(BTreeSet::new()),
-            discovery_failures: std::sync::atomic::AtomicU64::new(0),
+            stats: stats::UpstreamStats::default(),
             config: cfg.clone(),
         }
     }
@@ -258,7 +259,13 @@ impl Upstream {
 
     /// Take one retry from the budget, if it has one.
     pub fn budget_retry(&self) -> bool {
-        lock(&self.budget).try_retry(Instant::now())
+        let granted = lock(&self.budget).try_retry(Instant::now());
+        stats::UpstreamStats::inc(if granted {
+            &self.stats.retries
+        } else {
+            &self.stats.retries_refused_by_budget
+        });
+        granted
     }
 
     /// Is there a backend a retry could go to (not excluded, healthy, breaker admitting)?

@@ -3,7 +3,9 @@
 //! ports, and small helpers for requests and raw sockets.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod upstream;
+pub mod zookeeper;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -155,7 +157,7 @@ impl TestGateway {
             .args(&cfg.args)
             .env(
                 "RUST_LOG",
-                std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| "warn,tollgate=info".into()),
             )
             .stdout(Stdio::null())
             .stderr(log)
@@ -289,4 +291,50 @@ pub fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> Vec<
 /// The JSON error body of a response.
 pub fn error_json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
+}
+
+/// Send `n` GETs to `url` from `concurrency` workers (constant concurrency); the statuses, in
+/// completion order. Transport errors count as status 0.
+pub async fn statuses(url: &str, n: usize, concurrency: usize) -> Vec<u16> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let c = client();
+    let next = Arc::new(AtomicUsize::new(0));
+    let out = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (c, next, out, url) = (c.clone(), next.clone(), out.clone(), url.to_string());
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < n {
+                    let s = match c.get(&url).send().await {
+                        Ok(r) => {
+                            let s = r.status().as_u16();
+                            let _ = r.bytes().await;
+                            s
+                        }
+                        Err(_) => 0,
+                    };
+                    out.lock().unwrap().push(s);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    Arc::try_unwrap(out).unwrap().into_inner().unwrap()
+}
+
+/// Poll `cond` every 20 ms until it holds or `timeout` passes; whether it held.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

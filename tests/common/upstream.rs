@@ -22,6 +22,8 @@ pub struct Behavior {
     pub delay: Duration,
     /// Extra response header lines, raw (`Name: value`).
     pub headers: Vec<String>,
+    /// Answer these statuses in turn instead of `status` (a failure pattern), when not empty.
+    pub status_cycle: Vec<u16>,
     /// Close, without answering, any request that arrives on an already used connection (the
     /// keep-alive race: the server gave up on the idle connection as the request arrived).
     pub drop_reused: bool,
@@ -36,6 +38,7 @@ impl Default for Behavior {
             delay: Duration::ZERO,
             headers: Vec::new(),
             drop_reused: false,
+            status_cycle: Vec::new(),
         }
     }
 }
@@ -82,11 +85,16 @@ pub struct Upstream {
     pub addr: SocketAddr,
     state: Arc<State>,
     task: tokio::task::JoinHandle<()>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Drop for Upstream {
+    /// Stop listening and cut every open connection: a killed backend.
     fn drop(&mut self) {
         self.task.abort();
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
     }
 }
 
@@ -96,13 +104,23 @@ impl Upstream {
     }
 
     pub async fn with(behavior: Behavior) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::with_on("127.0.0.1:0".parse().unwrap(), behavior).await
+    }
+
+    /// Listen on `addr` (e.g. `127.0.0.2:PORT` for DNS tests, or a port that was in use before).
+    pub async fn with_on(addr: SocketAddr, behavior: Behavior) -> Upstream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(addr).unwrap();
+        let listener = socket.listen(1024).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             behavior: Mutex::new(behavior),
             ..State::default()
         });
         let st = Arc::clone(&state);
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let cs = Arc::clone(&conns);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -111,12 +129,18 @@ impl Upstream {
                 let _ = stream.set_nodelay(true);
                 st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = Arc::clone(&st);
-                tokio::spawn(async move {
+                let h = tokio::spawn(async move {
                     let _ = serve(stream, st).await;
                 });
+                cs.lock().unwrap().push(h.abort_handle());
             }
         });
-        Upstream { addr, state, task }
+        Upstream {
+            addr,
+            state,
+            task,
+            conns,
+        }
     }
 
     /// Requests fully received so far.
@@ -132,6 +156,14 @@ impl Upstream {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Requests received that were not active health checks.
+    pub fn traffic(&self) -> usize {
+        self.received()
+            .iter()
+            .filter(|r| r.header("user-agent") != Some("tollgate-health-check"))
+            .count()
     }
 
     /// Every request received, in order.
@@ -240,7 +272,13 @@ async fn serve(mut stream: TcpStream, st: Arc<State>) -> std::io::Result<()> {
             tokio::time::sleep(b.delay).await;
         }
         let len = b.generated_len.unwrap_or(b.body.len() as u64);
-        let mut resp = format!("HTTP/1.1 {} X\r\ncontent-length: {len}\r\n", b.status);
+        let n = st.count.load(Ordering::SeqCst);
+        let status = if b.status_cycle.is_empty() {
+            b.status
+        } else {
+            b.status_cycle[(n - 1) % b.status_cycle.len()]
+        };
+        let mut resp = format!("HTTP/1.1 {status} X\r\ncontent-length: {len}\r\n");
         for h in &b.headers {
             resp.push_str(h);
             resp.push_str("\r\n");
