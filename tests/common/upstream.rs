@@ -22,6 +22,8 @@ pub struct Behavior {
     pub delay: Duration,
     /// Extra response header lines, raw (`Name: value`).
     pub headers: Vec<String>,
+    /// Close every connection after reading a request, without answering (a crashing backend).
+    pub close_without_answer: bool,
     /// Answer these statuses in turn instead of `status` (a failure pattern), when not empty.
     pub status_cycle: Vec<u16>,
     /// Close, without answering, any request that arrives on an already used connection (the
@@ -39,6 +41,7 @@ impl Default for Behavior {
             headers: Vec::new(),
             drop_reused: false,
             status_cycle: Vec::new(),
+            close_without_answer: false,
         }
     }
 }
@@ -264,7 +267,7 @@ async fn serve(mut stream: TcpStream, st: Arc<State>) -> std::io::Result<()> {
         st.count.fetch_add(1, Ordering::SeqCst);
         let b = st.behavior.lock().unwrap().clone();
         served += 1;
-        if b.drop_reused && served > 1 {
+        if (b.drop_reused && served > 1) || b.close_without_answer {
             st.active.fetch_sub(1, Ordering::SeqCst);
             return Ok(());
         }
