@@ -23,41 +23,10 @@ fn gateway(balance: &str, ups: &[(SocketAddr, u32)], extra: &str) -> TestGateway
     ))
 }
 
-/// Send `n` GETs from `concurrency` workers, each sending its next request as soon as the last
-/// one finished (constant concurrency); every one must succeed.
-async fn load(
-    gw: &TestGateway,
-    n: usize,
-    concurrency: usize,
-    header: impl Fn(usize) -> Option<(String, String)>,
-) {
-    let c = client();
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let requests: Vec<_> = (0..n).map(|i| (gw.url("/x"), header(i))).collect();
-    let requests = std::sync::Arc::new(requests);
-    let workers: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (c, next, requests) = (c.clone(), next.clone(), requests.clone());
-            tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((url, h)) = requests.get(i) else {
-                        return;
-                    };
-                    let mut req = c.get(url);
-                    if let Some((k, v)) = h {
-                        req = req.header(k, v);
-                    }
-                    let r = req.send().await.unwrap();
-                    assert_eq!(r.status(), 200);
-                    r.bytes().await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.await.unwrap();
-    }
+/// Send `n` GETs from `concurrency` workers; every one must succeed.
+async fn load(gw: &TestGateway, n: usize, concurrency: usize) {
+    let s = common::statuses(&gw.url("/x"), n, concurrency).await;
+    assert!(s.iter().all(|&x| x == 200), "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,7 +37,7 @@ async fn round_robin_spreads_evenly() {
         &ups.iter().map(|u| (u.addr, 1)).collect::<Vec<_>>(),
         "",
     );
-    load(&gw, 3000, 8, |_| None).await;
+    load(&gw, 3000, 8).await;
     for u in &ups {
         assert_eq!(u.count(), 1000, "round robin is exact over whole rounds");
     }
@@ -100,7 +69,7 @@ async fn weighted_ratio_holds_over_10000_requests_and_interleaves() {
     let counts: Vec<usize> = ups.iter().map(|u| u.count()).collect();
     assert_eq!(counts, [5, 3, 2], "one whole cycle of weights 5:3:2");
 
-    load(&gw, 10_000, 8, |_| None).await;
+    load(&gw, 10_000, 8).await;
     let total: usize = ups.iter().map(|u| u.count()).sum();
     assert_eq!(total, 10_010);
     for (u, w) in ups.iter().zip(weights) {
@@ -138,7 +107,7 @@ async fn weighted_sequence_is_smooth() {
 async fn random_follows_weights() {
     let ups = upstreams(2).await;
     let gw = gateway("random", &[(ups[0].addr, 1), (ups[1].addr, 3)], "");
-    load(&gw, 4000, 8, |_| None).await;
+    load(&gw, 4000, 8).await;
     let share = ups[1].count() as f64 / 4000.0;
     assert!((0.70..0.80).contains(&share), "share {share}");
 }
@@ -273,7 +242,7 @@ async fn least_connections_prefers_the_idle_backend() {
     let gw = gateway("least_connections", &[(slow.addr, 1), (fast.addr, 1)], "");
     // 80 requests from 8 workers: while the slow backend holds requests, new ones go to the
     // fast one (round robin would split them 40/40).
-    load(&gw, 80, 8, |_| None).await;
+    load(&gw, 80, 8).await;
     assert_eq!(slow.count() + fast.count(), 80);
     assert!(
         slow.count() <= 16 && fast.count() >= 64,
