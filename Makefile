@@ -7,7 +7,7 @@ CONF ?= conf/tollgate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.tollgate-apt-updated
 
-.PHONY: all build demo run test check fmt-check clippy unit doc bench deps deps-test deps-bench clean
+.PHONY: all build demo run test check fmt-check clippy unit doc bench deps deps-test deps-bench upgrade reload clean
 
 all: build
 
@@ -45,12 +45,16 @@ fmt-check:
 clippy: deps
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# Servers the integration tests start on loopback: ZooKeeper (discovery tests).
+# What the integration tests use: ZooKeeper (discovery tests, started on loopback by the
+# tests) and promtool (from Debian's prometheus package, to check the /metrics exposition).
 deps-test: deps
-	@if [ ! -x /usr/share/zookeeper/bin/zkServer.sh ]; then \
-	  echo "installing: zookeeperd"; \
+	@need=""; \
+	[ -x /usr/share/zookeeper/bin/zkServer.sh ] || need="$$need zookeeperd"; \
+	command -v promtool >/dev/null || need="$$need prometheus"; \
+	if [ -n "$$need" ]; then \
+	  echo "installing:$$need"; \
 	  [ -f $(APT_UPDATED) ] || { $(SUDO) apt-get update -qq && touch $(APT_UPDATED); }; \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq zookeeperd >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$need >/dev/null; \
 	fi
 
 unit: deps-test
@@ -75,6 +79,16 @@ bench: deps-bench
 	python3 ../shared/bench/proxybench.py $(BENCH_ARGS) \
 	  --bare target/release/examples/bare_proxy \
 	  --extra "tollgate=9103:target/release/tollgate -c bench/tollgate.yaml"
+
+# Zero-downtime binary upgrade of a running gateway: see docs/operations.md.
+BIN ?= target/release/tollgate
+upgrade:
+	scripts/upgrade.sh $(BIN) $(CONF)
+
+# Reload the configuration of a running gateway (SIGHUP to the pid in server.pid_file).
+PID_FILE ?= /tmp/tollgate.pid
+reload:
+	kill -HUP $$(cat $(PID_FILE))
 
 clean:
 	$(CARGO) clean

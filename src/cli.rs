@@ -48,7 +48,6 @@ pub enum Command {
 /// Parse the command line and run. Returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     let demo = matches!(cli.command, Some(Command::Demo));
     let path = cli.conf.clone().unwrap_or_else(|| {
         PathBuf::from(if demo {
@@ -69,6 +68,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    init_logging(&config.server.log_level);
     if cli.test {
         println!(
             "{}: configuration OK ({} listener(s), {} upstream(s), {} route(s))",
@@ -83,22 +83,28 @@ pub fn main() -> ExitCode {
         upgrade: cli.upgrade,
         daemon: cli.daemon,
     };
-    if demo {
+    let result = if demo {
         print!("{}", server::demo::banner(&config));
         let demos = server::demo::services(&config);
-        let mut srv = server::build(config, opts);
-        for d in demos {
-            srv.add_service(d);
-        }
-        srv.run(pingora::server::RunArgs::default());
+        server::build(config, &path, opts).map(|mut srv| {
+            for d in demos {
+                srv.add_service(d);
+            }
+            srv.run(pingora::server::RunArgs::default());
+        })
     } else {
-        server::run(config, opts);
+        server::run(config, &path, opts)
+    };
+    if let Err(e) = result {
+        eprintln!("{e}");
+        return ExitCode::from(EXIT_BAD_CONFIG);
     }
     ExitCode::SUCCESS
 }
 
-fn init_logging() {
-    let env = env_logger::Env::default().default_filter_or("info");
+/// `RUST_LOG` if set, else the configured `server.log_level` (info before a configuration loads).
+fn init_logging(level: &str) {
+    let env = env_logger::Env::default().default_filter_or(level);
     let _ = env_logger::Builder::from_env(env)
         .format_timestamp_millis()
         .try_init();

@@ -21,8 +21,10 @@
 //!
 //! Bodies stream in both directions; nothing buffers a whole body.
 
+pub mod access_log;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod runtime;

@@ -1,11 +1,18 @@
 //! The runtime snapshot: everything a request needs, built whole from one validated
 //! [`Config`] and swapped atomically on reload. A request keeps the snapshot it started with.
+//!
+//! Built from the previous snapshot on reload, it carries live state over: an upstream whose
+//! configuration did not change is reused as is (member set, health, breakers, retry budget,
+//! counters); a changed one passes health and breaker state on to the backends that remain;
+//! an unchanged access log keeps its writer. Pingora's connection pool is process-wide and
+//! keeps its idle connections either way.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::routing::Router;
 use crate::upstream::Upstream;
@@ -19,30 +26,61 @@ pub struct RuntimeState {
     pub router: Router,
     /// Upstreams, in the order of `config.upstreams`.
     pub upstreams: Vec<Arc<Upstream>>,
+    /// The access log, when configured.
+    pub access_log: Option<Arc<AccessLog>>,
     trusted_proxies: Vec<IpNet>,
 }
 
 impl RuntimeState {
-    /// Compile a validated configuration. Infallible: validation already ran.
+    /// Compile a validated configuration (at start-up). Panics only if the access log
+    /// cannot be opened; use [`RuntimeState::build`] to handle that.
     pub fn new(config: Config) -> RuntimeState {
+        Self::build(config, None).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Compile `config`, carrying live state over from `previous` (a reload). Fails only when
+    /// the access log destination cannot be opened.
+    pub fn build(config: Config, previous: Option<&RuntimeState>) -> Result<RuntimeState, String> {
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| Arc::new(Upstream::new(u)))
+            .map(|cfg| {
+                let old = previous.and_then(|p| p.upstreams.iter().find(|u| u.name == cfg.name));
+                match old {
+                    Some(old) if old.config == *cfg => Arc::clone(old),
+                    Some(old) => Arc::new(Upstream::succeed(cfg, old)),
+                    None => Arc::new(Upstream::new(cfg)),
+                }
+            })
             .collect();
+        let access_log = match &config.access_log {
+            None => None,
+            Some(cfg) => match previous.and_then(|p| p.access_log.as_ref()) {
+                Some(log) if log.config == *cfg => Some(Arc::clone(log)),
+                _ => Some(Arc::new(AccessLog::start(cfg).map_err(|e| {
+                    format!("access_log.path: cannot open {:?}: {e}", cfg.path)
+                })?)),
+            },
+        };
         let router = Router::new(config.routes.clone());
-        RuntimeState {
+        Ok(RuntimeState {
             trusted_proxies: config.trusted_proxies.clone(),
             config: Arc::new(config),
             router,
             upstreams,
-        }
+            access_log,
+        })
     }
 
     /// Is `ip` a trusted proxy (its forwarding headers are believed)?
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The upstream named `name`.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name == name)
     }
 }
 

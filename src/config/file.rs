@@ -32,6 +32,36 @@ pub struct FileConfig {
     /// Routes, matched most-specific first (see `docs/routing.md`).
     #[serde(default)]
     pub routes: Vec<RouteSection>,
+    /// One line per request. Default: off.
+    #[serde(default)]
+    pub access_log: Option<AccessLogSection>,
+}
+
+/// `access_log:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogSection {
+    /// `json` (default) or `text`.
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// `stdout` (default), `stderr`, or a file path (appended to).
+    #[serde(default = "default_access_log_path")]
+    pub path: String,
+}
+
+fn default_access_log_path() -> String {
+    "stdout".into()
+}
+
+/// Access log line formats.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// `key=value` pairs, space separated.
+    Text,
 }
 
 /// `server:`: Pingora's own server settings plus tollgate's process settings.
@@ -56,6 +86,8 @@ pub struct ServerSection {
     /// Close idle downstream keep-alive connections after this long. Default 60s.
     #[serde(deserialize_with = "de_duration")]
     pub downstream_keepalive_timeout: Duration,
+    /// Log level (`error`, `warn`, `info`, `debug`, `trace`); `RUST_LOG` overrides. Default info.
+    pub log_level: String,
 }
 
 impl Default for ServerSection {
@@ -68,6 +100,7 @@ impl Default for ServerSection {
             upgrade_sock: "/tmp/tollgate_upgrade.sock".into(),
             upstream_keepalive_pool_size: None,
             downstream_keepalive_timeout: DEFAULT_DOWNSTREAM_KEEPALIVE,
+            log_level: "info".into(),
         }
     }
 }
@@ -94,6 +127,15 @@ pub struct AdminSection {
     /// `IP:port` to bind. Default `127.0.0.1:9901`.
     #[serde(default = "default_admin_address")]
     pub address: String,
+    /// Bearer token required by every endpoint but `/health` and `/health/ready`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Read the token from this file instead (trailing newline ignored).
+    #[serde(default)]
+    pub token_file: Option<String>,
+    /// Allow a non-loopback address without a token. Default false.
+    #[serde(default)]
+    pub allow_insecure: bool,
 }
 
 fn default_admin_address() -> String {

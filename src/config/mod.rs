@@ -19,7 +19,7 @@ use regex::Regex;
 
 pub use crate::upstream::breaker::BreakerSettings;
 pub use error::{ConfigError, ConfigErrors};
-pub use file::{Balance, FailureKind, HealthCheckKind};
+pub use file::{AccessLogFormat, Balance, FailureKind, HealthCheckKind};
 pub use validate::{MAX_POOL_SIZE, MAX_RETRIES, MAX_WEIGHT};
 
 /// A validated configuration: every name resolved, every value parsed.
@@ -30,7 +30,9 @@ pub struct Config {
     /// Client-facing listeners.
     pub listeners: Vec<SocketAddr>,
     /// Admin listener, if any.
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<AdminConfig>,
+    /// Access log, if on.
+    pub access_log: Option<AccessLogConfig>,
     /// Peers whose forwarding headers are believed.
     pub trusted_proxies: Vec<IpNet>,
     /// Upstream groups, sorted by name.
@@ -39,8 +41,26 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
+/// `admin:` after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address.
+    pub address: SocketAddr,
+    /// Bearer token, if required.
+    pub token: Option<String>,
+}
+
+/// `access_log:` after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    /// Line format.
+    pub format: AccessLogFormat,
+    /// `stdout`, `stderr` or a file path.
+    pub path: String,
+}
+
 /// `server:` after validation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSettings {
     /// Worker threads.
     pub threads: usize,
@@ -56,10 +76,12 @@ pub struct ServerSettings {
     pub upstream_keepalive_pool_size: usize,
     /// Idle downstream keep-alive timeout.
     pub downstream_keepalive_timeout: Duration,
+    /// Log level filter.
+    pub log_level: String,
 }
 
 /// One upstream group after validation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// Its name (the key under `upstreams:`).
     pub name: String,

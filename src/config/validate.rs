@@ -8,12 +8,13 @@ use ipnet::IpNet;
 use regex::Regex;
 
 use super::file::{
-    Balance, BreakerSection, DiscoverySection, FileConfig, HealthCheckSection, RetriesSection,
-    RetryMethods, RouteSection, UpstreamSection,
+    AdminSection, Balance, BreakerSection, DiscoverySection, FileConfig, HealthCheckSection,
+    RetriesSection, RetryMethods, RouteSection, UpstreamSection,
 };
 use super::{
-    BackendConfig, BreakerSettings, Config, ConfigError, Discovery, FailurePolicy, HashKey,
-    HealthCheck, HostPattern, PathMatch, RetryPolicy, RouteConfig, ServerSettings, UpstreamConfig,
+    AccessLogConfig, AdminConfig, BackendConfig, BreakerSettings, Config, ConfigError, Discovery,
+    FailurePolicy, HashKey, HealthCheck, HostPattern, PathMatch, RetryPolicy, RouteConfig,
+    ServerSettings, UpstreamConfig,
 };
 
 /// Highest accepted backend weight.
@@ -49,11 +50,8 @@ pub(super) fn validate(file: FileConfig) -> Result<Config, Vec<ConfigError>> {
             listeners.push(addr);
         }
     }
-    let admin = file
-        .admin
-        .as_ref()
-        .and_then(|a| socket_addr(&a.address, "admin.address", &mut errs));
-    if let Some(a) = admin
+    let admin = file.admin.as_ref().and_then(|a| admin(a, &mut errs));
+    if let Some(a) = admin.as_ref().map(|a| a.address)
         && listeners.contains(&a)
     {
         errs.push(
@@ -113,11 +111,25 @@ pub(super) fn validate(file: FileConfig) -> Result<Config, Vec<ConfigError>> {
         }
     }
 
+    let access_log = file.access_log.as_ref().map(|a| AccessLogConfig {
+        format: a.format,
+        path: a.path.trim().to_string(),
+    });
+    if let Some(a) = &access_log
+        && a.path.is_empty()
+    {
+        errs.push(
+            "access_log.path",
+            "must not be empty; use stdout, stderr or a file path",
+        );
+    }
+
     if errs.0.is_empty() {
         Ok(Config {
             server,
             listeners,
             admin,
+            access_log,
             trusted_proxies,
             upstreams,
             routes,
@@ -149,6 +161,15 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
             errs.push(format!("server.{key}"), "must not be empty");
         }
     }
+    if s.log_level.parse::<log::LevelFilter>().is_err() {
+        errs.push(
+            "server.log_level",
+            format!(
+                "invalid level {:?}; use error, warn, info, debug or trace",
+                s.log_level
+            ),
+        );
+    }
     if s.downstream_keepalive_timeout.is_zero() {
         errs.push(
             "server.downstream_keepalive_timeout",
@@ -177,7 +198,45 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
         upgrade_sock: s.upgrade_sock.clone(),
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size.unwrap_or(pool_sum),
         downstream_keepalive_timeout: s.downstream_keepalive_timeout,
+        log_level: s.log_level.clone(),
     }
+}
+
+fn admin(a: &AdminSection, errs: &mut Errors) -> Option<AdminConfig> {
+    let address = socket_addr(&a.address, "admin.address", errs)?;
+    let token = match (&a.token, &a.token_file) {
+        (Some(_), Some(_)) => {
+            errs.push("admin", "set token or token_file, not both");
+            return None;
+        }
+        (Some(t), None) => Some(t.clone()),
+        (None, Some(f)) => match std::fs::read_to_string(f) {
+            Ok(t) => Some(t.trim_end_matches(['\r', '\n']).to_string()),
+            Err(e) => {
+                errs.push("admin.token_file", format!("cannot read {f:?}: {e}"));
+                return None;
+            }
+        },
+        (None, None) => None,
+    };
+    if let Some(t) = &token
+        && (t.len() < 16 || t.bytes().any(|b| !b.is_ascii_graphic()))
+    {
+        errs.push(
+            "admin.token",
+            "must be at least 16 visible ASCII characters (no spaces)",
+        );
+    }
+    if token.is_none() && !address.ip().is_loopback() && !a.allow_insecure {
+        errs.push(
+            "admin.address",
+            format!(
+                "{address} is not a loopback address: set admin.token (or allow_insecure: true) \
+                 so reload and config are not open to the network"
+            ),
+        );
+    }
+    Some(AdminConfig { address, token })
 }
 
 fn socket_addr(value: &str, path: &str, errs: &mut Errors) -> Option<SocketAddr> {

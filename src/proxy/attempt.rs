@@ -79,7 +79,7 @@ pub fn log_transition(
     backend: &Backend,
     t: crate::upstream::breaker::Transition,
 ) {
-    upstream.stats.transition(t);
+    backend.count_transition(t);
     log::warn!(
         "upstream {} backend {}: circuit breaker {} -> {}",
         upstream.name,

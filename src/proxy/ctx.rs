@@ -2,10 +2,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::proxy::attempt::Attempt;
 use crate::proxy::client::ClientInfo;
+use crate::proxy::observe::{ConnectionGuard, RequestGuard};
 use crate::runtime::RuntimeState;
 use crate::upstream::{Unavailable, Upstream};
 
@@ -40,6 +41,16 @@ pub struct RequestCtx {
     pub unavailable: Option<Unavailable>,
     /// The next upstream error is a status retry we raised ourselves (already recorded).
     pub status_retry: bool,
+    /// When the request head was read.
+    pub started: Option<Instant>,
+    /// The backend of the last attempt.
+    pub last_backend: Option<SocketAddr>,
+    /// Time from choosing the last backend to its response head.
+    pub upstream_time: Option<Duration>,
+    /// The client connection's gauge guard (handed to the next request on keep-alive).
+    pub connection: Option<Arc<ConnectionGuard>>,
+    /// The in-flight gauge guard.
+    pub in_flight: Option<RequestGuard>,
 }
 
 impl RequestCtx {

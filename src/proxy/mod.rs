@@ -18,6 +18,7 @@ pub mod client;
 mod ctx;
 pub mod error;
 pub mod headers;
+mod observe;
 pub mod request_id;
 mod resilience;
 
@@ -62,6 +63,11 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.started = Some(std::time::Instant::now());
+        ctx.in_flight = Some(observe::RequestGuard::start());
+        if ctx.connection.is_none() {
+            ctx.connection = Some(Arc::new(observe::ConnectionGuard::open()));
+        }
         let state = self.state.load_full();
         let client = client::resolve(
             &state,
@@ -256,6 +262,33 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        observe::finish(session, e, ctx);
+    }
+
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        // The connection gauge guard rides along to the next request on this keep-alive
+        // connection; Pingora drops it with the connection, which decrements the gauge.
+        ctx.connection
+            .as_ref()
+            .map(|g| Box::new(Arc::clone(g)) as Box<dyn std::any::Any + Send + Sync>)
+    }
+
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+        prev_ctx: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        if let Ok(guard) = prev_ctx.downcast::<Arc<observe::ConnectionGuard>>() {
+            ctx.connection = Some(*guard);
+        }
     }
 
     async fn fail_to_proxy(

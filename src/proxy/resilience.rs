@@ -60,6 +60,7 @@ pub async fn choose(
                 ctx.attempts,
                 pick.backend.in_flight()
             );
+            ctx.last_backend = Some(pick.backend.addr);
             let peer = upstream.peer(&pick.backend);
             ctx.attempt = Some(Attempt::start(
                 Arc::clone(upstream),
@@ -170,7 +171,9 @@ pub fn response_received(
     };
     let status = resp.status.as_u16();
     let f = &upstream.config.failure;
-    let slow = f.slow_call.is_some_and(|t| attempt.started.elapsed() > t);
+    let took = attempt.started.elapsed();
+    ctx.upstream_time = Some(took);
+    let slow = f.slow_call.is_some_and(|t| took > t);
     attempt.finish(if f.statuses.contains(&status) || slow {
         Outcome::Failure
     } else {

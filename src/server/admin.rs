@@ -1,37 +1,323 @@
-//! The admin listener. For now it answers `GET /health` (the process is alive); readiness,
-//! metrics, upstream state and reload arrive with the observability work.
+//! The admin listener (default 127.0.0.1:9901):
+//!
+//! | endpoint | answers |
+//! |---|---|
+//! | `GET /health` | 200 while the process runs |
+//! | `GET /health/ready` | 200 when serving: not shutting down, every upstream has a usable backend; else 503 with reasons |
+//! | `GET /metrics` | Prometheus text exposition |
+//! | `GET /upstreams` | backends, health, breaker state, in-flight, counters (JSON) |
+//! | `GET /config` | the effective configuration (JSON; the admin token redacted) |
+//! | `POST /reload` | reload the configuration file; 200, or 400 with the errors |
+//!
+//! With `admin.token` set, every endpoint but the two health checks needs
+//! `Authorization: Bearer <token>` (compared in constant time).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use http::Response;
+use http::{Method, Response};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use pingora::services::listening::Service;
+use serde_json::{Value, json};
+
+use super::control::Lifecycle;
+use super::reload::Reloader;
+use crate::config::{Config, Discovery, HostPattern, PathMatch};
+use crate::metrics;
+use crate::runtime::RuntimeState;
 
 /// The admin HTTP application.
-#[derive(Debug, Default)]
-pub struct Admin;
+pub struct Admin {
+    state: Arc<ArcSwap<RuntimeState>>,
+    reloader: Arc<Reloader>,
+    lifecycle: Arc<Lifecycle>,
+    token: Option<String>,
+}
+
+impl Admin {
+    /// The admin API over `state`.
+    pub fn new(
+        state: Arc<ArcSwap<RuntimeState>>,
+        reloader: Arc<Reloader>,
+        lifecycle: Arc<Lifecycle>,
+        token: Option<String>,
+    ) -> Admin {
+        Admin {
+            state,
+            reloader,
+            lifecycle,
+            token,
+        }
+    }
+
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or(b"");
+        constant_time_eq(given, token.as_bytes())
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn respond(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("content-length", body.len())
+        .header("cache-control", "no-store")
+        .body(body)
+        .expect("static response parts are valid")
+}
+
+fn json_response(status: u16, v: &Value) -> Response<Vec<u8>> {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    respond(status, "application/json", body)
+}
 
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let (status, body): (u16, &[u8]) = match session.req_header().uri.path() {
-            "/health" => (200, b"{\"status\":\"ok\"}"),
-            _ => (404, b"{\"error\":\"not found\"}"),
-        };
-        Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .header("content-length", body.len())
-            .body(body.to_vec())
-            .expect("static response parts are valid")
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let open = matches!(path.as_str(), "/health" | "/health/ready");
+        if !open && !self.authorized(session) {
+            return json_response(401, &json!({"error": "admin token required"}));
+        }
+        let state = self.state.load_full();
+        match (method, path.as_str()) {
+            (Method::GET, "/health") => json_response(200, &json!({"status": "ok"})),
+            (Method::GET, "/health/ready") => {
+                let reasons = not_ready(&state, &self.lifecycle);
+                let status = if reasons.is_empty() { 200 } else { 503 };
+                json_response(
+                    status,
+                    &json!({"ready": reasons.is_empty(), "reasons": reasons}),
+                )
+            }
+            (Method::GET, "/metrics") => respond(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics::render(&state).into_bytes(),
+            ),
+            (Method::GET, "/upstreams") => json_response(200, &upstreams(&state)),
+            (Method::GET, "/config") => json_response(200, &effective_config(&state.config)),
+            (Method::POST, "/reload") => {
+                let r = Arc::clone(&self.reloader);
+                match tokio::task::spawn_blocking(move || r.reload()).await {
+                    Ok(Ok(())) => json_response(200, &json!({"status": "reloaded"})),
+                    Ok(Err(e)) => json_response(
+                        400,
+                        &json!({"error": "configuration rejected; the previous one stays",
+                                "errors": e.lines().collect::<Vec<_>>()}),
+                    ),
+                    Err(_) => json_response(500, &json!({"error": "reload task failed"})),
+                }
+            }
+            (
+                _,
+                "/health" | "/health/ready" | "/metrics" | "/upstreams" | "/config" | "/reload",
+            ) => json_response(405, &json!({"error": "method not allowed"})),
+            _ => json_response(404, &json!({"error": "not found"})),
+        }
     }
 }
 
-/// The admin service bound to `addr`.
-pub fn service(addr: SocketAddr) -> Service<Admin> {
-    let mut svc = Service::new("tollgate admin".to_string(), Admin);
-    svc.add_tcp(&addr.to_string());
+/// Why the gateway is not ready; empty when it is.
+pub fn not_ready(state: &RuntimeState, lifecycle: &Lifecycle) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if lifecycle.stopping() {
+        reasons.push("shutting down".to_string());
+    }
+    for u in &state.upstreams {
+        let members = u.members();
+        if members.backends.is_empty() {
+            reasons.push(format!(
+                "upstream {} has no backends (discovery found none yet)",
+                u.name
+            ));
+        } else if u.config.health.is_some() && !members.backends.iter().any(|b| b.is_healthy()) {
+            reasons.push(format!("upstream {} has no healthy backend", u.name));
+        }
+    }
+    reasons
+}
+
+fn upstreams(state: &RuntimeState) -> Value {
+    let now = Instant::now();
+    let list: Vec<Value> = state
+        .upstreams
+        .iter()
+        .map(|u| {
+            let backends: Vec<Value> = u
+                .members()
+                .backends
+                .iter()
+                .map(|b| {
+                    json!({
+                        "address": b.addr.to_string(),
+                        "weight": b.weight,
+                        "healthy": b.is_healthy(),
+                        "breaker": b.breaker_state(now).as_str(),
+                        "in_flight": b.in_flight(),
+                    })
+                })
+                .collect();
+            let counters: serde_json::Map<String, Value> = u
+                .stats
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            json!({
+                "name": u.name,
+                "balance": u.config.balance.as_str(),
+                "in_flight": u.in_flight(),
+                "backends": backends,
+                "counters": counters,
+            })
+        })
+        .collect();
+    json!({ "upstreams": list })
+}
+
+fn addr(a: SocketAddr) -> String {
+    a.to_string()
+}
+
+/// The configuration in force, as JSON, with the admin token redacted.
+pub fn effective_config(c: &Config) -> Value {
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let upstreams: Vec<Value> = c
+        .upstreams
+        .iter()
+        .map(|u| {
+            json!({
+                "name": u.name,
+                "balance": u.balance.as_str(),
+                "hash_key": u.hash_key.as_ref().map(|k| format!("{k:?}")),
+                "backends": u.backends.iter().map(|b| json!({"address": addr(b.addr), "weight": b.weight})).collect::<Vec<_>>(),
+                "timeouts": {"connect": d(u.connect_timeout), "read": d(u.read_timeout), "write": d(u.write_timeout), "idle": d(u.idle_timeout)},
+                "keepalive": {"pool_size": u.pool_size},
+                "retries": {
+                    "attempts": u.retry.attempts,
+                    "on": u.retry.on.iter().map(|k| format!("{k:?}")).collect::<Vec<_>>(),
+                    "statuses": u.retry.statuses,
+                    "methods": if u.retry.all_methods { "all" } else { "idempotent" },
+                    "budget_percent": u.retry.budget_percent,
+                    "backoff": d(u.retry.backoff),
+                },
+                "circuit_breaker": u.breaker.map(|b| json!({
+                    "consecutive_failures": b.consecutive_failures,
+                    "failure_rate": b.failure_rate,
+                    "min_requests": b.min_requests,
+                    "window": d(b.window),
+                    "open_for": d(b.open_for),
+                    "max_open_for": d(b.max_open_for),
+                    "half_open_requests": b.half_open_requests,
+                    "failure_statuses": u.failure.statuses,
+                    "slow_call": u.failure.slow_call.map(d),
+                })),
+                "max_in_flight": u.max_in_flight,
+                "health_check": u.health.as_ref().map(|h| json!({
+                    "kind": format!("{:?}", h.kind).to_lowercase(),
+                    "path": h.path,
+                    "interval": d(h.interval),
+                    "timeout": d(h.timeout),
+                    "healthy": h.healthy,
+                    "unhealthy": h.unhealthy,
+                    "fail_open": h.fail_open,
+                })),
+                "discovery": u.discovery.as_ref().map(|x| match x {
+                    Discovery::Dns { name, port, refresh, nameservers } => json!({
+                        "kind": "dns", "name": name, "port": port, "refresh": d(*refresh),
+                        "nameservers": nameservers.iter().map(|a| addr(*a)).collect::<Vec<_>>(),
+                    }),
+                    Discovery::Zookeeper { servers, path, session_timeout } => json!({
+                        "kind": "zookeeper", "servers": servers, "path": path,
+                        "session_timeout": d(*session_timeout),
+                    }),
+                }),
+            })
+        })
+        .collect();
+    let routes: Vec<Value> = c
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "hosts": r.hosts.iter().map(|h| match h {
+                    HostPattern::Exact(n) => n.clone(),
+                    HostPattern::Suffix(s) => format!("*{s}"),
+                }).collect::<Vec<_>>(),
+                "path": match &r.path {
+                    PathMatch::Any => json!(null),
+                    PathMatch::Exact(p) => json!({"exact": p}),
+                    PathMatch::Prefix(p) => json!({"prefix": p}),
+                    PathMatch::Regex(re) => json!({"regex": re.as_str()}),
+                },
+                "methods": r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+                "upstream": c.upstreams[r.upstream].name,
+                "strip_prefix": r.strip_prefix,
+                "rewrite": r.rewrite.as_ref().map(|(re, rep)| json!({"regex": re.as_str(), "replace": rep})),
+                "upstream_host": r.upstream_host.as_ref().and_then(|h| h.to_str().ok()),
+            })
+        })
+        .collect();
+    json!({
+        "server": {
+            "threads": c.server.threads,
+            "grace_period": d(c.server.grace_period),
+            "graceful_shutdown_timeout": d(c.server.graceful_shutdown_timeout),
+            "pid_file": c.server.pid_file,
+            "upgrade_sock": c.server.upgrade_sock,
+            "upstream_keepalive_pool_size": c.server.upstream_keepalive_pool_size,
+            "downstream_keepalive_timeout": d(c.server.downstream_keepalive_timeout),
+            "log_level": c.server.log_level,
+        },
+        "listeners": c.listeners.iter().map(|a| addr(*a)).collect::<Vec<_>>(),
+        "admin": c.admin.as_ref().map(|a| json!({
+            "address": addr(a.address),
+            "token": a.token.as_ref().map(|_| "<redacted>"),
+        })),
+        "trusted_proxies": c.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        "access_log": c.access_log.as_ref().map(|a| json!({
+            "format": format!("{:?}", a.format).to_lowercase(), "path": a.path,
+        })),
+        "upstreams": upstreams,
+        "routes": routes,
+    })
+}
+
+/// The admin service bound to `address`.
+pub fn service(address: SocketAddr, admin: Admin) -> Service<Admin> {
+    let mut svc = Service::new("tollgate admin".to_string(), admin);
+    svc.add_tcp(&address.to_string());
     svc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
 }

@@ -99,8 +99,11 @@ pub fn banner(config: &Config) -> String {
             r.name, config.upstreams[r.upstream].name
         ));
     }
-    if let Some(admin) = config.admin {
-        s.push_str(&format!("  curl -s http://{admin}/health    # admin API\n"));
+    if let Some(admin) = &config.admin {
+        let a = admin.address;
+        s.push_str(&format!(
+            "  curl -s http://{a}/metrics    # admin API: also /upstreams, /config\n"
+        ));
     }
     s.push_str("\nStop with Ctrl-C.\n");
     s

@@ -7,19 +7,27 @@
 
 pub mod admin;
 pub mod background;
+pub mod control;
 pub mod demo;
+pub mod reload;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use pingora::prelude::*;
 use pingora::server::RunArgs;
 use pingora::server::configuration::{Opt, ServerConf};
+use pingora::services::background::background_service;
 
 use crate::config::Config;
 use crate::config::MAX_RETRIES;
 use crate::proxy::Gateway;
 use crate::runtime::RuntimeState;
+use admin::Admin;
+use background::Background;
+use control::{Control, Lifecycle};
+use reload::Reloader;
 
 /// Process-level switches that come from the command line, not the file.
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,9 +58,9 @@ fn ceil_secs(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// Build the server with every service, ready to run. `extra` services (the demo upstreams)
-/// run in the same process.
-pub fn build(config: Config, opts: ProcessOptions) -> Server {
+/// Build the server with every service, ready to run. `path` is the configuration file,
+/// read again on reload.
+pub fn build(config: Config, path: &Path, opts: ProcessOptions) -> Result<Server, String> {
     let conf = server_conf(&config);
     let opt = Opt {
         upgrade: opts.upgrade,
@@ -63,31 +71,45 @@ pub fn build(config: Config, opts: ProcessOptions) -> Server {
     server.bootstrap();
 
     let listeners = config.listeners.clone();
-    let admin = config.admin;
-    let runtime = RuntimeState::new(config);
-    if let Some(bg) = background::Background::new(&runtime.upstreams) {
-        server.add_service(pingora::services::background::background_service(
-            "health checks and discovery",
-            bg,
-        ));
-    }
+    let admin = config.admin.clone();
+    let runtime = RuntimeState::build(config, None)?;
     let state = Arc::new(ArcSwap::from_pointee(runtime));
+    let (reloader, states) = Reloader::new(path.to_path_buf(), Arc::clone(&state));
+    let reloader = Arc::new(reloader);
+    let lifecycle = Arc::new(Lifecycle::default());
+
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Gateway::new(state),
+        Gateway::new(Arc::clone(&state)),
         "tollgate proxy",
     );
     for addr in &listeners {
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
-    if let Some(addr) = admin {
-        server.add_service(admin::service(addr));
+    if let Some(a) = admin {
+        let app = Admin::new(
+            Arc::clone(&state),
+            Arc::clone(&reloader),
+            Arc::clone(&lifecycle),
+            a.token,
+        );
+        server.add_service(admin::service(a.address, app));
     }
-    server
+    server.add_service(background_service(
+        "health checks and discovery",
+        Background::new(states),
+    ));
+    let phases = server.watch_execution_phase();
+    server.add_service(background_service(
+        "control",
+        Control::new(reloader, lifecycle, phases),
+    ));
+    Ok(server)
 }
 
 /// Build and run until shut down by a signal.
-pub fn run(config: Config, opts: ProcessOptions) {
-    build(config, opts).run(RunArgs::default());
+pub fn run(config: Config, path: &Path, opts: ProcessOptions) -> Result<(), String> {
+    build(config, path, opts)?.run(RunArgs::default());
+    Ok(())
 }

@@ -67,11 +67,11 @@ pub enum Admission {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
     /// Traffic flows.
-    Closed,
+    Closed = 0,
     /// Traffic is refused.
-    Open,
+    Open = 1,
     /// Probes decide.
-    HalfOpen,
+    HalfOpen = 2,
 }
 
 impl BreakerState {
@@ -122,6 +122,11 @@ impl Breaker {
             window: Window::new(cfg.window, now),
             trips: 0,
         }
+    }
+
+    /// The thresholds it runs with.
+    pub fn settings(&self) -> BreakerSettings {
+        self.cfg
     }
 
     /// The state at `now` (an expired open period reads as half-open).

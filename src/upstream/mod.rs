@@ -40,6 +40,8 @@ pub struct Backend {
     /// Consecutive (passes, failures) of the active health check.
     streak: Mutex<(u32, u32)>,
     breaker: Option<Mutex<Breaker>>,
+    /// Breaker transitions into closed, open, half-open.
+    transitions: [std::sync::atomic::AtomicU64; 3],
 }
 
 impl Backend {
@@ -58,6 +60,36 @@ impl Backend {
             healthy: AtomicBool::new(true),
             streak: Mutex::new((0, 0)),
             breaker: cfg.breaker.map(|b| Mutex::new(Breaker::new(b, now))),
+            transitions: Default::default(),
+        }
+    }
+
+    /// Count a breaker transition of this backend.
+    pub fn count_transition(&self, t: Transition) {
+        self.transitions[t.to as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Transitions into `state` so far.
+    pub fn transitions(&self, state: BreakerState) -> u64 {
+        self.transitions[state as usize].load(Ordering::Relaxed)
+    }
+
+    /// Take over the live state of `old` (same address, previous configuration): health,
+    /// the health-check streak, breaker state (when its settings did not change) and
+    /// transition counts. In-flight counts stay with the old object, which in-flight requests
+    /// still hold.
+    fn inherit(&self, old: &Backend) {
+        self.healthy.store(old.is_healthy(), Ordering::Relaxed);
+        *lock(&self.streak) = *lock(&old.streak);
+        if let (Some(new), Some(prev)) = (&self.breaker, &old.breaker) {
+            let prev = lock(prev).clone();
+            let mut new = lock(new);
+            if new.settings() == prev.settings() {
+                *new = prev;
+            }
+        }
+        for (n, o) in self.transitions.iter().zip(&old.transitions) {
+            n.store(o.load(Ordering::Relaxed), Ordering::Relaxed);
         }
     }
 
@@ -197,6 +229,24 @@ impl Upstream {
             stats: stats::UpstreamStats::default(),
             config: cfg.clone(),
         }
+    }
+
+    /// Build from a new configuration of an upstream that already runs as `old`: backends
+    /// that remain inherit their live state, and the discovered set is kept until discovery
+    /// reports again. (An unchanged upstream is reused whole instead; see `RuntimeState`.)
+    pub fn succeed(cfg: &UpstreamConfig, old: &Upstream) -> Upstream {
+        let new = Upstream::new(cfg);
+        if cfg.discovery.is_some() {
+            let found = lock(&old.discovered).clone();
+            new.set_discovered(found);
+        }
+        let previous = old.members();
+        for b in &new.members().backends {
+            if let Some(o) = previous.backends.iter().find(|o| o.addr == b.addr) {
+                b.inherit(o);
+            }
+        }
+        new
     }
 
     fn members_of(cfg: &UpstreamConfig, backends: Vec<Arc<Backend>>) -> Members {

@@ -1,9 +1,7 @@
-//! Counters of one upstream's resilience events, in one place for the metrics and admin code
+//! Counters of one upstream's resilience events (breaker transitions are counted per backend), in one place for the metrics and admin code
 //! to read. Gauges (in-flight, health, breaker state) are read from the backends themselves.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use super::breaker::{BreakerState, Transition};
 
 /// Monotonic counters; all `Relaxed`, read as a snapshot by [`UpstreamStats::snapshot`].
 #[derive(Debug, Default)]
@@ -12,12 +10,6 @@ pub struct UpstreamStats {
     pub retries: AtomicU64,
     /// Retries the budget refused.
     pub retries_refused_by_budget: AtomicU64,
-    /// Breaker transitions into open.
-    pub breaker_opened: AtomicU64,
-    /// Breaker transitions into half-open.
-    pub breaker_half_opened: AtomicU64,
-    /// Breaker transitions into closed.
-    pub breaker_closed: AtomicU64,
     /// Requests answered 503 because every breaker was open.
     pub rejected_breaker_open: AtomicU64,
     /// Requests answered 503 because no backend was healthy.
@@ -38,15 +30,6 @@ impl UpstreamStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Count a breaker transition.
-    pub fn transition(&self, t: Transition) {
-        Self::inc(match t.to {
-            BreakerState::Open => &self.breaker_opened,
-            BreakerState::HalfOpen => &self.breaker_half_opened,
-            BreakerState::Closed => &self.breaker_closed,
-        });
-    }
-
     /// Every counter by name, for exposition.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -56,9 +39,6 @@ impl UpstreamStats {
                 "retries_refused_by_budget",
                 r(&self.retries_refused_by_budget),
             ),
-            ("breaker_opened", r(&self.breaker_opened)),
-            ("breaker_half_opened", r(&self.breaker_half_opened)),
-            ("breaker_closed", r(&self.breaker_closed)),
             ("rejected_breaker_open", r(&self.rejected_breaker_open)),
             ("rejected_unhealthy", r(&self.rejected_unhealthy)),
             ("rejected_in_flight", r(&self.rejected_in_flight)),
@@ -74,18 +54,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transitions_are_counted_by_target_state() {
+    fn snapshot_names_every_counter() {
         let s = UpstreamStats::default();
-        let t = |from, to| Transition { from, to };
-        s.transition(t(BreakerState::Closed, BreakerState::Open));
-        s.transition(t(BreakerState::Open, BreakerState::HalfOpen));
-        s.transition(t(BreakerState::HalfOpen, BreakerState::Open));
-        s.transition(t(BreakerState::Open, BreakerState::HalfOpen));
-        s.transition(t(BreakerState::HalfOpen, BreakerState::Closed));
+        UpstreamStats::inc(&s.retries);
+        UpstreamStats::inc(&s.retries);
         let snap: std::collections::HashMap<_, _> = s.snapshot().into_iter().collect();
-        assert_eq!(snap["breaker_opened"], 2);
-        assert_eq!(snap["breaker_half_opened"], 2);
-        assert_eq!(snap["breaker_closed"], 1);
-        assert_eq!(snap["retries"], 0);
+        assert_eq!(snap["retries"], 2);
+        assert_eq!(snap["discovery_failures"], 0);
+        assert_eq!(snap.len(), 8);
     }
 }

@@ -61,6 +61,7 @@ pub struct TestGateway {
 pub struct GatewayConfig {
     body: String,
     server_extra: String,
+    admin_extra: String,
     args: Vec<String>,
 }
 
@@ -69,6 +70,7 @@ impl GatewayConfig {
         GatewayConfig {
             body: body.into(),
             server_extra: String::new(),
+            admin_extra: String::new(),
             args: Vec::new(),
         }
     }
@@ -79,6 +81,16 @@ impl GatewayConfig {
             self.server_extra.push_str("  ");
             self.server_extra.push_str(l);
             self.server_extra.push('\n');
+        }
+        self
+    }
+
+    /// Extra lines under `admin:` (indented by the harness).
+    pub fn admin(mut self, lines: &str) -> Self {
+        for l in lines.lines() {
+            self.admin_extra.push_str("  ");
+            self.admin_extra.push_str(l);
+            self.admin_extra.push('\n');
         }
         self
     }
@@ -144,8 +156,9 @@ impl TestGateway {
             server.push(line.to_string());
         }
         let yaml = format!(
-            "server:\n{}\nlisteners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin_port}\n{body}\n",
+            "server:\n{}\nlisteners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin_port}\n{admin}{body}\n",
             server.join("\n"),
+            admin = cfg.admin_extra,
             body = cfg.body
         );
         let conf = dir.path().join("tollgate.yaml");

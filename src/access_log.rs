@@ -1,0 +1,226 @@
+//! The access log: one line per request, JSON or `key=value` text, to stdout, stderr or a file.
+//!
+//! Workers never block on it: lines go through a bounded channel to a writer thread that
+//! batches writes and flushes when idle (at least every 100 ms). When the writer falls behind
+//! and the channel is full, lines are dropped and counted in
+//! `tollgate_access_log_dropped_total`.
+
+use std::fs::OpenOptions;
+use std::io::{BufWriter, Write};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::{AccessLogConfig, AccessLogFormat};
+use crate::metrics::metrics;
+
+/// Lines buffered between the workers and the writer thread.
+const QUEUE: usize = 65_536;
+
+/// One request's record.
+#[derive(Debug, Serialize)]
+pub struct Entry<'a> {
+    /// RFC 3339 time the request finished, in UTC with milliseconds.
+    pub time: String,
+    /// `X-Request-Id`.
+    pub request_id: &'a str,
+    /// Client address (after trusted-proxy resolution).
+    pub client: String,
+    /// Method.
+    pub method: &'a str,
+    /// Host header.
+    pub host: &'a str,
+    /// Path and query as received (normalised).
+    pub path: &'a str,
+    /// Status sent, 0 if none.
+    pub status: u16,
+    /// Request body bytes received.
+    pub bytes_in: usize,
+    /// Response body bytes sent.
+    pub bytes_out: usize,
+    /// Matched route, empty if none.
+    pub route: &'a str,
+    /// Upstream, empty if none.
+    pub upstream: &'a str,
+    /// Backend of the last attempt, empty if none.
+    pub backend: String,
+    /// Attempts made (0 when answered by the gateway).
+    pub attempts: usize,
+    /// Of which retries on another backend.
+    pub retries: usize,
+    /// Milliseconds from choosing the last backend to its response head.
+    pub upstream_ms: Option<f64>,
+    /// Milliseconds from the request head to the end of the response.
+    pub total_ms: f64,
+    /// Why no backend was tried (breaker, health, in-flight cap), if so.
+    pub unavailable: Option<&'static str>,
+    /// The error that ended the request, if any.
+    pub error: Option<String>,
+}
+
+/// A running access log.
+#[derive(Debug)]
+pub struct AccessLog {
+    tx: SyncSender<String>,
+    format: AccessLogFormat,
+    /// The configuration it was started from (a reload keeps the log when unchanged).
+    pub config: AccessLogConfig,
+}
+
+impl AccessLog {
+    /// Open the destination and start the writer thread.
+    pub fn start(config: &AccessLogConfig) -> std::io::Result<AccessLog> {
+        let out: Box<dyn Write + Send> = match config.path.as_str() {
+            "stdout" => Box::new(std::io::stdout()),
+            "stderr" => Box::new(std::io::stderr()),
+            path => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
+        };
+        let (tx, rx) = sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("tollgate-access-log".into())
+            .spawn(move || writer(rx, BufWriter::with_capacity(64 * 1024, out)))?;
+        Ok(AccessLog {
+            tx,
+            format: config.format,
+            config: config.clone(),
+        })
+    }
+
+    /// Queue one entry; never blocks.
+    pub fn log(&self, e: &Entry<'_>) {
+        let line = match self.format {
+            AccessLogFormat::Json => serde_json::to_string(e).unwrap_or_default(),
+            AccessLogFormat::Text => text(e),
+        };
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                metrics().access_log_dropped.inc();
+            }
+        }
+    }
+}
+
+fn text(e: &Entry<'_>) -> String {
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+    format!(
+        "time={} request_id={} client={} method={} host={:?} path={:?} status={} bytes_in={} bytes_out={} route={} upstream={} backend={} attempts={} retries={} upstream_ms={} total_ms={:.3} unavailable={} error={:?}",
+        e.time,
+        e.request_id,
+        e.client,
+        e.method,
+        e.host,
+        e.path,
+        e.status,
+        e.bytes_in,
+        e.bytes_out,
+        if e.route.is_empty() { "-" } else { e.route },
+        if e.upstream.is_empty() {
+            "-"
+        } else {
+            e.upstream
+        },
+        if e.backend.is_empty() {
+            "-"
+        } else {
+            &e.backend
+        },
+        e.attempts,
+        e.retries,
+        opt(e.upstream_ms),
+        e.total_ms,
+        e.unavailable.unwrap_or("-"),
+        e.error.as_deref().unwrap_or(""),
+    )
+}
+
+fn writer(rx: Receiver<String>, mut out: BufWriter<Box<dyn Write + Send>>) {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                let _ = out.write_all(line.as_bytes());
+                let _ = out.write_all(b"\n");
+                // Drain what is queued without waiting, then flush once for the batch.
+                while let Ok(line) = rx.try_recv() {
+                    let _ = out.write_all(line.as_bytes());
+                    let _ = out.write_all(b"\n");
+                }
+                let _ = out.flush();
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = out.flush();
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = out.flush();
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            time: "2026-11-25T00:00:00.000Z".into(),
+            request_id: "abc",
+            client: "127.0.0.1".into(),
+            method: "GET",
+            host: "h",
+            path: "/p?q=\"x\"",
+            status: 200,
+            bytes_in: 0,
+            bytes_out: 2,
+            route: "r",
+            upstream: "u",
+            backend: "127.0.0.1:1".into(),
+            attempts: 1,
+            retries: 0,
+            upstream_ms: Some(1.5),
+            total_ms: 2.0,
+            unavailable: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn json_and_text_lines() {
+        let json: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&entry()).unwrap()).unwrap();
+        assert_eq!(json["path"], "/p?q=\"x\"");
+        assert_eq!(json["upstream_ms"], 1.5);
+        let t = text(&entry());
+        assert!(
+            t.contains("path=\"/p?q=\\\"x\\\"\"") && t.contains("upstream_ms=1.500"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn file_destination_receives_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::start(&AccessLogConfig {
+            format: AccessLogFormat::Json,
+            path: path.display().to_string(),
+        })
+        .unwrap();
+        for _ in 0..3 {
+            log.log(&entry());
+        }
+        drop(log);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < 3
+        {
+            assert!(std::time::Instant::now() < deadline, "lines not written");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! Prometheus metrics, prefix `tollgate_`, served on the admin listener's `/metrics`.
+//!
+//! Request metrics are registered once in the default registry (which Pingora's own metrics,
+//! if any, share) and recorded in the `logging` phase. Upstream and backend state (health,
+//! breaker, in-flight, resilience counters) is read from the live [`RuntimeState`] at scrape
+//! time, so it always matches the configuration being served. Label values are bounded: route
+//! and upstream names come from the configuration, backends from the member sets, methods from
+//! a fixed list (anything else is `OTHER`), statuses by class.
+
+use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::runtime::RuntimeState;
+use crate::upstream::breaker::BreakerState;
+
+/// Seconds buckets for request and upstream durations.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Metrics recorded on the request path.
+#[derive(Debug)]
+pub struct Metrics {
+    /// `tollgate_requests_total{route,method,status_class}`.
+    pub requests: IntCounterVec,
+    /// `tollgate_request_duration_seconds{route}`.
+    pub request_duration: HistogramVec,
+    /// `tollgate_upstream_duration_seconds{upstream,backend}`: attempt start to response head.
+    pub upstream_duration: HistogramVec,
+    /// `tollgate_requests_in_flight`.
+    pub in_flight: IntGauge,
+    /// `tollgate_downstream_connections`: open client connections.
+    pub connections: IntGauge,
+    /// `tollgate_downstream_connections_total`: accepted client connections.
+    pub connections_total: IntCounter,
+    /// `tollgate_request_bytes_total{route}`: request body bytes received.
+    pub bytes_in: IntCounterVec,
+    /// `tollgate_response_bytes_total{route}`: response body bytes sent.
+    pub bytes_out: IntCounterVec,
+    /// `tollgate_config_reloads_total{outcome}`.
+    pub reloads: IntCounterVec,
+    /// `tollgate_config_last_reload_timestamp_seconds` (successful reloads and start-up).
+    pub last_reload: Gauge,
+    /// `tollgate_config_last_reload_success` (1 or 0).
+    pub last_reload_success: IntGauge,
+    /// `tollgate_access_log_dropped_total`: lines dropped because the writer fell behind.
+    pub access_log_dropped: IntCounter,
+}
+
+/// The process-wide metrics, registered on first use.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let r = prometheus::default_registry();
+        let m = Metrics {
+            requests: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tollgate_requests_total",
+                        "Requests by route, method and status class.",
+                    ),
+                    &["route", "method", "status_class"],
+                ),
+            ),
+            request_duration: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tollgate_request_duration_seconds",
+                        "Time from request head to the end of the response, by route.",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                    &["route"],
+                ),
+            ),
+            upstream_duration: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tollgate_upstream_duration_seconds",
+                        "Time from choosing a backend to its response head.",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                    &["upstream", "backend"],
+                ),
+            ),
+            in_flight: reg(
+                r,
+                IntGauge::new("tollgate_requests_in_flight", "Requests being handled."),
+            ),
+            connections: reg(
+                r,
+                IntGauge::new(
+                    "tollgate_downstream_connections",
+                    "Open client connections.",
+                ),
+            ),
+            connections_total: reg(
+                r,
+                IntCounter::new(
+                    "tollgate_downstream_connections_total",
+                    "Client connections accepted.",
+                ),
+            ),
+            bytes_in: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tollgate_request_bytes_total",
+                        "Request body bytes received from clients, by route.",
+                    ),
+                    &["route"],
+                ),
+            ),
+            bytes_out: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tollgate_response_bytes_total",
+                        "Response body bytes sent to clients, by route.",
+                    ),
+                    &["route"],
+                ),
+            ),
+            reloads: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tollgate_config_reloads_total",
+                        "Configuration reloads by outcome.",
+                    ),
+                    &["outcome"],
+                ),
+            ),
+            last_reload: reg(
+                r,
+                Gauge::new(
+                    "tollgate_config_last_reload_timestamp_seconds",
+                    "Unix time the configuration in force was loaded.",
+                ),
+            ),
+            last_reload_success: reg(
+                r,
+                IntGauge::new(
+                    "tollgate_config_last_reload_success",
+                    "Whether the last reload attempt succeeded.",
+                ),
+            ),
+            access_log_dropped: reg(
+                r,
+                IntCounter::new(
+                    "tollgate_access_log_dropped_total",
+                    "Access log lines dropped because the writer could not keep up.",
+                ),
+            ),
+        };
+        let build = reg(
+            r,
+            IntGaugeVec::new(
+                Opts::new("tollgate_build_info", "Build information; always 1."),
+                &["version", "pingora"],
+            ),
+        );
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), "0.9.1"])
+            .set(1);
+        for outcome in ["success", "failure"] {
+            m.reloads.with_label_values(&[outcome]);
+        }
+        m
+    })
+}
+
+fn reg<C: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    c: prometheus::Result<C>,
+) -> C {
+    let c = c.expect("static metric definitions are valid");
+    r.register(Box::new(c.clone()))
+        .expect("each metric is registered once");
+    c
+}
+
+/// The `method` label: the standard methods, or `OTHER` (client-chosen tokens are unbounded).
+pub fn method_label(m: &http::Method) -> &'static str {
+    match m.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+/// The `status_class` label: `1xx`…`5xx`, or `none` when no response was sent.
+pub fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "none",
+    }
+}
+
+/// The text exposition: the registered metrics plus the live upstream state of `state`.
+pub fn render(state: &RuntimeState) -> String {
+    metrics(); // registered even before the first request
+    let mut families = prometheus::gather();
+    families.extend(upstream_families(state));
+    families.sort_by(|a, b| a.name().cmp(b.name()));
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&families, &mut out)
+        .expect("encoding gathered metrics cannot fail");
+    String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+fn upstream_families(state: &RuntimeState) -> Vec<prometheus::proto::MetricFamily> {
+    let r = Registry::new();
+    let gauge = |name: &str, help: &str, labels: &[&str]| {
+        reg(&r, IntGaugeVec::new(Opts::new(name, help), labels))
+    };
+    let counter = |name: &str, help: &str, labels: &[&str]| {
+        reg(&r, IntCounterVec::new(Opts::new(name, help), labels))
+    };
+    let healthy = gauge(
+        "tollgate_backend_healthy",
+        "1 if the backend passes its health checks (or has none).",
+        &["upstream", "backend"],
+    );
+    let breaker = gauge(
+        "tollgate_backend_breaker_state",
+        "1 for the breaker's current state.",
+        &["upstream", "backend", "state"],
+    );
+    let backend_in_flight = gauge(
+        "tollgate_backend_in_flight",
+        "Requests in flight to the backend.",
+        &["upstream", "backend"],
+    );
+    let transitions = counter(
+        "tollgate_backend_breaker_transitions_total",
+        "Breaker state changes, by the state entered.",
+        &["upstream", "backend", "to"],
+    );
+    let backends = gauge(
+        "tollgate_upstream_backends",
+        "Backends in the upstream's member set.",
+        &["upstream"],
+    );
+    let up_in_flight = gauge(
+        "tollgate_upstream_in_flight",
+        "Requests in flight to the upstream.",
+        &["upstream"],
+    );
+    let retries = counter(
+        "tollgate_retries_total",
+        "Requests resent to another backend.",
+        &["upstream"],
+    );
+    let budget = counter(
+        "tollgate_retries_budget_exhausted_total",
+        "Retries refused by the retry budget.",
+        &["upstream"],
+    );
+    let rejected = counter(
+        "tollgate_upstream_rejected_total",
+        "Requests answered 503 without trying a backend, by reason.",
+        &["upstream", "reason"],
+    );
+    let health = counter(
+        "tollgate_backend_health_transitions_total",
+        "Health-check flips, by the state entered.",
+        &["upstream", "to"],
+    );
+    let discovery = counter(
+        "tollgate_discovery_failures_total",
+        "Failed discovery rounds (the last good set was kept).",
+        &["upstream"],
+    );
+    let now = Instant::now();
+    for u in &state.upstreams {
+        let name = u.name.as_str();
+        let members = u.members();
+        backends
+            .with_label_values(&[name])
+            .set(members.backends.len() as i64);
+        up_in_flight
+            .with_label_values(&[name])
+            .set(u.in_flight() as i64);
+        let s = &u.stats;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        retries.with_label_values(&[name]).inc_by(get(&s.retries));
+        budget
+            .with_label_values(&[name])
+            .inc_by(get(&s.retries_refused_by_budget));
+        for (reason, c) in [
+            ("breaker_open", &s.rejected_breaker_open),
+            ("unhealthy", &s.rejected_unhealthy),
+            ("in_flight_limit", &s.rejected_in_flight),
+        ] {
+            rejected.with_label_values(&[name, reason]).inc_by(get(c));
+        }
+        health
+            .with_label_values(&[name, "healthy"])
+            .inc_by(get(&s.health_up));
+        health
+            .with_label_values(&[name, "unhealthy"])
+            .inc_by(get(&s.health_down));
+        discovery
+            .with_label_values(&[name])
+            .inc_by(get(&s.discovery_failures));
+        for b in &members.backends {
+            let addr = b.addr.to_string();
+            let l = [name, addr.as_str()];
+            healthy.with_label_values(&l).set(i64::from(b.is_healthy()));
+            backend_in_flight
+                .with_label_values(&l)
+                .set(b.in_flight() as i64);
+            let current = b.breaker_state(now);
+            for st in [
+                BreakerState::Closed,
+                BreakerState::Open,
+                BreakerState::HalfOpen,
+            ] {
+                breaker
+                    .with_label_values(&[name, &addr, st.as_str()])
+                    .set(i64::from(st == current));
+                transitions
+                    .with_label_values(&[name, &addr, st.as_str()])
+                    .inc_by(b.transitions(st));
+            }
+        }
+    }
+    r.gather()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_bounded() {
+        assert_eq!(method_label(&http::Method::GET), "GET");
+        assert_eq!(
+            method_label(&http::Method::from_bytes(b"BREW").unwrap()),
+            "OTHER"
+        );
+        assert_eq!(status_class(204), "2xx");
+        assert_eq!(status_class(0), "none");
+    }
+}

@@ -1,0 +1,124 @@
+//! Configuration hot reload (SIGHUP and `POST /reload`): read, validate, build a new runtime
+//! snapshot carrying live state over, swap it atomically. In-flight requests finish on the
+//! snapshot they started with. A configuration that fails is never applied: the old one keeps
+//! serving, and the failure is logged and counted.
+//!
+//! Listeners, the admin listener and the process settings under `server:` (other than
+//! `log_level`) belong to the running process: a reload that changes them is refused with a
+//! message saying so; apply them with a restart or a binary upgrade (`tollgate -u`).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::config::{Config, ServerSettings};
+use crate::metrics::metrics;
+use crate::runtime::RuntimeState;
+
+/// Reloads the configuration file into the shared runtime state.
+#[derive(Debug)]
+pub struct Reloader {
+    path: PathBuf,
+    state: Arc<ArcSwap<RuntimeState>>,
+    changed: watch::Sender<Arc<RuntimeState>>,
+    lock: Mutex<()>,
+}
+
+impl Reloader {
+    /// A reloader for `path` over `state`; the receiver sees every new snapshot.
+    pub fn new(
+        path: PathBuf,
+        state: Arc<ArcSwap<RuntimeState>>,
+    ) -> (Reloader, watch::Receiver<Arc<RuntimeState>>) {
+        let (changed, rx) = watch::channel(state.load_full());
+        let m = metrics();
+        m.last_reload.set(unix_now());
+        m.last_reload_success.set(1);
+        (
+            Reloader {
+                path,
+                state,
+                changed,
+                lock: Mutex::new(()),
+            },
+            rx,
+        )
+    }
+
+    /// The configuration file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Reload now. `Err` carries every problem, one per line; the old configuration stays.
+    pub fn reload(&self) -> Result<(), String> {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let m = metrics();
+        match self.try_reload() {
+            Ok(()) => {
+                m.reloads.with_label_values(&["success"]).inc();
+                m.last_reload.set(unix_now());
+                m.last_reload_success.set(1);
+                log::warn!("configuration reloaded from {}", self.path.display());
+                Ok(())
+            }
+            Err(e) => {
+                m.reloads.with_label_values(&["failure"]).inc();
+                m.last_reload_success.set(0);
+                log::error!("configuration reload failed; the previous configuration stays:\n{e}");
+                Err(e)
+            }
+        }
+    }
+
+    fn try_reload(&self) -> Result<(), String> {
+        let config = Config::load(&self.path).map_err(|e| e.to_string())?;
+        let old = self.state.load_full();
+        let fixed = restart_only_changes(&old.config, &config);
+        if !fixed.is_empty() {
+            return Err(format!(
+                "{}: {} cannot change on reload; restart or upgrade the binary (tollgate -u) to apply",
+                self.path.display(),
+                fixed.join(", ")
+            ));
+        }
+        if config.server.log_level != old.config.server.log_level
+            && std::env::var_os("RUST_LOG").is_none()
+            && let Ok(level) = config.server.log_level.parse()
+        {
+            log::set_max_level(level);
+        }
+        let new = Arc::new(RuntimeState::build(config, Some(&old))?);
+        self.state.store(Arc::clone(&new));
+        let _ = self.changed.send(new);
+        Ok(())
+    }
+}
+
+/// Settings a reload cannot apply.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if old.listeners != new.listeners {
+        out.push("listeners");
+    }
+    if old.admin != new.admin {
+        out.push("admin");
+    }
+    let comparable = |s: &ServerSettings| ServerSettings {
+        log_level: String::new(),
+        ..s.clone()
+    };
+    if comparable(&old.server) != comparable(&new.server) {
+        out.push("server");
+    }
+    out
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
