@@ -1,14 +1,15 @@
 //! The access log: one line per request, JSON or `key=value` text, to stdout, stderr or a file.
 //!
-//! Workers never block on it: lines go through a bounded channel to a writer thread that
-//! batches writes and flushes when idle (at least every 100 ms). When the writer falls behind
+//! Workers never block on it: lines go through a bounded channel to a writer thread that drains
+//! it every 10 ms (never woken per line) and writes through a 64 KiB buffer flushed when full or
+//! at least every 100 ms. When the writer falls behind
 //! and the channel is full, lines are dropped and counted in
 //! `tollgate_access_log_dropped_total`.
 
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::time::Duration;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -17,6 +18,10 @@ use crate::metrics::metrics;
 
 /// Lines buffered between the workers and the writer thread.
 const QUEUE: usize = 65_536;
+/// Longest time a written line may wait in the buffer.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// How often the writer drains the queue (65,536 lines per 10 ms is far above any load).
+const POLL: Duration = Duration::from_millis(10);
 
 /// One request's record.
 #[derive(Debug, Serialize)]
@@ -136,25 +141,29 @@ fn text(e: &Entry<'_>) -> String {
 }
 
 fn writer(rx: Receiver<String>, mut out: BufWriter<Box<dyn Write + Send>>) {
+    // The writer polls instead of blocking on the channel: a blocked receiver would be woken
+    // (a futex call and a context switch) for every line, which cost ~16 µs of CPU per request
+    // under load. Draining every POLL costs nothing per line; the buffer goes out when full or
+    // at least every FLUSH_EVERY.
+    let mut last_flush = Instant::now();
     loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => {
-                let _ = out.write_all(line.as_bytes());
-                let _ = out.write_all(b"\n");
-                // Drain what is queued without waiting, then flush once for the batch.
-                while let Ok(line) = rx.try_recv() {
+        std::thread::sleep(POLL);
+        loop {
+            match rx.try_recv() {
+                Ok(line) => {
                     let _ = out.write_all(line.as_bytes());
                     let _ = out.write_all(b"\n");
                 }
-                let _ = out.flush();
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    let _ = out.flush();
+                    return;
+                }
             }
-            Err(RecvTimeoutError::Timeout) => {
-                let _ = out.flush();
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = out.flush();
-                return;
-            }
+        }
+        if last_flush.elapsed() >= FLUSH_EVERY {
+            let _ = out.flush();
+            last_flush = Instant::now();
         }
     }
 }
