@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
+use crate::filters::FilterRegistry;
 use crate::server::{self, ProcessOptions};
 
 /// Exit status for a configuration that fails validation (EX_USAGE).
@@ -45,8 +46,14 @@ pub enum Command {
     Demo,
 }
 
-/// Parse the command line and run. Returns the process exit status.
+/// Parse the command line and run with the built-in filter kinds. Returns the exit status.
 pub fn main() -> ExitCode {
+    main_with(FilterRegistry::new())
+}
+
+/// [`main`] with extra filter kinds: a binary that embeds tollgate registers its own filters
+/// and calls this (see `examples/custom_filter.rs`).
+pub fn main_with(filters: FilterRegistry) -> ExitCode {
     let cli = Cli::parse();
     let demo = matches!(cli.command, Some(Command::Demo));
     let path = cli.conf.clone().unwrap_or_else(|| {
@@ -56,7 +63,7 @@ pub fn main() -> ExitCode {
             "/etc/tollgate/tollgate.yaml"
         })
     });
-    let config = match Config::load(&path) {
+    let config = match Config::load_with(&path, &filters) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("{errors}");
@@ -86,14 +93,14 @@ pub fn main() -> ExitCode {
     let result = if demo {
         print!("{}", server::demo::banner(&config));
         let demos = server::demo::services(&config);
-        server::build(config, &path, opts).map(|mut srv| {
+        server::build(config, &path, filters, opts).map(|mut srv| {
             for d in demos {
                 srv.add_service(d);
             }
             srv.run(pingora::server::RunArgs::default());
         })
     } else {
-        server::run(config, &path, opts)
+        server::run(config, &path, filters, opts)
     };
     if let Err(e) = result {
         eprintln!("{e}");

@@ -24,6 +24,7 @@
 pub mod access_log;
 pub mod cli;
 pub mod config;
+pub mod filters;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;

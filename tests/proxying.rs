@@ -239,7 +239,11 @@ async fn websocket_is_tunnelled_after_101() {
     for i in 0..20 {
         let text = format!("hello {i}");
         socket.send(Message::Text(text.clone())).await.unwrap();
-        assert_eq!(socket.next().await.unwrap().unwrap(), Message::Text(text));
+        let echo = socket.next().await.unwrap();
+        assert_eq!(
+            echo.unwrap_or_else(|e| panic!("message {i}: {e}\n{}", gw.log())),
+            Message::Text(text)
+        );
     }
     let blob: Vec<u8> = pattern(0, 300_000);
     socket.send(Message::Binary(blob.clone())).await.unwrap();
@@ -396,8 +400,9 @@ async fn websocket_works_without_connection_reuse() {
         .unwrap();
     assert_eq!(resp.status(), 101);
     socket.send(Message::Text("ping".into())).await.unwrap();
+    let echo = socket.next().await.unwrap();
     assert_eq!(
-        socket.next().await.unwrap().unwrap(),
+        echo.unwrap_or_else(|e| panic!("{e}\n{}", gw.log())),
         Message::Text("ping".into())
     );
 }

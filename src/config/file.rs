@@ -35,6 +35,9 @@ pub struct FileConfig {
     /// One line per request. Default: off.
     #[serde(default)]
     pub access_log: Option<AccessLogSection>,
+    /// Filters run on every request, before the route's own. Default: none.
+    #[serde(default)]
+    pub filters: Vec<serde_json::Value>,
 }
 
 /// `access_log:`.
@@ -490,6 +493,9 @@ pub struct RouteSection {
     /// Host header sent upstream. Default: the client's Host, unchanged.
     #[serde(default)]
     pub upstream_host: Option<String>,
+    /// Filters, run in order after the global ones. Default: none.
+    #[serde(default)]
+    pub filters: Vec<serde_json::Value>,
 }
 
 /// `match:` on a route. All given conditions must hold.

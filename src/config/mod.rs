@@ -12,11 +12,13 @@ mod validate;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use regex::Regex;
 
+use crate::filters::{Filter, FilterRegistry};
 pub use crate::upstream::breaker::BreakerSettings;
 pub use error::{ConfigError, ConfigErrors};
 pub use file::{AccessLogFormat, Balance, FailureKind, HealthCheckKind};
@@ -39,6 +41,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Routes in file order.
     pub routes: Vec<RouteConfig>,
+    /// Filters run on every request.
+    pub filters: Vec<Arc<dyn Filter>>,
 }
 
 /// `admin:` after validation.
@@ -234,6 +238,8 @@ pub struct RouteConfig {
     pub rewrite: Option<(Regex, String)>,
     /// Host header to send upstream instead of the client's.
     pub upstream_host: Option<http::HeaderValue>,
+    /// The route's filters, in order.
+    pub filters: Vec<Arc<dyn Filter>>,
 }
 
 /// A host condition.
@@ -259,26 +265,41 @@ pub enum PathMatch {
 }
 
 impl Config {
-    /// Parse and validate YAML text. `source` names the file in error messages.
+    /// Parse and validate YAML text with the built-in filter kinds. `source` names the file in
+    /// error messages.
     pub fn from_yaml(text: &str, source: &str) -> Result<Config, ConfigErrors> {
+        Config::from_yaml_with(text, source, &FilterRegistry::new())
+    }
+
+    /// Parse and validate YAML text; filter kinds come from `filters`.
+    pub fn from_yaml_with(
+        text: &str,
+        source: &str,
+        filters: &FilterRegistry,
+    ) -> Result<Config, ConfigErrors> {
         let file: file::FileConfig = serde_saphyr::from_str(text).map_err(|e| ConfigErrors {
             source: source.to_string(),
             errors: vec![ConfigError::new("", e.to_string())],
         })?;
-        validate::validate(file).map_err(|errors| ConfigErrors {
+        validate::validate(file, filters).map_err(|errors| ConfigErrors {
             source: source.to_string(),
             errors,
         })
     }
 
-    /// Read, parse and validate a file.
+    /// Read, parse and validate a file with the built-in filter kinds.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Config::load_with(path, &FilterRegistry::new())
+    }
+
+    /// Read, parse and validate a file; filter kinds come from `filters`.
+    pub fn load_with(path: &Path, filters: &FilterRegistry) -> Result<Config, ConfigErrors> {
         let source = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
             source: source.clone(),
             errors: vec![ConfigError::new("", format!("cannot read the file: {e}"))],
         })?;
-        Config::from_yaml(&text, &source)
+        Config::from_yaml_with(&text, &source, filters)
     }
 
     /// The upstream named `name`.

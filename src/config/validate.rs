@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use regex::Regex;
 
+use crate::filters::FilterRegistry;
+
 use super::file::{
     AdminSection, Balance, BreakerSection, DiscoverySection, FileConfig, HealthCheckSection,
     RetriesSection, RetryMethods, RouteSection, UpstreamSection,
@@ -32,7 +34,10 @@ impl Errors {
     }
 }
 
-pub(super) fn validate(file: FileConfig) -> Result<Config, Vec<ConfigError>> {
+pub(super) fn validate(
+    file: FileConfig,
+    registry: &FilterRegistry,
+) -> Result<Config, Vec<ConfigError>> {
     let mut errs = Errors(Vec::new());
 
     let server = server_settings(&file, &mut errs);
@@ -95,7 +100,7 @@ pub(super) fn validate(file: FileConfig) -> Result<Config, Vec<ConfigError>> {
                 format!("no upstream named {:?}", r.upstream),
             );
         }
-        if let Some(route) = route(r, &path, upstream_index.unwrap_or(0), &mut errs) {
+        if let Some(route) = route(r, &path, upstream_index.unwrap_or(0), registry, &mut errs) {
             let sig = route_signature(&route);
             if let Some(first) = signatures.insert(sig, i) {
                 errs.push(
@@ -124,8 +129,11 @@ pub(super) fn validate(file: FileConfig) -> Result<Config, Vec<ConfigError>> {
         );
     }
 
+    let filters = build_filters(&file.filters, "filters", registry, &mut errs);
+
     if errs.0.is_empty() {
         Ok(Config {
+            filters,
             server,
             listeners,
             admin,
@@ -612,7 +620,13 @@ fn parse_hash_key(k: &str) -> Result<HashKey, String> {
     }
 }
 
-fn route(r: &RouteSection, path: &str, upstream: usize, errs: &mut Errors) -> Option<RouteConfig> {
+fn route(
+    r: &RouteSection,
+    path: &str,
+    upstream: usize,
+    registry: &FilterRegistry,
+    errs: &mut Errors,
+) -> Option<RouteConfig> {
     let before = errs.0.len();
     let m = &r.matcher;
     let mut hosts = Vec::new();
@@ -700,6 +714,7 @@ fn route(r: &RouteSection, path: &str, upstream: usize, errs: &mut Errors) -> Op
             }
         }
     });
+    let filters = build_filters(&r.filters, &format!("{path}.filters"), registry, errs);
     if errs.0.len() > before {
         return None;
     }
@@ -712,7 +727,27 @@ fn route(r: &RouteSection, path: &str, upstream: usize, errs: &mut Errors) -> Op
         strip_prefix: r.strip_prefix,
         rewrite,
         upstream_host,
+        filters,
     })
+}
+
+fn build_filters(
+    specs: &[serde_json::Value],
+    path: &str,
+    registry: &FilterRegistry,
+    errs: &mut Errors,
+) -> Vec<std::sync::Arc<dyn crate::filters::Filter>> {
+    specs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, spec)| {
+            let kind = spec.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
+            registry
+                .build(spec)
+                .map_err(|e| errs.push(format!("{path}[{i}] ({kind})"), e))
+                .ok()
+        })
+        .collect()
 }
 
 fn host_pattern(h: &str) -> Result<HostPattern, String> {

@@ -51,6 +51,8 @@ pub struct RequestCtx {
     pub connection: Option<Arc<ConnectionGuard>>,
     /// The in-flight gauge guard.
     pub in_flight: Option<RequestGuard>,
+    /// Filters' per-request state.
+    pub filter_state: http::Extensions,
 }
 
 impl RequestCtx {

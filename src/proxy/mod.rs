@@ -17,6 +17,7 @@ mod attempt;
 pub mod client;
 mod ctx;
 pub mod error;
+mod filter_chain;
 pub mod headers;
 mod observe;
 pub mod request_id;
@@ -126,13 +127,28 @@ impl ProxyHttp for Gateway {
             .unwrap_or("");
         let host = normalize_host(raw_host);
         let path = req.uri.path();
-        match state.router.find(&host, path, &req.method) {
+        let found = state.router.find(&host, path, &req.method);
+        if let RouteMatch::Found(i) = found {
+            let route = state.router.route(i);
+            ctx.forwarded_path = forwarded_path(route, path, req.uri.query());
+            // The client's Host, for X-Forwarded-Host, before any filter edits the request.
+            ctx.host = req.headers.get(http::header::HOST).cloned();
+            ctx.upstream = Some(Arc::clone(&state.upstreams[route.upstream]));
+            ctx.route = Some(i);
+        }
+        let route_name = ctx
+            .route
+            .map_or("", |i| state.router.route(i).name.as_str());
+        // Global filters see every request, routed or not (a redirect, CORS preflight, IP deny…).
+        if filter_chain::request(&state.config.filters, session, ctx, route_name).await? {
+            return Ok(true);
+        }
+        match found {
             RouteMatch::Found(i) => {
                 let route = state.router.route(i);
-                ctx.forwarded_path = forwarded_path(route, path, req.uri.query());
-                ctx.host = req.headers.get(http::header::HOST).cloned();
-                ctx.upstream = Some(Arc::clone(&state.upstreams[route.upstream]));
-                ctx.route = Some(i);
+                if filter_chain::request(&route.filters, session, ctx, route_name).await? {
+                    return Ok(true);
+                }
                 Ok(false)
             }
             RouteMatch::MethodNotAllowed(i) => {
@@ -152,6 +168,22 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
         }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(state) = ctx.state.clone() else {
+            return Ok(());
+        };
+        let route = ctx
+            .route
+            .map_or("", |i| state.router.route(i).name.as_str());
+        filter_chain::body(route, ctx, body.as_ref(), end_of_stream)
     }
 
     async fn upstream_peer(
@@ -261,6 +293,12 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(state) = ctx.state.clone() {
+            let route = ctx
+                .route
+                .map_or("", |i| state.router.route(i).name.as_str());
+            filter_chain::response(upstream_response, ctx, route);
+        }
         upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())
     }
 

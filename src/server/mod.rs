@@ -22,6 +22,7 @@ use pingora::services::background::background_service;
 
 use crate::config::Config;
 use crate::config::MAX_RETRIES;
+use crate::filters::FilterRegistry;
 use crate::proxy::Gateway;
 use crate::runtime::RuntimeState;
 use admin::Admin;
@@ -59,8 +60,13 @@ fn ceil_secs(d: std::time::Duration) -> u64 {
 }
 
 /// Build the server with every service, ready to run. `path` is the configuration file,
-/// read again on reload.
-pub fn build(config: Config, path: &Path, opts: ProcessOptions) -> Result<Server, String> {
+/// read again on reload with the same filter kinds (`filters`).
+pub fn build(
+    config: Config,
+    path: &Path,
+    filters: FilterRegistry,
+    opts: ProcessOptions,
+) -> Result<Server, String> {
     let conf = server_conf(&config);
     let opt = Opt {
         upgrade: opts.upgrade,
@@ -74,7 +80,7 @@ pub fn build(config: Config, path: &Path, opts: ProcessOptions) -> Result<Server
     let admin = config.admin.clone();
     let runtime = RuntimeState::build(config, None)?;
     let state = Arc::new(ArcSwap::from_pointee(runtime));
-    let (reloader, states) = Reloader::new(path.to_path_buf(), Arc::clone(&state));
+    let (reloader, states) = Reloader::new(path.to_path_buf(), filters, Arc::clone(&state));
     let reloader = Arc::new(reloader);
     let lifecycle = Arc::new(Lifecycle::default());
 
@@ -109,7 +115,12 @@ pub fn build(config: Config, path: &Path, opts: ProcessOptions) -> Result<Server
 }
 
 /// Build and run until shut down by a signal.
-pub fn run(config: Config, path: &Path, opts: ProcessOptions) -> Result<(), String> {
-    build(config, path, opts)?.run(RunArgs::default());
+pub fn run(
+    config: Config,
+    path: &Path,
+    filters: FilterRegistry,
+    opts: ProcessOptions,
+) -> Result<(), String> {
+    build(config, path, filters, opts)?.run(RunArgs::default());
     Ok(())
 }

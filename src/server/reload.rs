@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::config::{Config, ServerSettings};
+use crate::filters::FilterRegistry;
 use crate::metrics::metrics;
 use crate::runtime::RuntimeState;
 
@@ -22,15 +23,18 @@ use crate::runtime::RuntimeState;
 #[derive(Debug)]
 pub struct Reloader {
     path: PathBuf,
+    filters: FilterRegistry,
     state: Arc<ArcSwap<RuntimeState>>,
     changed: watch::Sender<Arc<RuntimeState>>,
     lock: Mutex<()>,
 }
 
 impl Reloader {
-    /// A reloader for `path` over `state`; the receiver sees every new snapshot.
+    /// A reloader for `path` (parsed with `filters`) over `state`; the receiver sees every new
+    /// snapshot.
     pub fn new(
         path: PathBuf,
+        filters: FilterRegistry,
         state: Arc<ArcSwap<RuntimeState>>,
     ) -> (Reloader, watch::Receiver<Arc<RuntimeState>>) {
         let (changed, rx) = watch::channel(state.load_full());
@@ -40,6 +44,7 @@ impl Reloader {
         (
             Reloader {
                 path,
+                filters,
                 state,
                 changed,
                 lock: Mutex::new(()),
@@ -75,7 +80,7 @@ impl Reloader {
     }
 
     fn try_reload(&self) -> Result<(), String> {
-        let config = Config::load(&self.path).map_err(|e| e.to_string())?;
+        let config = Config::load_with(&self.path, &self.filters).map_err(|e| e.to_string())?;
         let old = self.state.load_full();
         let fixed = restart_only_changes(&old.config, &config);
         if !fixed.is_empty() {

@@ -63,6 +63,7 @@ pub struct GatewayConfig {
     server_extra: String,
     admin_extra: String,
     args: Vec<String>,
+    program: Option<PathBuf>,
 }
 
 impl GatewayConfig {
@@ -72,6 +73,7 @@ impl GatewayConfig {
             server_extra: String::new(),
             admin_extra: String::new(),
             args: Vec::new(),
+            program: None,
         }
     }
 
@@ -92,6 +94,12 @@ impl GatewayConfig {
             self.admin_extra.push_str(l);
             self.admin_extra.push('\n');
         }
+        self
+    }
+
+    /// Run this binary instead of `tollgate` (e.g. an example that embeds the library).
+    pub fn program(mut self, path: PathBuf) -> Self {
+        self.program = Some(path);
         self
     }
 
@@ -164,7 +172,8 @@ impl TestGateway {
         let conf = dir.path().join("tollgate.yaml");
         std::fs::write(&conf, &yaml).unwrap();
         let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
-        let child = Command::new(binary())
+        let program = cfg.program.clone().unwrap_or_else(|| binary().into());
+        let child = Command::new(program)
             .arg("-c")
             .arg(&conf)
             .args(&cfg.args)
@@ -350,4 +359,17 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The path of a built example (cargo builds examples before integration tests).
+pub fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.parent().unwrap().parent().unwrap();
+    let path = target.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: cargo build --examples",
+        path.display()
+    );
+    path
 }

@@ -405,6 +405,10 @@ impl WsUpstream {
                         );
                         Ok(resp)
                     };
+                    // Answer the handshake 10 ms late, as any non-loopback network would:
+                    // Pingora 0.9.1 tears an upgrade down when the 101 is read before the
+                    // request's empty body end (cloudflare/pingora#946, docs/architecture.md).
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, cb).await else {
                         return;
                     };

@@ -1,0 +1,296 @@
+//! Built-in filters and a custom one, through the real gateway.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{GatewayConfig, TestGateway, Upstream, client, error_json, raw_exchange};
+
+fn with_filters(up: &Upstream, route_filters: &str, global: &str) -> TestGateway {
+    TestGateway::start(&format!(
+        "{global}upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - name: api\n    upstream: u\n    filters:\n{route_filters}",
+        up.addr
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflight_simple_requests_and_vary() {
+    let up = Upstream::start().await;
+    let gw = with_filters(
+        &up,
+        "      - { kind: cors, allow_origins: [\"https://app.example.com\", \"https://*.example.org\"], allow_methods: [GET, PUT], allow_headers: [Authorization], allow_credentials: true, max_age: 5m }\n",
+        "",
+    );
+    let c = client();
+    let pre = c
+        .request(reqwest::Method::OPTIONS, gw.url("/x"))
+        .header("origin", "https://a.example.org")
+        .header("access-control-request-method", "PUT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pre.status(), 204);
+    let h = pre.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://a.example.org");
+    assert_eq!(h["access-control-allow-methods"], "GET, PUT");
+    assert_eq!(h["access-control-allow-headers"], "Authorization");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-max-age"], "300");
+    assert_eq!(h["vary"], "Origin");
+    assert_eq!(up.count(), 0, "the gateway answers preflights itself");
+
+    let bad = c
+        .request(reqwest::Method::OPTIONS, gw.url("/x"))
+        .header("origin", "https://evil.test")
+        .header("access-control-request-method", "PUT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 403);
+
+    let ok = c
+        .get(gw.url("/x"))
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(ok.headers()["vary"], "Origin");
+    let other = c
+        .get(gw.url("/x"))
+        .header("origin", "https://evil.test")
+        .send()
+        .await
+        .unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    assert_eq!(other.headers()["vary"], "Origin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_headers_defaults_and_overrides() {
+    let up = Upstream::start().await;
+    let gw = with_filters(
+        &up,
+        "      - { kind: security_headers, frame_options: SAMEORIGIN, referrer_policy: \"\", content_security_policy: \"default-src 'self'\" }\n",
+        "",
+    );
+    let r = client().get(gw.url("/")).send().await.unwrap();
+    let h = r.headers();
+    assert_eq!(
+        h["strict-transport-security"],
+        "max-age=31536000; includeSubDomains"
+    );
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["x-frame-options"], "SAMEORIGIN");
+    assert!(
+        h.get("referrer-policy").is_none(),
+        "an empty value turns a header off"
+    );
+    assert_eq!(h["content-security-policy"], "default-src 'self'");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_with_substitutions() {
+    let up = Upstream::start().await;
+    let gw = with_filters(
+        &up,
+        "      - kind: headers\n        request: { set: { X-Client: \"${client_ip}\", X-Trace: \"${request_id}/${route}\" }, add: { X-Tag: two }, remove: [X-Debug] }\n        response: { set: { X-Route: \"${route}\", X-Served-By: tollgate }, remove: [Server] }\n",
+        "",
+    );
+    let r = client()
+        .get(gw.url("/p"))
+        .header("x-debug", "1")
+        .header("x-tag", "one")
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(r.headers()["x-route"], "api");
+    assert_eq!(r.headers()["x-served-by"], "tollgate");
+    let seen = up.last();
+    assert_eq!(seen.header("x-client"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-trace"), Some(format!("{id}/api").as_str()));
+    assert_eq!(seen.header_all("x-tag"), ["one", "two"]);
+    assert_eq!(seen.header("x-debug"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_answer_413_431_405_403() {
+    let up = Upstream::start().await;
+    let gw = with_filters(
+        &up,
+        "      - { kind: limits, max_body_size: 1KiB, max_header_count: 20, methods: [GET, POST] }\n",
+        "",
+    );
+    let c = client();
+    // Content-Length says too much: refused before anything is sent upstream.
+    let r = c
+        .post(gw.url("/"))
+        .body(vec![0u8; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        error_json(&r.text().await.unwrap())["error"],
+        "request body too large"
+    );
+    assert_eq!(up.count(), 0);
+    // A chunked body is stopped once the running total passes the limit.
+    let chunks =
+        futures_util::stream::iter((0..4).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 600])));
+    let r = c
+        .post(gw.url("/"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let r = c
+        .post(gw.url("/"))
+        .body(vec![0u8; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n");
+    for i in 0..25 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let raw = raw_exchange(gw.addr, many.as_bytes(), Duration::from_secs(5));
+    assert!(
+        raw.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    let r = c.delete(gw.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET, POST");
+
+    let deny = with_filters(
+        &up,
+        "      - { kind: limits, deny_cidrs: [127.0.0.0/8] }\n",
+        "",
+    );
+    assert_eq!(c.get(deny.url("/")).send().await.unwrap().status(), 403);
+    let allow = with_filters(
+        &up,
+        "      - { kind: limits, allow_cidrs: [10.0.0.0/8] }\n",
+        "",
+    );
+    assert_eq!(c.get(allow.url("/")).send().await.unwrap().status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_redirect_applies_to_every_request() {
+    let up = Upstream::start().await;
+    let gw = with_filters(
+        &up,
+        "      - { kind: security_headers }\n",
+        "filters:\n  - { kind: redirect, to: \"https://${host}${path}\", status: 301 }\n",
+    );
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for path in ["/a/b?c=1", "/no/route/needed"] {
+        let r = c
+            .get(gw.url(path))
+            .header("host", "shop.example.com:8080")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 301);
+        assert_eq!(
+            r.headers()["location"],
+            format!("https://shop.example.com{path}").as_str()
+        );
+    }
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracing_propagates_or_creates_traceparent() {
+    let up = Upstream::start().await;
+    let gw = with_filters(&up, "      - { kind: tracing, echo: true }\n", "");
+    let c = client();
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = c
+        .get(gw.url("/"))
+        .header("traceparent", tp)
+        .header("tracestate", "k=v")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["traceparent"], tp);
+    assert_eq!(up.last().header("traceparent"), Some(tp));
+    assert_eq!(up.last().header("tracestate"), Some("k=v"));
+    let r = c
+        .get(gw.url("/"))
+        .header("traceparent", "junk")
+        .header("tracestate", "k=v")
+        .send()
+        .await
+        .unwrap();
+    let created = r.headers()["traceparent"].to_str().unwrap().to_string();
+    assert!(
+        created.starts_with("00-") && created.len() == 55,
+        "{created}"
+    );
+    assert_eq!(up.last().header("traceparent"), Some(created.as_str()));
+    assert_eq!(
+        up.last().header("tracestate"),
+        None,
+        "tracestate without a valid parent is dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_filter_registered_by_a_library_user() {
+    let up = Upstream::start().await;
+    let gw = GatewayConfig::new(format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - name: shop\n    upstream: u\n    filters:\n      - {{ kind: ab_split, user_header: X-User, percent_b: 50 }}\n",
+        up.addr
+    ))
+    .program(common::example("custom_filter"))
+    .start();
+    let c = client();
+    let mut seen = std::collections::HashMap::new();
+    for user in 0..40 {
+        let mut first = None;
+        for _ in 0..2 {
+            let r = c
+                .get(gw.url("/"))
+                .header("x-user", format!("user-{user}"))
+                .send()
+                .await
+                .unwrap();
+            let v = r.headers()["x-variant"].to_str().unwrap().to_string();
+            assert_eq!(up.last().header("x-variant"), Some(v.as_str()));
+            assert!(
+                first.is_none() || first.as_deref() == Some(v.as_str()),
+                "variant not sticky"
+            );
+            first = Some(v);
+        }
+        *seen.entry(first.unwrap()).or_insert(0) += 1;
+    }
+    assert!(
+        seen.get("a").is_some_and(|&n| n > 5) && seen.get("b").is_some_and(|&n| n > 5),
+        "{seen:?}"
+    );
+    let r = c.get(gw.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    // The stock binary does not know the kind: a located configuration error.
+    let (code, _, err) = common::check_config(&gw.config_path());
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("routes[0].filters[0] (ab_split): unknown filter kind \"ab_split\""),
+        "{err}"
+    );
+}
