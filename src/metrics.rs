@@ -51,6 +51,8 @@ pub struct Metrics {
     pub last_reload_success: IntGauge,
     /// `tollgate_access_log_dropped_total`: lines dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
+    /// `tollgate_rate_limited_total{route}`: requests answered 429 by a rate limit.
+    pub rate_limited: IntCounterVec,
 }
 
 /// The process-wide metrics, registered on first use.
@@ -158,6 +160,16 @@ pub fn metrics() -> &'static Metrics {
                 IntCounter::new(
                     "tollgate_access_log_dropped_total",
                     "Access log lines dropped because the writer could not keep up.",
+                ),
+            ),
+            rate_limited: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tollgate_rate_limited_total",
+                        "Requests answered 429 by a rate limit, by route.",
+                    ),
+                    &["route"],
                 ),
             ),
         };

@@ -294,3 +294,131 @@ async fn a_custom_filter_registered_by_a_library_user() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_answers_429_with_retry_after_and_counts_it() {
+    let up = Upstream::start().await;
+    let gw = with_filters(
+        &up,
+        "      - { kind: rate_limit, key: \"header:X-User\", rate: 2/s, burst: 2 }\n",
+        "",
+    );
+    let c = client();
+    let send = |user: &'static str| c.get(gw.url("/")).header("x-user", user).send();
+    for remaining in [2, 1, 0] {
+        let r = send("alice").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["ratelimit-policy"], "\"default\";q=3;w=1");
+        assert_eq!(
+            r.headers()["ratelimit"],
+            format!("\"default\";r={remaining};t=1").as_str()
+        );
+    }
+    let r = send("alice").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(r.headers()["ratelimit"], "\"default\";r=0;t=1");
+    assert_eq!(
+        error_json(&r.text().await.unwrap())["error"],
+        "too many requests"
+    );
+    assert_eq!(
+        send("bob").await.unwrap().status(),
+        200,
+        "keys are independent"
+    );
+    assert_eq!(up.count(), 4);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        send("alice").await.unwrap().status(),
+        200,
+        "the rate refills"
+    );
+    let m = client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("tollgate_rate_limited_total{route=\"api\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limit_answers_503_and_frees_slots() {
+    let up = Upstream::with(common::Behavior {
+        delay: Duration::from_millis(600),
+        ..Default::default()
+    })
+    .await;
+    let gw = with_filters(&up, "      - { kind: concurrency, max: 1 }\n", "");
+    let s = common::statuses(&gw.url("/"), 3, 3).await;
+    assert_eq!(s.iter().filter(|&&x| x == 200).count(), 1, "{s:?}");
+    assert_eq!(s.iter().filter(|&&x| x == 503).count(), 2, "{s:?}");
+    assert_eq!(
+        client().get(gw.url("/")).send().await.unwrap().status(),
+        200,
+        "the slot was released"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_in_header_or_query_never_reach_the_upstream() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "# team keys\nfile-key-0001\n\n").unwrap();
+    let gw = with_filters(
+        &up,
+        &format!(
+            "      - {{ kind: auth, api_keys: [conf-key-0001], api_keys_file: \"{}\", query: api_key }}\n",
+            keys.display()
+        ),
+        "",
+    );
+    let c = client();
+    let r = c.get(gw.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "ApiKey realm=\"tollgate\"");
+    assert_eq!(
+        c.get(gw.url("/"))
+            .header("x-api-key", "wrong-key-01")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(up.count(), 0);
+    assert_eq!(
+        c.get(gw.url("/"))
+            .header("x-api-key", "conf-key-0001")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        up.last().header("x-api-key"),
+        None,
+        "the credential was forwarded"
+    );
+    assert_eq!(
+        c.get(gw.url("/p?a=1&api_key=file-key-0001&b=2"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        up.last().path,
+        "/p?a=1&b=2",
+        "the query credential was forwarded"
+    );
+}

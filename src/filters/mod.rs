@@ -17,9 +17,12 @@
 //! [`FilterRegistry::register`] and run the gateway with [`crate::cli::main_with`] — see
 //! `examples/custom_filter.rs` and `docs/filters.md`.
 
+mod auth;
+mod concurrency;
 mod cors;
 mod headers;
 mod limits;
+mod rate_limit;
 mod redirect;
 mod security_headers;
 pub mod template;
@@ -145,9 +148,12 @@ impl fmt::Debug for FilterRegistry {
 
 /// The built-in kinds.
 pub const BUILTIN: &[&str] = &[
+    "auth",
+    "concurrency",
     "cors",
     "headers",
     "limits",
+    "rate_limit",
     "redirect",
     "security_headers",
     "tracing",
@@ -197,9 +203,12 @@ impl FilterRegistry {
             Ok(Arc::new(build(c)?))
         }
         match kind.as_str() {
+            "auth" => typed(cfg, auth::Auth::new),
+            "concurrency" => typed(cfg, concurrency::Concurrency::new),
             "cors" => typed(cfg, cors::Cors::new),
             "headers" => typed(cfg, headers::Headers::new),
             "limits" => typed(cfg, limits::Limits::new),
+            "rate_limit" => typed(cfg, rate_limit::RateLimit::new),
             "redirect" => typed(cfg, redirect::Redirect::new),
             "security_headers" => typed(cfg, security_headers::SecurityHeaders::new),
             "tracing" => typed(cfg, tracing::Tracing::new),

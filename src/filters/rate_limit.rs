@@ -1,0 +1,307 @@
+//! `rate_limit`: GCRA (the generic cell rate algorithm) per key, in this process.
+//!
+//! Each key keeps one number, its theoretical arrival time: a request is allowed when it comes
+//! no earlier than `TAT - burst × interval`, and pushes TAT on by one interval. That allows
+//! `rate` on average with bursts of `burst + 1`, needs no background refill, and gives an exact
+//! `Retry-After`. Keys are bounded (`max_keys`, default 100,000): expired entries are dropped
+//! first, then the oldest. Over the limit: 429 with `Retry-After`, `RateLimit-Policy` and
+//! `RateLimit` (draft-ietf-httpapi-ratelimit-headers); allowed responses carry `RateLimit` too.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use http::HeaderValue;
+use pingora::http::{RequestHeader, ResponseHeader};
+use serde::Deserialize;
+
+use super::{Filter, FilterCtx, Outcome, Reply, header_name};
+use crate::metrics::metrics;
+
+const SHARDS: usize = 16;
+
+/// `kind: rate_limit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// `client_ip` (default), `header:NAME` (missing → client address), `route`, or `global`.
+    #[serde(default = "default_key")]
+    key: String,
+    /// `N/s`, `N/m`, `N/h` or `N/d`.
+    rate: String,
+    /// Extra requests allowed at once above the steady rate. Default 0.
+    #[serde(default)]
+    burst: u32,
+    /// Most keys remembered. Default 100,000.
+    #[serde(default = "default_max_keys")]
+    max_keys: usize,
+}
+
+fn default_key() -> String {
+    "client_ip".into()
+}
+fn default_max_keys() -> usize {
+    100_000
+}
+
+#[derive(Debug)]
+enum Key {
+    ClientIp,
+    Header(http::HeaderName),
+    Route,
+    Global,
+}
+
+/// The built filter.
+#[derive(Debug)]
+pub struct RateLimit {
+    key: Key,
+    interval: Duration,
+    burst: u32,
+    shard_cap: usize,
+    epoch: Instant,
+    /// TAT in nanoseconds since `epoch`, per key.
+    shards: Vec<Mutex<HashMap<Vec<u8>, u64>>>,
+    policy: HeaderValue,
+    quota: u64,
+    window: u64,
+}
+
+/// Remaining requests and seconds to reset, for the response's `RateLimit` header.
+#[derive(Clone, Copy)]
+struct Verdict {
+    remaining: u64,
+    reset_secs: u64,
+}
+
+/// Parse `N/s` etc. into (requests, period).
+pub fn parse_rate(s: &str) -> Result<(u64, Duration), String> {
+    let (n, unit) = s
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| format!("rate {s:?}: write N/s, N/m, N/h or N/d"))?;
+    let n: u64 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("rate {s:?}: {n:?} is not a whole number"))?;
+    let period = match unit.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        "d" | "day" => Duration::from_secs(86_400),
+        u => return Err(format!("rate {s:?}: unknown unit {u:?}; use s, m, h or d")),
+    };
+    if n == 0 {
+        return Err(format!("rate {s:?}: must allow at least 1 request"));
+    }
+    Ok((n, period))
+}
+
+impl RateLimit {
+    /// Build from configuration.
+    pub fn new(c: RateLimitConfig) -> Result<RateLimit, String> {
+        let (n, period) = parse_rate(&c.rate)?;
+        let key = match c.key.as_str() {
+            "client_ip" => Key::ClientIp,
+            "route" => Key::Route,
+            "global" => Key::Global,
+            k => match k.strip_prefix("header:") {
+                Some(name) => Key::Header(header_name(name)?),
+                None => {
+                    return Err(format!(
+                        "key {k:?}: use client_ip, header:NAME, route or global"
+                    ));
+                }
+            },
+        };
+        if c.max_keys < SHARDS {
+            return Err(format!("max_keys: at least {SHARDS}"));
+        }
+        let quota = u64::from(c.burst) + 1;
+        let window = period.as_secs().max(1);
+        Ok(RateLimit {
+            key,
+            interval: period / n as u32,
+            burst: c.burst,
+            shard_cap: c.max_keys / SHARDS,
+            epoch: Instant::now(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            policy: HeaderValue::from_str(&format!("\"default\";q={quota};w={window}"))
+                .map_err(|e| e.to_string())?,
+            quota,
+            window,
+        })
+    }
+
+    /// GCRA decision for `key` at `now` (nanoseconds since epoch): `Ok(remaining)` or
+    /// `Err(wait)`.
+    fn check(&self, key: &[u8], now: u64) -> Result<u64, Duration> {
+        let t = self.interval.as_nanos() as u64;
+        let tau = t * u64::from(self.burst);
+        let shard = &self.shards[shard_of(key)];
+        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let tat = map.get(key).copied().unwrap_or(now).max(now);
+        let allow_at = tat.saturating_sub(tau);
+        if now < allow_at {
+            return Err(Duration::from_nanos(allow_at - now));
+        }
+        let new_tat = tat + t;
+        if map.len() >= self.shard_cap && !map.contains_key(key) {
+            // Expired entries are as good as absent; if none, forget the oldest half.
+            map.retain(|_, v| *v > now);
+            if map.len() >= self.shard_cap {
+                let mut tats: Vec<u64> = map.values().copied().collect();
+                tats.sort_unstable();
+                let cut = tats[tats.len() / 2];
+                map.retain(|_, v| *v > cut);
+            }
+        }
+        map.insert(key.to_vec(), new_tat);
+        Ok((now + tau + t).saturating_sub(new_tat) / t.max(1))
+    }
+
+    fn key_bytes(&self, req: &RequestHeader, cx: &FilterCtx<'_>) -> Vec<u8> {
+        match &self.key {
+            Key::ClientIp => cx.client_ip.to_string().into_bytes(),
+            Key::Header(h) => req.headers.get(h).map_or_else(
+                || cx.client_ip.to_string().into_bytes(),
+                |v| v.as_bytes().to_vec(),
+            ),
+            Key::Route => cx.route.as_bytes().to_vec(),
+            Key::Global => Vec::new(),
+        }
+    }
+}
+
+fn shard_of(key: &[u8]) -> usize {
+    // FNV-1a: cheap and good enough to spread keys over the shards.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+    }
+    (h as usize) % SHARDS
+}
+
+#[async_trait]
+impl Filter for RateLimit {
+    async fn on_request(&self, req: &mut RequestHeader, cx: &mut FilterCtx<'_>) -> Outcome {
+        let key = self.key_bytes(req, cx);
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        match self.check(&key, now) {
+            Ok(remaining) => {
+                cx.state.insert(Verdict {
+                    remaining,
+                    reset_secs: self.interval.as_secs().max(1),
+                });
+                Outcome::Continue
+            }
+            Err(wait) => {
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                metrics()
+                    .rate_limited
+                    .with_label_values(&[if cx.route.is_empty() {
+                        "none"
+                    } else {
+                        cx.route
+                    }])
+                    .inc();
+                let limit =
+                    HeaderValue::from_str(&format!("\"default\";r=0;t={secs}")).expect("ascii");
+                Outcome::Respond(
+                    Reply::error(429, "too many requests")
+                        .header(http::header::RETRY_AFTER, HeaderValue::from(secs))
+                        .header(
+                            http::HeaderName::from_static("ratelimit-policy"),
+                            self.policy.clone(),
+                        )
+                        .header(http::HeaderName::from_static("ratelimit"), limit),
+                )
+            }
+        }
+    }
+
+    fn on_response(&self, resp: &mut ResponseHeader, cx: &mut FilterCtx<'_>) {
+        if let Some(v) = cx.state.get::<Verdict>().copied() {
+            let _ = resp.insert_header("ratelimit-policy", self.policy.clone());
+            let value = format!(
+                "\"default\";r={};t={}",
+                v.remaining.min(self.quota),
+                v.reset_secs.min(self.window)
+            );
+            let _ = resp.insert_header("ratelimit", value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(rate: &str, burst: u32) -> RateLimit {
+        RateLimit::new(RateLimitConfig {
+            key: "global".into(),
+            rate: rate.into(),
+            burst,
+            max_keys: 1000,
+        })
+        .unwrap()
+    }
+
+    const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn steady_rate_and_burst() {
+        let l = limiter("10/s", 4);
+        // A burst of burst + 1 at once, then refused.
+        for i in 0..5 {
+            assert!(l.check(b"k", 0).is_ok(), "request {i}");
+        }
+        let wait = l.check(b"k", 0).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(100));
+        // One more every 100 ms.
+        assert!(l.check(b"k", SEC / 10).is_ok());
+        assert!(l.check(b"k", SEC / 10).is_err());
+        // Other keys are independent.
+        assert!(l.check(b"other", 0).is_ok());
+    }
+
+    #[test]
+    fn remaining_counts_down() {
+        let l = limiter("1/s", 2);
+        assert_eq!(l.check(b"k", 0), Ok(2));
+        assert_eq!(l.check(b"k", 0), Ok(1));
+        assert_eq!(l.check(b"k", 0), Ok(0));
+        assert!(l.check(b"k", 0).is_err());
+        assert_eq!(
+            l.check(b"k", 3 * SEC),
+            Ok(2),
+            "a quiet key recovers its burst"
+        );
+    }
+
+    #[test]
+    fn keys_are_bounded() {
+        let l = RateLimit::new(RateLimitConfig {
+            key: "client_ip".into(),
+            rate: "1/s".into(),
+            burst: 0,
+            max_keys: 160,
+        })
+        .unwrap();
+        for i in 0..10_000u32 {
+            let _ = l.check(&i.to_be_bytes(), u64::from(i));
+        }
+        let total: usize = l.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(total <= 160, "{total} keys kept");
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("100/s").unwrap(), (100, Duration::from_secs(1)));
+        assert_eq!(parse_rate("5/m").unwrap(), (5, Duration::from_secs(60)));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("10/fortnight").is_err());
+        assert!(parse_rate("ten").is_err());
+    }
+}
