@@ -422,3 +422,31 @@ async fn api_keys_in_header_or_query_never_reach_the_upstream() {
         "the query credential was forwarded"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_cors_filter_does_not_act_on_a_global_filters_approval() {
+    let up = Upstream::start().await;
+    let gw = with_filters(
+        &up,
+        "      - { kind: cors, allow_origins: [\"https://app.example.com\"], allow_credentials: true }\n",
+        "filters:\n  - { kind: cors, allow_origins: [\"https://partner.test\"] }\n",
+    );
+    let r = client()
+        .get(gw.url("/"))
+        .header("origin", "https://partner.test")
+        .send()
+        .await
+        .unwrap();
+    // Only the global filter allowed it: its answer, without the route filter's credentials.
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://partner.test"
+    );
+    assert!(
+        r.headers()
+            .get("access-control-allow-credentials")
+            .is_none(),
+        "{:?}",
+        r.headers()
+    );
+}

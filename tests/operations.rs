@@ -573,3 +573,41 @@ async fn three_binary_upgrades_under_load_refuse_nothing() {
     nix::sys::signal::kill(current, Signal::SIGINT).unwrap();
     assert!(wait_child(last, Duration::from_secs(10)).is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_health_check_on_reload_brings_unhealthy_backends_back() {
+    let up = Upstream::with(Behavior {
+        status: 500,
+        ..Behavior::default()
+    })
+    .await;
+    let gw = TestGateway::start(&format!(
+        "upstreams:\n  u:\n    backends: [{{ address: \"{}\" }}]\n    health_check: {{ kind: http, interval: 100ms, unhealthy: 1 }}\nroutes: [{{ name: all, upstream: u }}]\n",
+        up.addr
+    ));
+    assert!(eventually(Duration::from_secs(5), || gw.log().contains("is unhealthy")).await);
+    assert_eq!(get(&gw.url("/")).await.0, 503);
+    let conf = gw.config_path();
+    let text = std::fs::read_to_string(&conf).unwrap();
+    let without: String = text
+        .lines()
+        .filter(|l| !l.contains("health_check"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&conf, without).unwrap();
+    assert_eq!(
+        client()
+            .post(format!("http://{}/reload", gw.admin))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // No checker would ever mark it healthy again: it must not stay out.
+    assert_eq!(
+        get(&gw.url("/")).await.0,
+        500,
+        "the backend's own answer, not the gateway's 503"
+    );
+}

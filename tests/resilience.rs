@@ -544,3 +544,65 @@ async fn zookeeper_discovery_watches_children_and_survives_a_restart() {
     statuses(&url, 20, 1).await;
     assert!(up1.count() > before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_after_its_head_is_never_retried_into_another() {
+    let dying = Upstream::with(Behavior {
+        body: vec![b'a'; 100],
+        truncate_body: Some(10),
+        ..Behavior::default()
+    })
+    .await;
+    let ok = Upstream::with(Behavior {
+        body: vec![b'b'; 100],
+        ..Behavior::default()
+    })
+    .await;
+    let gw = gateway(
+        &[dying.addr, ok.addr],
+        "    circuit_breaker: { enabled: false }\n    retries: { on: [reset, timeout] }\n",
+    );
+    let r = client().get(gw.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the head was already sent");
+    // The body must fail to complete: never 10 bytes of one backend and 90 of another.
+    match r.bytes().await {
+        Err(_) => {}
+        Ok(body) => panic!(
+            "got a complete body of {} bytes: {:?}",
+            body.len(),
+            String::from_utf8_lossy(&body)
+        ),
+    }
+    assert_eq!(
+        ok.count(),
+        0,
+        "the request was retried after its response had started"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_limit_is_not_tripped_by_a_replayed_body() {
+    // Every request after the first finds its pooled connection dead and is replayed by
+    // Pingora: the 40 KiB body goes through the body filters twice.
+    let up = Upstream::with(Behavior {
+        drop_reused: true,
+        ..Behavior::default()
+    })
+    .await;
+    let gw = TestGateway::start(&format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - name: all\n    upstream: u\n    filters: [{{ kind: limits, max_body_size: 64KiB }}]\n",
+        up.addr
+    ));
+    let c = client();
+    for i in 0..5 {
+        let chunks =
+            futures_util::stream::iter((0..10).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 4096])));
+        let r = c
+            .put(gw.url("/"))
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "PUT {i}");
+    }
+}

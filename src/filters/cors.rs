@@ -62,9 +62,16 @@ pub struct Cors {
     max_age: HeaderValue,
 }
 
-/// The allowed origin of this request, kept for the response hook.
-#[derive(Clone)]
-struct AllowedOrigin(HeaderValue);
+/// Origins this request was allowed by, per `cors` filter (a global and a route filter must not
+/// act on each other's approval).
+#[derive(Clone, Default)]
+struct AllowedOrigins(std::collections::HashMap<usize, HeaderValue>);
+
+impl Cors {
+    fn id(&self) -> usize {
+        self as *const Cors as usize
+    }
+}
 
 impl Cors {
     /// Build from configuration.
@@ -177,14 +184,20 @@ impl Filter for Cors {
             return Outcome::Respond(r);
         }
         if allowed {
-            cx.state.insert(AllowedOrigin(origin));
+            let mut all = cx.state.remove::<AllowedOrigins>().unwrap_or_default();
+            all.0.insert(self.id(), origin);
+            cx.state.insert(all);
         }
         Outcome::Continue
     }
 
     fn on_response(&self, resp: &mut ResponseHeader, cx: &mut FilterCtx<'_>) {
         let _ = resp.append_header(header::VARY, "Origin");
-        let Some(AllowedOrigin(origin)) = cx.state.get::<AllowedOrigin>().cloned() else {
+        let Some(origin) = cx
+            .state
+            .get::<AllowedOrigins>()
+            .and_then(|a| a.0.get(&self.id()).cloned())
+        else {
             return;
         };
         let _ = resp.insert_header(

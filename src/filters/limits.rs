@@ -56,6 +56,11 @@ pub struct Limits {
 #[derive(Clone, Copy, Default)]
 struct BodySeen(u64);
 
+/// Forget the body bytes counted so far: a retry replays the body from the start.
+pub fn reset_body_counts(state: &mut http::Extensions) {
+    state.remove::<std::collections::HashMap<usize, BodySeen>>();
+}
+
 fn cidrs(list: &[String], key: &str) -> Result<Vec<IpNet>, String> {
     list.iter()
         .map(|c| {

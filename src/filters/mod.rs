@@ -22,6 +22,7 @@ mod concurrency;
 mod cors;
 mod headers;
 mod limits;
+pub use limits::reset_body_counts;
 mod rate_limit;
 mod redirect;
 mod security_headers;

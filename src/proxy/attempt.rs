@@ -17,7 +17,7 @@ use crate::upstream::{Backend, InFlight, Upstream};
 pub struct Attempt {
     upstream: Arc<Upstream>,
     in_flight: InFlight,
-    probe: bool,
+    probe: Option<u32>,
     /// When the attempt started (for the slow-call rule).
     pub started: Instant,
     recorded: bool,
@@ -25,7 +25,7 @@ pub struct Attempt {
 
 impl Attempt {
     /// Start an attempt at `backend`.
-    pub fn start(upstream: Arc<Upstream>, backend: Arc<Backend>, probe: bool) -> Attempt {
+    pub fn start(upstream: Arc<Upstream>, backend: Arc<Backend>, probe: Option<u32>) -> Attempt {
         Attempt {
             in_flight: InFlight::start(Arc::clone(&upstream), backend),
             upstream,

@@ -46,6 +46,10 @@ pub async fn choose(
     }
     // The previous attempt (if any) is finished: drop it before counting the new one.
     ctx.attempt = None;
+    if ctx.attempts > 0 {
+        // A retry sends the (replayed) body again from its first byte.
+        crate::filters::reset_body_counts(&mut ctx.filter_state);
+    }
     match upstream.pick(key, &ctx.excluded) {
         Ok(pick) => {
             if let Some(t) = pick.transition {
@@ -128,7 +132,9 @@ pub fn proxy_failed(
         e.set_retry(false);
         return e;
     };
-    let resend = may_resend(session, &upstream);
+    // Once the response head reached the client, another attempt would splice a second
+    // response into the first: never retry then (nor let Pingora's stale-connection retry).
+    let resend = may_resend(session, &upstream) && session.response_written().is_none();
     if resend {
         // Pingora retries a failure on a reused (pooled) connection: the backend may be fine.
         e.retry.decide_reuse(client_reused);

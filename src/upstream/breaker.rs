@@ -54,8 +54,9 @@ pub enum Outcome {
 pub enum Admission {
     /// Closed: go.
     Allowed,
-    /// Half-open: go, as one of the probes. Report its outcome with `probe = true`.
-    Probe,
+    /// Half-open: go, as one of the probes of this half-open round. Report its outcome with
+    /// `Some(round)`.
+    Probe(u32),
     /// Open, or half-open with every probe slot taken.
     Refused {
         /// When the breaker will admit again (at least 1 s).
@@ -101,6 +102,22 @@ enum State {
     HalfOpen { in_flight: u32, succeeded: u32 },
 }
 
+impl Breaker {
+    /// A copy for a reloaded configuration: same state, but a half-open round starts afresh
+    /// (its probes report to the old breaker).
+    pub fn carried_over(&self) -> Breaker {
+        let mut b = self.clone();
+        if let State::HalfOpen { .. } = b.state {
+            b.state = State::HalfOpen {
+                in_flight: 0,
+                succeeded: 0,
+            };
+            b.round = b.round.wrapping_add(1);
+        }
+        b
+    }
+}
+
 /// One backend's breaker.
 #[derive(Debug, Clone)]
 pub struct Breaker {
@@ -110,6 +127,8 @@ pub struct Breaker {
     window: Window,
     /// Opens since the last close: the open period doubles with each.
     trips: u32,
+    /// Half-open rounds so far: a probe admitted in an earlier round does not count in this one.
+    round: u32,
 }
 
 impl Breaker {
@@ -121,6 +140,7 @@ impl Breaker {
             consecutive: 0,
             window: Window::new(cfg.window, now),
             trips: 0,
+            round: 0,
         }
     }
 
@@ -157,6 +177,7 @@ impl Breaker {
                 in_flight: 0,
                 succeeded: 0,
             };
+            self.round = self.round.wrapping_add(1);
             transition = Some(Transition {
                 from: BreakerState::Open,
                 to: BreakerState::HalfOpen,
@@ -169,7 +190,7 @@ impl Breaker {
             },
             State::HalfOpen { in_flight, .. } if *in_flight < self.cfg.half_open_requests => {
                 *in_flight += 1;
-                Admission::Probe
+                Admission::Probe(self.round)
             }
             State::HalfOpen { .. } => Admission::Refused {
                 retry_after: Duration::from_secs(1),
@@ -178,15 +199,22 @@ impl Breaker {
         (admission, transition)
     }
 
-    /// Record how an admitted request went. `probe` says whether it was admitted as a probe.
-    pub fn record(&mut self, now: Instant, probe: bool, outcome: Outcome) -> Option<Transition> {
+    /// Record how an admitted request went; `probe` is the round it was admitted as a probe in.
+    pub fn record(
+        &mut self,
+        now: Instant,
+        probe: Option<u32>,
+        outcome: Outcome,
+    ) -> Option<Transition> {
         if let State::HalfOpen {
             in_flight,
             succeeded,
         } = &mut self.state
         {
-            if !probe {
-                return None; // admitted before the breaker opened: probes alone decide now
+            if probe != Some(self.round) {
+                // Admitted before this half-open round (while closed, or as an earlier round's
+                // probe): only this round's probes decide, and only they hold its slots.
+                return None;
             }
             *in_flight = in_flight.saturating_sub(1);
             return match outcome {
@@ -283,7 +311,11 @@ mod tests {
             !matches!(admission, Admission::Refused { .. }),
             "refused: {b:?}"
         );
-        b.record(now(), admission == Admission::Probe, outcome)
+        let probe = match admission {
+            Admission::Probe(r) => Some(r),
+            _ => None,
+        };
+        b.record(now(), probe, outcome)
     }
 
     #[tokio::test(start_paused = true)]
@@ -356,18 +388,18 @@ mod tests {
         advance(Duration::from_secs(5)).await;
         assert_eq!(b.state(now()), BreakerState::HalfOpen);
         let (a1, t) = b.admit(now());
-        assert_eq!(a1, Admission::Probe);
+        assert_eq!(a1, Admission::Probe(1));
         assert_eq!(t.unwrap().to, BreakerState::HalfOpen);
-        assert_eq!(b.admit(now()).0, Admission::Probe);
+        assert_eq!(b.admit(now()).0, Admission::Probe(1));
         assert!(
             matches!(b.admit(now()).0, Admission::Refused { .. }),
             "only two probes"
         );
         assert!(!b.available(now()));
         // A request admitted before the trip finishing now changes nothing.
-        assert_eq!(b.record(now(), false, Outcome::Failure), None);
-        assert_eq!(b.record(now(), true, Outcome::Success), None);
-        let t = b.record(now(), true, Outcome::Success).unwrap();
+        assert_eq!(b.record(now(), None, Outcome::Failure), None);
+        assert_eq!(b.record(now(), Some(1), Outcome::Success), None);
+        let t = b.record(now(), Some(1), Outcome::Success).unwrap();
         assert_eq!(
             (t.from, t.to),
             (BreakerState::HalfOpen, BreakerState::Closed)
@@ -394,8 +426,10 @@ mod tests {
             }
             periods.push((now() - start).as_secs());
             let (a, _) = b.admit(now());
-            assert_eq!(a, Admission::Probe);
-            let t = b.record(now(), true, Outcome::Failure).unwrap();
+            let Admission::Probe(round) = a else {
+                panic!("{a:?}")
+            };
+            let t = b.record(now(), Some(round), Outcome::Failure).unwrap();
             assert_eq!((t.from, t.to), (BreakerState::HalfOpen, BreakerState::Open));
         }
         assert_eq!(periods, [5, 10, 18, 18], "5s, doubled, then capped at 18s");
@@ -411,8 +445,30 @@ mod tests {
         b.admit(now());
         b.admit(now());
         assert!(!b.available(now()));
-        b.record(now(), true, Outcome::Ignored);
+        b.record(now(), Some(1), Outcome::Ignored);
         assert!(b.available(now()));
         assert_eq!(b.state(now()), BreakerState::HalfOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_from_an_earlier_round_frees_no_slot_of_this_one() {
+        let mut cfg = cfg();
+        cfg.half_open_requests = 1;
+        let mut b = Breaker::new(cfg, now());
+        for _ in 0..3 {
+            run(&mut b, Outcome::Failure);
+        }
+        advance(Duration::from_secs(5)).await;
+        assert_eq!(b.admit(now()).0, Admission::Probe(1)); // slow probe of round 1
+        let (a, _) = b.admit(now());
+        assert!(matches!(a, Admission::Refused { .. }));
+        // A carried-over breaker (reload) starts round 2 with its slot free.
+        let mut carried = b.carried_over();
+        assert_eq!(carried.admit(now()).0, Admission::Probe(2));
+        // The round-1 probe finishing late neither frees round 2's slot nor decides it.
+        assert_eq!(carried.record(now(), Some(1), Outcome::Success), None);
+        assert!(!carried.available(now()), "a stale probe freed a slot");
+        let t = carried.record(now(), Some(2), Outcome::Success).unwrap();
+        assert_eq!(t.to, BreakerState::Closed);
     }
 }

@@ -18,6 +18,37 @@ use super::Upstream;
 use super::stats::UpstreamStats;
 use crate::config::Discovery;
 
+/// A resolver asking `nameservers` (or the system's), with its cache off: every refresh asks.
+fn resolver(
+    nameservers: &[SocketAddr],
+    refresh: Duration,
+) -> Result<hickory_resolver::TokioResolver, String> {
+    use hickory_resolver::Resolver;
+    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+
+    let mut builder = if nameservers.is_empty() {
+        Resolver::builder_tokio().map_err(|e| e.to_string())?
+    } else {
+        let servers = nameservers
+            .iter()
+            .map(|a| {
+                let (mut udp, mut tcp) = (ConnectionConfig::udp(), ConnectionConfig::tcp());
+                udp.port = a.port();
+                tcp.port = a.port();
+                NameServerConfig::new(a.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        Resolver::builder_with_config(
+            ResolverConfig::from_name_servers(servers),
+            TokioRuntimeProvider::default(),
+        )
+    };
+    builder.options_mut().cache_size = 0;
+    builder.options_mut().timeout = refresh.min(Duration::from_secs(5));
+    builder.build().map_err(|e| e.to_string())
+}
+
 /// Run the discovery of `upstream` forever.
 pub async fn run(upstream: Arc<Upstream>, discovery: Discovery) {
     match discovery {
@@ -60,37 +91,14 @@ async fn dns(
     refresh: Duration,
     nameservers: &[SocketAddr],
 ) {
-    use hickory_resolver::Resolver;
-    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-    use hickory_resolver::net::runtime::TokioRuntimeProvider;
-
-    let builder = if nameservers.is_empty() {
-        Resolver::builder_tokio()
-    } else {
-        let servers = nameservers
-            .iter()
-            .map(|a| {
-                let (mut udp, mut tcp) = (ConnectionConfig::udp(), ConnectionConfig::tcp());
-                udp.port = a.port();
-                tcp.port = a.port();
-                NameServerConfig::new(a.ip(), true, vec![udp, tcp])
-            })
-            .collect();
-        Ok(Resolver::builder_with_config(
-            ResolverConfig::from_name_servers(servers),
-            TokioRuntimeProvider::default(),
-        ))
-    };
-    let resolver = match builder.and_then(|mut b| {
-        // Every refresh asks the resolver: the records are the source of truth.
-        b.options_mut().cache_size = 0;
-        b.options_mut().timeout = refresh.min(Duration::from_secs(5));
-        b.build()
-    }) {
-        Ok(r) => r,
-        Err(e) => {
-            failed(&upstream, "DNS", format!("no resolver: {e}"));
-            return;
+    let resolver = loop {
+        match resolver(nameservers, refresh) {
+            Ok(r) => break r,
+            Err(e) => {
+                // E.g. an unreadable /etc/resolv.conf: try again at the next refresh.
+                failed(&upstream, "DNS", format!("no resolver: {e}"));
+                tokio::time::sleep(refresh).await;
+            }
         }
     };
     // A fully qualified name is not expanded with the search list.

@@ -78,11 +78,16 @@ impl Backend {
     /// the health-check streak, breaker state (when its settings did not change) and
     /// transition counts. In-flight counts stay with the old object, which in-flight requests
     /// still hold.
-    fn inherit(&self, old: &Backend) {
-        self.healthy.store(old.is_healthy(), Ordering::Relaxed);
-        *lock(&self.streak) = *lock(&old.streak);
+    fn inherit(&self, old: &Backend, health_checked: bool) {
+        // Without health checks nothing would ever mark it healthy again: start healthy.
+        if health_checked {
+            self.healthy.store(old.is_healthy(), Ordering::Relaxed);
+            *lock(&self.streak) = *lock(&old.streak);
+        }
         if let (Some(new), Some(prev)) = (&self.breaker, &old.breaker) {
-            let prev = lock(prev).clone();
+            // Probes in flight report to the old breaker: the carried one starts its half-open
+            // round afresh, or its probe slots would never be freed.
+            let prev = lock(prev).carried_over();
             let mut new = lock(new);
             if new.settings() == prev.settings() {
                 *new = prev;
@@ -115,7 +120,7 @@ impl Backend {
     }
 
     /// Record an admitted request's outcome; returns a breaker transition to report.
-    pub fn record(&self, now: Instant, probe: bool, outcome: Outcome) -> Option<Transition> {
+    pub fn record(&self, now: Instant, probe: Option<u32>, outcome: Outcome) -> Option<Transition> {
         lock(self.breaker.as_ref()?).record(now, probe, outcome)
     }
 
@@ -189,8 +194,8 @@ pub enum Unavailable {
 pub struct Pick {
     /// The backend.
     pub backend: Arc<Backend>,
-    /// Admitted as a half-open probe.
-    pub probe: bool,
+    /// The half-open round it was admitted as a probe in, if any.
+    pub probe: Option<u32>,
     /// A breaker transition that admission caused (open → half-open), to report.
     pub transition: Option<Transition>,
 }
@@ -236,14 +241,14 @@ impl Upstream {
     /// reports again. (An unchanged upstream is reused whole instead; see `RuntimeState`.)
     pub fn succeed(cfg: &UpstreamConfig, old: &Upstream) -> Upstream {
         let new = Upstream::new(cfg);
-        if cfg.discovery.is_some() {
+        if cfg.discovery.is_some() && cfg.discovery == old.config.discovery {
             let found = lock(&old.discovered).clone();
             new.set_discovered(found);
         }
         let previous = old.members();
         for b in &new.members().backends {
             if let Some(o) = previous.backends.iter().find(|o| o.addr == b.addr) {
-                b.inherit(o);
+                b.inherit(o, cfg.health.is_some());
             }
         }
         new
@@ -358,10 +363,13 @@ impl Upstream {
                 Some(br) => lock(br).admit(now),
             };
             match admission {
-                Admission::Allowed | Admission::Probe => {
+                Admission::Allowed | Admission::Probe(_) => {
                     return Ok(Pick {
                         backend: Arc::clone(b),
-                        probe: admission == Admission::Probe,
+                        probe: match admission {
+                            Admission::Probe(round) => Some(round),
+                            _ => None,
+                        },
                         transition,
                     });
                 }

@@ -24,6 +24,8 @@ pub struct Behavior {
     pub headers: Vec<String>,
     /// Close every connection after reading a request, without answering (a crashing backend).
     pub close_without_answer: bool,
+    /// Send the head and only this many body bytes, then close (a backend dying mid-response).
+    pub truncate_body: Option<usize>,
     /// Answer these statuses in turn instead of `status` (a failure pattern), when not empty.
     pub status_cycle: Vec<u16>,
     /// Close, without answering, any request that arrives on an already used connection (the
@@ -42,6 +44,7 @@ impl Default for Behavior {
             drop_reused: false,
             status_cycle: Vec::new(),
             close_without_answer: false,
+            truncate_body: None,
         }
     }
 }
@@ -290,6 +293,13 @@ async fn serve(mut stream: TcpStream, st: Arc<State>) -> std::io::Result<()> {
         let mut out = resp.into_bytes();
         if method != "HEAD" && b.generated_len.is_none() {
             out.extend_from_slice(&b.body);
+        }
+        if let Some(n) = b.truncate_body {
+            let head = out.len() - b.body.len();
+            stream.write_all(&out[..head + n.min(b.body.len())]).await?;
+            stream.flush().await?;
+            st.active.fetch_sub(1, Ordering::SeqCst);
+            return Ok(());
         }
         stream.write_all(&out).await?;
         if method != "HEAD" {
