@@ -28,6 +28,9 @@ pub struct RuntimeState {
     pub upstreams: Vec<Arc<Upstream>>,
     /// The access log, when configured.
     pub access_log: Option<Arc<AccessLog>>,
+    /// Whether any route or global filter compresses responses (the compression module is then
+    /// armed for every request, to parse `Accept-Encoding`).
+    pub compression: bool,
     trusted_proxies: Vec<IpNet>,
 }
 
@@ -63,7 +66,13 @@ impl RuntimeState {
             },
         };
         let router = Router::new(config.routes.clone());
+        let compression = config
+            .filters
+            .iter()
+            .chain(config.routes.iter().flat_map(|r| r.filters.iter()))
+            .any(|f| f.compression().is_some());
         Ok(RuntimeState {
+            compression,
             trusted_proxies: config.trusted_proxies.clone(),
             config: Arc::new(config),
             router,

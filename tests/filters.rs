@@ -450,3 +450,121 @@ async fn a_route_cors_filter_does_not_act_on_a_global_filters_approval() {
         r.headers()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_by_type_size_and_accept_encoding() {
+    use std::io::Read;
+    let text: Vec<u8> = "tollgate compresses text. ".repeat(200).into_bytes();
+    let up = Upstream::with(common::Behavior {
+        body: text.clone(),
+        headers: vec!["Content-Type: text/plain; charset=utf-8".into()],
+        ..Default::default()
+    })
+    .await;
+    let gw = with_filters(
+        &up,
+        "      - { kind: compression, algorithms: [gzip, br], min_size: 1KiB }\n",
+        "",
+    );
+    let c = client();
+    let r = c
+        .get(gw.url("/"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert!(
+        r.headers()["vary"]
+            .to_str()
+            .unwrap()
+            .to_ascii_lowercase()
+            .contains("accept-encoding")
+    );
+    let compressed = r.bytes().await.unwrap();
+    assert!(
+        compressed.len() < text.len() / 4,
+        "{} bytes",
+        compressed.len()
+    );
+    let mut plain = Vec::new();
+    flate2::read::GzDecoder::new(&compressed[..])
+        .read_to_end(&mut plain)
+        .unwrap();
+    assert_eq!(plain, text, "the decompressed body differs");
+    let r = c
+        .get(gw.url("/"))
+        .header("accept-encoding", "br")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-encoding"], "br");
+    let r = c
+        .get(gw.url("/"))
+        .header("accept-encoding", "zstd")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers().get("content-encoding").is_none(),
+        "zstd is not in this route's list"
+    );
+    assert_eq!(r.bytes().await.unwrap(), text);
+    let r = c.get(gw.url("/")).send().await.unwrap();
+    assert!(
+        r.headers().get("content-encoding").is_none(),
+        "no Accept-Encoding, no compression"
+    );
+
+    // Too small, or not a listed type: passed through untouched.
+    up.set(common::Behavior {
+        body: b"short text".to_vec(),
+        headers: vec!["Content-Type: text/plain".into()],
+        ..Default::default()
+    });
+    let r = c
+        .get(gw.url("/"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("content-encoding").is_none());
+    up.set(common::Behavior {
+        body: vec![7u8; 5000],
+        headers: vec!["Content-Type: image/png".into()],
+        ..Default::default()
+    });
+    let r = c
+        .get(gw.url("/"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("content-encoding").is_none());
+    assert_eq!(r.bytes().await.unwrap().len(), 5000);
+    // Already encoded by the backend: never compressed twice.
+    let pre: Vec<u8> = vec![
+        31, 139, 8, 0, 0, 0, 0, 0, 0, 3, 1, 0, 0, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    up.set(common::Behavior {
+        body: [pre.clone(), vec![b' '; 2000]].concat(),
+        headers: vec![
+            "Content-Type: text/plain".into(),
+            "Content-Encoding: gzip".into(),
+        ],
+        ..Default::default()
+    });
+    let r = c
+        .get(gw.url("/"))
+        .header("accept-encoding", "gzip, br")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers().get_all("content-encoding").iter().count(), 1);
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert_eq!(
+        r.bytes().await.unwrap().len(),
+        pre.len() + 2000,
+        "the body was re-encoded"
+    );
+}

@@ -18,10 +18,12 @@
 //! `examples/custom_filter.rs` and `docs/filters.md`.
 
 mod auth;
+mod compression;
 mod concurrency;
 mod cors;
 mod headers;
 mod limits;
+pub use compression::Compression;
 pub use limits::reset_body_counts;
 mod rate_limit;
 mod redirect;
@@ -128,6 +130,12 @@ pub trait Filter: Send + Sync + fmt::Debug {
 
     /// Inspect or edit the response head (from the upstream).
     fn on_response(&self, _resp: &mut ResponseHeader, _cx: &mut FilterCtx<'_>) {}
+
+    /// Response compression settings, for the `compression` kind (applied by the proxy to
+    /// Pingora's compression module). Other filters keep the default `None`.
+    fn compression(&self) -> Option<&Compression> {
+        None
+    }
 }
 
 /// Builds a filter from its configuration (the YAML mapping, `kind` removed).
@@ -150,6 +158,7 @@ impl fmt::Debug for FilterRegistry {
 /// The built-in kinds.
 pub const BUILTIN: &[&str] = &[
     "auth",
+    "compression",
     "concurrency",
     "cors",
     "headers",
@@ -205,6 +214,7 @@ impl FilterRegistry {
         }
         match kind.as_str() {
             "auth" => typed(cfg, auth::Auth::new),
+            "compression" => typed(cfg, compression::Compression::new),
             "concurrency" => typed(cfg, concurrency::Concurrency::new),
             "cors" => typed(cfg, cors::Cors::new),
             "headers" => typed(cfg, headers::Headers::new),

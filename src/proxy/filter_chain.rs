@@ -118,3 +118,15 @@ pub async fn write(session: &mut Session, reply: Reply, request_id: &str) -> Res
     }
     Ok(())
 }
+
+/// The compression settings that apply to this request: the route's `compression` filter, or
+/// else a global one.
+pub fn compression(ctx: &RequestCtx) -> Option<&crate::filters::Compression> {
+    let state = ctx.state.as_ref()?;
+    let route = ctx.route.map(|i| state.router.route(i));
+    route
+        .into_iter()
+        .flat_map(|r| r.filters.iter())
+        .chain(state.config.filters.iter())
+        .find_map(|f| f.compression())
+}

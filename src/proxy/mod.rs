@@ -87,6 +87,11 @@ impl ProxyHttp for Gateway {
                 .max(1);
             session.set_keepalive(Some(secs));
         }
+        if state.compression {
+            // The module reads Accept-Encoding only if enabled before routing; the route's
+            // compression filter (or none) sets the real levels in `response_filter`.
+            compression_module(session).adjust_level(1);
+        }
         let req = session.req_header_mut();
         headers::strip_request(req);
         if !client.trusted {
@@ -289,7 +294,7 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -298,6 +303,16 @@ impl ProxyHttp for Gateway {
                 .route
                 .map_or("", |i| state.router.route(i).name.as_str());
             filter_chain::response(upstream_response, ctx, route);
+            if state.compression {
+                let levels = filter_chain::compression(ctx)
+                    .map(|c| c.levels_for(upstream_response))
+                    .unwrap_or_default();
+                let module = compression_module(session);
+                module.adjust_level(0);
+                for (algorithm, level) in levels {
+                    module.adjust_algorithm_level(algorithm, level);
+                }
+            }
         }
         upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())
     }
@@ -365,6 +380,16 @@ impl ProxyHttp for Gateway {
             can_reuse_downstream: false,
         }
     }
+}
+
+/// Pingora's response compression module of this session (installed by default, disabled).
+fn compression_module(
+    session: &mut Session,
+) -> &mut pingora::modules::http::compression::ResponseCompression {
+    session
+        .downstream_modules_ctx
+        .get_mut::<pingora::modules::http::compression::ResponseCompression>()
+        .expect("Pingora installs the compression module by default")
 }
 
 /// The bytes `consistent_hash` hashes. A missing header/cookie/query value falls back to the
