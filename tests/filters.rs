@@ -568,3 +568,136 @@ async fn compression_by_type_size_and_accept_encoding() {
         "the body was re-encoded"
     );
 }
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_hs256_claims_expiry_issuer_and_spoofing() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let up = Upstream::start().await;
+    let secret = "a-shared-secret-of-at-least-32-bytes!";
+    let gw = with_filters(
+        &up,
+        &format!(
+            "      - {{ kind: auth, jwt: {{ secret: \"{secret}\", issuer: https://idp.test, audience: [api], claims_to_headers: {{ sub: X-User, scope: X-Scope }} }} }}\n"
+        ),
+        "",
+    );
+    let token = |claims: serde_json::Value, key: &str| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(key.as_bytes()),
+        )
+        .unwrap()
+    };
+    let now = unix_now();
+    let good = serde_json::json!({"sub": "alice", "scope": ["read", "write"], "iss": "https://idp.test", "aud": "api", "exp": now + 300});
+    let c = client();
+    let call = |t: Option<String>| {
+        let mut r = c.get(gw.url("/")).header("x-user", "mallory");
+        if let Some(t) = t {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        r.send()
+    };
+    let r = call(Some(token(good.clone(), secret))).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        up.last().header_all("x-user"),
+        ["alice"],
+        "a client-sent X-User must not survive"
+    );
+    assert_eq!(up.last().header("x-scope"), Some("read write"));
+
+    let mut expired = good.clone();
+    expired["exp"] = serde_json::json!(now - 120);
+    let mut other_iss = good.clone();
+    other_iss["iss"] = serde_json::json!("https://evil.test");
+    let mut other_aud = good.clone();
+    other_aud["aud"] = serde_json::json!("billing");
+    let mut no_exp = good.clone();
+    no_exp.as_object_mut().unwrap().remove("exp");
+    let none_alg = {
+        let b64 = |v: &serde_json::Value| {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+        };
+        format!(
+            "{}.{}.",
+            b64(&serde_json::json!({"alg": "none", "typ": "JWT"})),
+            b64(&good)
+        )
+    };
+    for (what, t) in [
+        ("no token", None),
+        ("expired", Some(token(expired, secret))),
+        (
+            "wrong secret",
+            Some(token(good.clone(), "another-secret-of-at-least-32-bytes!!")),
+        ),
+        ("wrong issuer", Some(token(other_iss, secret))),
+        ("wrong audience", Some(token(other_aud, secret))),
+        ("no exp", Some(token(no_exp, secret))),
+        ("alg none", Some(none_alg)),
+        ("garbage", Some("a.b.c".to_string())),
+    ] {
+        let r = call(t).await.unwrap();
+        assert_eq!(r.status(), 401, "{what}");
+        assert_eq!(
+            r.headers()["www-authenticate"],
+            "Bearer realm=\"tollgate\", error=\"invalid_token\""
+        );
+    }
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_es256_from_a_jwks_file_by_kid() {
+    use base64::Engine;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    use p256::ecdsa::SigningKey;
+    use p256::pkcs8::{EncodePrivateKey, LineEnding};
+    let up = Upstream::start().await;
+    let sk = SigningKey::from_slice(&rand::random::<[u8; 32]>()).unwrap();
+    let point = sk.verifying_key().to_encoded_point(false);
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig",
+        "x": b64(point.x().unwrap()), "y": b64(point.y().unwrap())}]});
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks.to_string()).unwrap();
+    let gw = with_filters(
+        &up,
+        &format!(
+            "      - {{ kind: auth, jwt: {{ jwks_file: \"{}\" }} }}\n",
+            path.display()
+        ),
+        "",
+    );
+    let key =
+        EncodingKey::from_ec_pem(sk.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+    let claims = serde_json::json!({"sub": "svc", "exp": unix_now() + 300});
+    let signed = |kid: &str| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.to_string());
+        encode(&h, &claims, &key).unwrap()
+    };
+    let c = client();
+    let status = |t: String| c.get(gw.url("/")).bearer_auth(t).send();
+    assert_eq!(status(signed("k1")).await.unwrap().status(), 200);
+    assert_eq!(status(signed("unknown")).await.unwrap().status(), 401);
+    // An HS256 token "signed" with the public key's bytes (algorithm confusion) is refused.
+    let confused = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(jwks.to_string().as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(status(confused).await.unwrap().status(), 401);
+}

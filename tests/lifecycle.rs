@@ -16,8 +16,7 @@ async fn demo_starts_its_upstreams_and_answers() {
     let dir = tempfile::tempdir().unwrap();
     let shipped =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/demo.yaml")).unwrap();
-    let gw_port = common::reserve_port();
-    let admin_port = common::reserve_port();
+    let [gw_port, admin_port, d1, d2, d3] = common::reserve_ports::<5>();
     let mut yaml = shipped
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{gw_port}"))
         .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin_port}"))
@@ -29,8 +28,12 @@ async fn demo_starts_its_upstreams_and_answers() {
             "/tmp/tollgate-demo-upgrade.sock",
             &dir.path().join("sock").display().to_string(),
         );
-    for demo in ["127.0.0.1:9701", "127.0.0.1:9702", "127.0.0.1:9703"] {
-        yaml = yaml.replace(demo, &format!("127.0.0.1:{}", common::reserve_port()));
+    for (demo, port) in [
+        ("127.0.0.1:9701", d1),
+        ("127.0.0.1:9702", d2),
+        ("127.0.0.1:9703", d3),
+    ] {
+        yaml = yaml.replace(demo, &format!("127.0.0.1:{port}"));
     }
     let conf = dir.path().join("demo.yaml");
     std::fs::write(&conf, yaml).unwrap();

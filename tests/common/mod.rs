@@ -26,11 +26,16 @@ pub fn binary() -> &'static str {
 
 /// A free loopback port (bound, read, released).
 pub fn reserve_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    reserve_ports::<1>()[0]
+}
+
+/// `N` distinct free loopback ports: all are held until every one is read, so two calls cannot
+/// hand out the same port (which sequential `reserve_port` calls can).
+pub fn reserve_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 /// `tollgate -t -c FILE`: (exit code, stdout, stderr).
@@ -148,8 +153,7 @@ impl TestGateway {
 
     fn try_start(cfg: &GatewayConfig) -> Option<TestGateway> {
         let dir = tempfile::tempdir().unwrap();
-        let port = reserve_port();
-        let admin_port = reserve_port();
+        let [port, admin_port] = reserve_ports::<2>();
         // Harness defaults, overridden key by key by the test's `server(..)` lines.
         let mut server = vec![
             "  threads: 2".to_string(),
