@@ -45,12 +45,14 @@ fmt-check:
 clippy: deps
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# What the integration tests use: ZooKeeper (discovery tests, started on loopback by the
-# tests) and promtool (from Debian's prometheus package, to check the /metrics exposition).
+# What the integration tests use, each started on loopback by the tests themselves: ZooKeeper
+# (discovery), Redis (cluster-wide rate limits), and promtool (from Debian's prometheus
+# package, to check the /metrics exposition).
 deps-test: deps
 	@need=""; \
 	[ -x /usr/share/zookeeper/bin/zkServer.sh ] || need="$$need zookeeperd"; \
 	command -v promtool >/dev/null || need="$$need prometheus"; \
+	command -v redis-server >/dev/null || need="$$need redis-server"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing:$$need"; \
 	  [ -f $(APT_UPDATED) ] || { $(SUDO) apt-get update -qq && touch $(APT_UPDATED); }; \

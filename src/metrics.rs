@@ -53,6 +53,8 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     /// `tollgate_rate_limited_total{route}`: requests answered 429 by a rate limit.
     pub rate_limited: IntCounterVec,
+    /// `tollgate_rate_limit_backend_errors_total`: Redis failures (request let through or 503).
+    pub rate_limit_backend_errors: IntCounter,
 }
 
 /// The process-wide metrics, registered on first use.
@@ -170,6 +172,13 @@ pub fn metrics() -> &'static Metrics {
                         "Requests answered 429 by a rate limit, by route.",
                     ),
                     &["route"],
+                ),
+            ),
+            rate_limit_backend_errors: reg(
+                r,
+                IntCounter::new(
+                    "tollgate_rate_limit_backend_errors_total",
+                    "Rate-limit backend (Redis) failures.",
                 ),
             ),
         };

@@ -701,3 +701,95 @@ async fn jwt_es256_from_a_jwks_file_by_kid() {
     .unwrap();
     assert_eq!(status(confused).await.unwrap().status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_rate_limit_is_shared_by_every_gateway_and_fails_open() {
+    let mut redis = common::redis::Redis::start();
+    let up = Upstream::start().await;
+    let limit = |extra: &str| {
+        format!(
+            "      - {{ kind: rate_limit, key: \"header:X-User\", rate: 3/m, burst: 2, backend: {{ kind: redis, url: \"{}\", timeout: 200ms{extra} }} }}\n",
+            redis.url()
+        )
+    };
+    let one = with_filters(&up, &limit(""), "");
+    let two = with_filters(&up, &limit(""), "");
+    let closed = with_filters(&up, &limit(", fail_open: false"), "");
+    let c = client();
+    let mut statuses = Vec::new();
+    for gw in [&one, &two, &one, &two] {
+        statuses.push(
+            c.get(gw.url("/"))
+                .header("x-user", "carol")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    // burst 2 = 3 requests, shared: the fourth is refused whichever gateway it reaches.
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    let r = c
+        .get(two.url("/"))
+        .header("x-user", "carol")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&wait), "Retry-After {wait} for 3/m");
+    assert_eq!(
+        c.get(one.url("/"))
+            .header("x-user", "dave")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    redis.stop();
+    // Fail open: requests pass while Redis is down, and the failures are counted.
+    for _ in 0..3 {
+        assert_eq!(
+            c.get(one.url("/"))
+                .header("x-user", "carol")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let m = c
+        .get(format!("http://{}/metrics", one.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let errors = m
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_rate_limit_backend_errors_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap();
+    assert!(errors >= 1.0, "{m}");
+    // Fail closed: 503.
+    let r = c
+        .get(closed.url("/"))
+        .header("x-user", "erin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        error_json(&r.text().await.unwrap())["error"],
+        "rate limit backend unavailable"
+    );
+}

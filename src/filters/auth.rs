@@ -10,6 +10,8 @@
 //!
 //! Failure: 401 with `WWW-Authenticate`.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use http::HeaderValue;
 use pingora::http::RequestHeader;
@@ -74,6 +76,19 @@ fn default_header() -> String {
 
 fn default_leeway() -> std::time::Duration {
     std::time::Duration::from_secs(30)
+}
+
+/// The verified claims of this request's JWT, for later filters.
+#[derive(Clone, Debug)]
+pub struct JwtClaims(pub Arc<serde_json::Map<String, serde_json::Value>>);
+
+impl JwtClaims {
+    /// A claim as a string (strings as they are, other values as JSON).
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.0
+            .get(name)
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+    }
 }
 
 /// JWT verification, built once.
@@ -346,6 +361,8 @@ impl Filter for Auth {
                     let _ = req.insert_header(h.clone(), v);
                 }
             }
+            // Later filters (e.g. rate_limit with key claim:NAME) may use the verified claims.
+            _cx.state.insert(JwtClaims(Arc::new(claims)));
             return Outcome::Continue;
         }
         let mut given = req.headers.get(&self.header).map(|v| v.as_bytes().to_vec());

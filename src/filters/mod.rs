@@ -23,6 +23,7 @@ mod concurrency;
 mod cors;
 mod headers;
 mod limits;
+pub use auth::JwtClaims;
 pub use compression::Compression;
 pub use limits::reset_body_counts;
 mod rate_limit;

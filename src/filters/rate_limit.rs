@@ -6,6 +6,12 @@
 //! `Retry-After`. Keys are bounded (`max_keys`, default 100,000): expired entries are dropped
 //! first, then the oldest. Over the limit: 429 with `Retry-After`, `RateLimit-Policy` and
 //! `RateLimit` (draft-ietf-httpapi-ratelimit-headers); allowed responses carry `RateLimit` too.
+//!
+//! With `backend: { kind: redis, url }` the same GCRA runs as a Lua script in Redis (one round
+//! trip per request, Redis's clock), so every replica shares the limit. If Redis fails or is
+//! slower than `timeout`, the request is let through (`fail_open: true`, the default) or answered
+//! 503, and the failure is counted in `tollgate_rate_limit_backend_errors_total`; after a
+//! failure Redis is left alone for a second so a dead Redis costs no latency per request.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -25,7 +31,8 @@ const SHARDS: usize = 16;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
-    /// `client_ip` (default), `header:NAME` (missing → client address), `route`, or `global`.
+    /// `client_ip` (default), `header:NAME` or `claim:NAME` (a verified JWT claim, from an
+    /// earlier `auth` filter; missing → client address), `route`, or `global`.
     #[serde(default = "default_key")]
     key: String,
     /// `N/s`, `N/m`, `N/h` or `N/d`.
@@ -36,6 +43,136 @@ pub struct RateLimitConfig {
     /// Most keys remembered. Default 100,000.
     #[serde(default = "default_max_keys")]
     max_keys: usize,
+    /// Where the state lives. Default: this process.
+    #[serde(default)]
+    backend: Option<BackendConfig>,
+}
+
+/// `backend:` of `kind: rate_limit`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BackendConfig {
+    /// This process (the default).
+    Local,
+    /// A Redis shared by every replica.
+    Redis {
+        /// `redis://host:port[/db]`.
+        url: String,
+        /// Longest wait for Redis per request. Default 100ms.
+        #[serde(
+            default = "default_redis_timeout",
+            deserialize_with = "super::de::duration"
+        )]
+        timeout: Duration,
+        /// Let requests through when Redis fails (else 503). Default true.
+        #[serde(default = "default_true")]
+        fail_open: bool,
+        /// Key prefix. Default `tollgate:rl:`.
+        #[serde(default = "default_prefix")]
+        prefix: String,
+    },
+}
+
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_prefix() -> String {
+    "tollgate:rl:".into()
+}
+
+/// GCRA in Redis: KEYS[1] the key; ARGV[1] the interval and ARGV[2] the burst tolerance, in
+/// microseconds. Returns {1, remaining} or {0, wait in microseconds}.
+const GCRA_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tau = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local allow_at = tat - tau
+if now < allow_at then return {0, allow_at - now} end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return {1, math.floor((now + tau + interval - new_tat) / interval)}
+"#;
+
+/// The Redis side of a limiter.
+struct RedisBackend {
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
+    script: redis::Script,
+    timeout: Duration,
+    fail_open: bool,
+    prefix: String,
+    /// When Redis last failed; it is not tried again for a second.
+    failed_at: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl RedisBackend {
+    async fn check(
+        &self,
+        key: &[u8],
+        interval: Duration,
+        tau: Duration,
+    ) -> Result<Result<u64, Duration>, String> {
+        if self
+            .failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return Err("Redis failed less than a second ago".into());
+        }
+        let attempt = async {
+            let mut guard = self.conn.lock().await;
+            if guard.is_none() {
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.timeout)
+                    .set_response_timeout(self.timeout)
+                    .set_number_of_retries(1);
+                *guard = Some(
+                    redis::aio::ConnectionManager::new_with_config(self.client.clone(), cfg)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            let mut conn = guard.clone().expect("set above");
+            drop(guard);
+            let mut full = self.prefix.as_bytes().to_vec();
+            full.extend_from_slice(key);
+            let (allowed, value): (i64, i64) = self
+                .script
+                .key(full)
+                .arg(interval.as_micros() as u64)
+                .arg(tau.as_micros() as u64)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(if allowed == 1 {
+                Ok(value.max(0) as u64)
+            } else {
+                Err(Duration::from_micros(value.max(0) as u64))
+            })
+        };
+        let result = tokio::time::timeout(self.timeout, attempt)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)));
+        if result.is_err() {
+            *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        result
+    }
 }
 
 fn default_key() -> String {
@@ -49,6 +186,7 @@ fn default_max_keys() -> usize {
 enum Key {
     ClientIp,
     Header(http::HeaderName),
+    Claim(String),
     Route,
     Global,
 }
@@ -66,6 +204,7 @@ pub struct RateLimit {
     policy: HeaderValue,
     quota: u64,
     window: u64,
+    redis: Option<RedisBackend>,
 }
 
 /// Remaining requests and seconds to reset, for the response's `RateLimit` header.
@@ -106,11 +245,12 @@ impl RateLimit {
             "client_ip" => Key::ClientIp,
             "route" => Key::Route,
             "global" => Key::Global,
-            k => match k.strip_prefix("header:") {
-                Some(name) => Key::Header(header_name(name)?),
-                None => {
+            k => match (k.strip_prefix("header:"), k.strip_prefix("claim:")) {
+                (Some(name), _) => Key::Header(header_name(name)?),
+                (_, Some(claim)) if !claim.is_empty() => Key::Claim(claim.to_string()),
+                _ => {
                     return Err(format!(
-                        "key {k:?}: use client_ip, header:NAME, route or global"
+                        "key {k:?}: use client_ip, header:NAME, claim:NAME, route or global"
                     ));
                 }
             },
@@ -118,6 +258,24 @@ impl RateLimit {
         if c.max_keys < SHARDS {
             return Err(format!("max_keys: at least {SHARDS}"));
         }
+        let redis = match c.backend {
+            None | Some(BackendConfig::Local) => None,
+            Some(BackendConfig::Redis {
+                url,
+                timeout,
+                fail_open,
+                prefix,
+            }) => Some(RedisBackend {
+                client: redis::Client::open(url.as_str())
+                    .map_err(|e| format!("backend.url: {e}"))?,
+                conn: tokio::sync::Mutex::new(None),
+                script: redis::Script::new(GCRA_LUA),
+                timeout,
+                fail_open,
+                prefix,
+                failed_at: Mutex::new(None),
+            }),
+        };
         let quota = u64::from(c.burst) + 1;
         let window = period.as_secs().max(1);
         Ok(RateLimit {
@@ -131,6 +289,7 @@ impl RateLimit {
                 .map_err(|e| e.to_string())?,
             quota,
             window,
+            redis,
         })
     }
 
@@ -168,6 +327,14 @@ impl RateLimit {
                 || cx.client_ip.to_string().into_bytes(),
                 |v| v.as_bytes().to_vec(),
             ),
+            Key::Claim(c) => cx
+                .state
+                .get::<super::JwtClaims>()
+                .and_then(|claims| claims.get(c))
+                .map_or_else(
+                    || cx.client_ip.to_string().into_bytes(),
+                    |v| format!("claim:{v}").into_bytes(),
+                ),
             Key::Route => cx.route.as_bytes().to_vec(),
             Key::Global => Vec::new(),
         }
@@ -187,8 +354,27 @@ fn shard_of(key: &[u8]) -> usize {
 impl Filter for RateLimit {
     async fn on_request(&self, req: &mut RequestHeader, cx: &mut FilterCtx<'_>) -> Outcome {
         let key = self.key_bytes(req, cx);
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        match self.check(&key, now) {
+        let decision = match &self.redis {
+            None => self.check(&key, self.epoch.elapsed().as_nanos() as u64),
+            Some(r) => match r
+                .check(&key, self.interval, self.interval * self.burst)
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    metrics().rate_limit_backend_errors.inc();
+                    log::debug!("rate_limit: Redis unavailable ({e})");
+                    if r.fail_open {
+                        return Outcome::Continue;
+                    }
+                    return Outcome::Respond(
+                        Reply::error(503, "rate limit backend unavailable")
+                            .header(http::header::RETRY_AFTER, HeaderValue::from_static("1")),
+                    );
+                }
+            },
+        };
+        match decision {
             Ok(remaining) => {
                 cx.state.insert(Verdict {
                     remaining,
@@ -244,6 +430,7 @@ mod tests {
             rate: rate.into(),
             burst,
             max_keys: 1000,
+            backend: None,
         })
         .unwrap()
     }
@@ -287,6 +474,7 @@ mod tests {
             rate: "1/s".into(),
             burst: 0,
             max_keys: 160,
+            backend: None,
         })
         .unwrap();
         for i in 0..10_000u32 {
