@@ -366,15 +366,21 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
     }
 }
 
-/// The path of a built example (cargo builds examples before integration tests).
+/// The path of a built example. `cargo test` builds examples in test mode only, without the
+/// plain binary this needs, so a missing one is built here with the cargo running the tests.
 pub fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let target = exe.parent().unwrap().parent().unwrap();
     let path = target.join("examples").join(name);
-    assert!(
-        path.exists(),
-        "{} is not built: cargo build --examples",
-        path.display()
-    );
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--example", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build --example");
+        assert!(status.success(), "cargo build --example {name} failed");
+    }
+    assert!(path.exists(), "{} was not built", path.display());
     path
 }
