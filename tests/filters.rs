@@ -499,6 +499,12 @@ async fn compression_by_type_size_and_accept_encoding() {
         .await
         .unwrap();
     assert_eq!(r.headers()["content-encoding"], "br");
+    let mut plain = Vec::new();
+    let brbody = r.bytes().await.unwrap();
+    brotli::Decompressor::new(&brbody[..], 4096)
+        .read_to_end(&mut plain)
+        .unwrap();
+    assert_eq!(plain, text, "the brotli body differs");
     let r = c
         .get(gw.url("/"))
         .header("accept-encoding", "zstd")
@@ -510,6 +516,46 @@ async fn compression_by_type_size_and_accept_encoding() {
         "zstd is not in this route's list"
     );
     assert_eq!(r.bytes().await.unwrap(), text);
+    // The whole list is negotiated, with q-values, not just its first entry.
+    for (accept, want) in [
+        ("zstd, br;q=0.9, gzip;q=0.8", Some("br")),
+        ("gzip;q=0, br", Some("br")),
+        ("gzip;q=0, zstd", None),
+        ("identity", None),
+    ] {
+        let r = c
+            .get(gw.url("/"))
+            .header("accept-encoding", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.headers()
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap()),
+            want,
+            "{accept}"
+        );
+    }
+    let zstd_gw = with_filters(
+        &up,
+        "      - { kind: compression, algorithms: [zstd] }\n",
+        "",
+    );
+    let r = c
+        .get(zstd_gw.url("/"))
+        .header("accept-encoding", "gzip, deflate, br, zstd")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-encoding"], "zstd");
+    let compressed = r.bytes().await.unwrap();
+    assert!(compressed.len() < text.len() / 4);
+    assert_eq!(
+        zstd::decode_all(&compressed[..]).unwrap(),
+        text,
+        "the zstd body differs"
+    );
     let r = c.get(gw.url("/")).send().await.unwrap();
     assert!(
         r.headers().get("content-encoding").is_none(),
@@ -792,4 +838,210 @@ async fn a_redis_rate_limit_is_shared_by_every_gateway_and_fails_open() {
         error_json(&r.text().await.unwrap())["error"],
         "rate limit backend unavailable"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_runs_global_then_route_in_order_and_responses_in_reverse() {
+    let up = Upstream::start().await;
+    let step = |name: &str| {
+        format!(
+            "{{ kind: headers, request: {{ add: {{ X-Order: {name} }} }}, response: {{ add: {{ X-Order: {name} }} }} }}"
+        )
+    };
+    let gw = with_filters(
+        &up,
+        &format!("      - {}\n      - {}\n", step("first"), step("second")),
+        &format!("filters:\n  - {}\n", step("global")),
+    );
+    let r = client().get(gw.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        up.last().header_all("x-order"),
+        ["global", "first", "second"],
+        "request hooks: global filters first, then the route's in the order listed"
+    );
+    let seen: Vec<_> = r
+        .headers()
+        .get_all("x-order")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        seen,
+        ["second", "first", "global"],
+        "response hooks run in reverse, like unwinding middleware"
+    );
+
+    // A filter that answers stops the chain: later filters and the upstream never see it.
+    let up = Upstream::start().await;
+    let gw = with_filters(
+        &up,
+        &format!(
+            "      - {{ kind: limits, methods: [GET] }}\n      - {}\n",
+            step("route")
+        ),
+        &format!("filters:\n  - {}\n", step("global")),
+    );
+    let r = client().delete(gw.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(up.count(), 0);
+}
+
+fn hs256(secret: &str, claims: serde_json::Value) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_keyed_by_a_verified_jwt_claim() {
+    let up = Upstream::start().await;
+    let secret = "a-shared-secret-of-at-least-32-bytes!";
+    let gw = with_filters(
+        &up,
+        &format!(
+            "      - {{ kind: auth, jwt: {{ secret: \"{secret}\" }} }}\n      - {{ kind: rate_limit, key: \"claim:sub\", rate: 1/m, burst: 1 }}\n"
+        ),
+        "",
+    );
+    let exp = unix_now() + 300;
+    let alice = hs256(secret, serde_json::json!({"sub": "alice", "exp": exp}));
+    // Another token for the same subject (a new jti) shares alice's allowance.
+    let alice_again = hs256(
+        secret,
+        serde_json::json!({"sub": "alice", "jti": "2", "exp": exp}),
+    );
+    let bob = hs256(secret, serde_json::json!({"sub": "bob", "exp": exp}));
+    let c = client();
+    let status = |t: &str| {
+        let req = c.get(gw.url("/")).bearer_auth(t);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(&alice).await, 200);
+    assert_eq!(status(&alice_again).await, 200);
+    assert_eq!(
+        status(&alice).await,
+        429,
+        "burst 1 = two requests per subject"
+    );
+    assert_eq!(status(&alice_again).await, 429);
+    assert_eq!(
+        status(&bob).await,
+        200,
+        "another subject has its own allowance"
+    );
+    // The limit is keyed on the verified claim, after auth: a forged token never reaches it.
+    assert_eq!(
+        status(&hs256(
+            "not-the-secret-but-32-bytes-long!!!!",
+            serde_json::json!({"sub": "carol", "exp": exp})
+        ))
+        .await,
+        401
+    );
+    assert_eq!(up.count(), 3);
+}
+
+/// Hammer `urls` (round robin over them) from `workers` tasks for `secs` seconds with one
+/// rate-limit key, bounded to `cap` requests; returns (admitted, refused, elapsed seconds).
+async fn admitted_under_load(
+    urls: &[String],
+    workers: usize,
+    secs: f64,
+    cap: usize,
+) -> (usize, usize, f64) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let sent = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let start = std::time::Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (sent, ok, refused) = (sent.clone(), ok.clone(), refused.clone());
+        let urls = urls.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut i = w;
+            while std::time::Instant::now() < deadline && sent.fetch_add(1, Ordering::Relaxed) < cap
+            {
+                let s = c
+                    .get(&urls[i % urls.len()])
+                    .header("x-user", "load")
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16();
+                match s {
+                    200 => ok.fetch_add(1, Ordering::Relaxed),
+                    429 => refused.fetch_add(1, Ordering::Relaxed),
+                    other => panic!("unexpected status {other}"),
+                };
+                i += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    (
+        ok.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        elapsed,
+    )
+}
+
+/// GCRA admits the burst plus `rate` per second; under load the count must land within 5%.
+fn assert_within_5_percent(
+    what: &str,
+    admitted: usize,
+    refused: usize,
+    elapsed: f64,
+    rate: f64,
+    burst: f64,
+) {
+    let expected = burst + 1.0 + rate * elapsed;
+    let off = (admitted as f64 - expected).abs() / expected;
+    eprintln!(
+        "{what}: {admitted} admitted, {refused} refused in {elapsed:.2}s; expected {expected:.1}"
+    );
+    assert!(
+        refused > admitted,
+        "{what}: the load must exceed the limit to test it ({admitted} admitted, {refused} refused)"
+    );
+    assert!(
+        off <= 0.05,
+        "{what}: {admitted} admitted in {elapsed:.2}s, expected {expected:.0} (off by {:.1}%)",
+        off * 100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_within_5_percent_under_load_locally_and_across_gateways() {
+    let up = Upstream::start().await;
+    let local = with_filters(
+        &up,
+        "      - { kind: rate_limit, key: \"header:X-User\", rate: 50/s, burst: 10 }\n",
+        "",
+    );
+    let (ok, refused, secs) = admitted_under_load(&[local.url("/")], 4, 2.0, 20_000).await;
+    assert_within_5_percent("local", ok, refused, secs, 50.0, 10.0);
+
+    let redis = common::redis::Redis::start();
+    let shared = format!(
+        "      - {{ kind: rate_limit, key: \"header:X-User\", rate: 50/s, burst: 10, backend: {{ kind: redis, url: \"{}\", fail_open: false }} }}\n",
+        redis.url()
+    );
+    let one = with_filters(&up, &shared, "");
+    let two = with_filters(&up, &shared, "");
+    let (ok, refused, secs) =
+        admitted_under_load(&[one.url("/"), two.url("/")], 4, 2.0, 20_000).await;
+    assert_within_5_percent("two gateways, one Redis", ok, refused, secs, 50.0, 10.0);
 }

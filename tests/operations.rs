@@ -133,7 +133,7 @@ async fn admin_api_upstreams_config_and_token() {
     let up = Upstream::start().await;
     let token = "s3cret-token-0123456789";
     let gw = GatewayConfig::new(format!(
-        "upstreams: {{ api: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes: [{{ name: api, upstream: api }}]\n",
+        "filters: [{{ kind: tracing }}]\nupstreams: {{ api: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes: [{{ name: api, upstream: api, filters: [{{ kind: auth, api_keys: [key-one-1234] }}, {{ kind: auth, jwt: {{ secret: jwt-secret-0123456789-0123456789-abc }} }}, {{ kind: rate_limit, rate: 5/s, backend: {{ kind: redis, url: \"redis://:redis-pw-0123@127.0.0.1:1/0\" }} }}] }}]\n",
         up.addr
     ))
     .admin(&format!("token: {token}"))
@@ -160,13 +160,30 @@ async fn admin_api_upstreams_config_and_token() {
     assert_eq!(b["healthy"], true);
     assert_eq!(b["breaker"], "closed");
     let cfg_text = auth("/config").await.unwrap().text().await.unwrap();
-    assert!(
-        !cfg_text.contains(token),
-        "the token leaked through /config"
-    );
+    for secret in [
+        token,
+        "key-one-1234",
+        "jwt-secret-0123456789-0123456789-abc",
+        "redis-pw-0123",
+    ] {
+        assert!(
+            !cfg_text.contains(secret),
+            "{secret} leaked through /config: {cfg_text}"
+        );
+    }
     let cfg: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
     assert_eq!(cfg["admin"]["token"], "<redacted>");
     assert_eq!(cfg["routes"][0]["upstream"], "api");
+    assert_eq!(cfg["filters"][0]["kind"], "tracing");
+    let route_filters = &cfg["routes"][0]["filters"];
+    assert_eq!(route_filters[0]["kind"], "auth");
+    assert_eq!(route_filters[0]["api_keys"], "<redacted>");
+    assert_eq!(route_filters[1]["jwt"]["secret"], "<redacted>");
+    assert_eq!(route_filters[2]["rate"], "5/s");
+    assert_eq!(
+        route_filters[2]["backend"]["url"],
+        "redis://:<redacted>@127.0.0.1:1/0"
+    );
     let r = client()
         .get(admin("/reload"))
         .bearer_auth(token)

@@ -43,6 +43,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Filters run on every request.
     pub filters: Vec<Arc<dyn Filter>>,
+    /// Their configuration as written, secrets redacted (for `GET /config`).
+    pub filter_specs: Vec<serde_json::Value>,
 }
 
 /// `admin:` after validation.
@@ -240,6 +242,8 @@ pub struct RouteConfig {
     pub upstream_host: Option<http::HeaderValue>,
     /// The route's filters, in order.
     pub filters: Vec<Arc<dyn Filter>>,
+    /// Their configuration as written, secrets redacted (for `GET /config`).
+    pub filter_specs: Vec<serde_json::Value>,
 }
 
 /// A host condition.

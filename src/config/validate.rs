@@ -134,6 +134,7 @@ pub(super) fn validate(
     if errs.0.is_empty() {
         Ok(Config {
             filters,
+            filter_specs: file.filters.iter().map(crate::filters::redacted).collect(),
             server,
             listeners,
             admin,
@@ -728,6 +729,7 @@ fn route(
         rewrite,
         upstream_host,
         filters,
+        filter_specs: r.filters.iter().map(crate::filters::redacted).collect(),
     })
 }
 

@@ -285,3 +285,80 @@ pub fn header_value(v: &str) -> Result<HeaderValue, String> {
 pub fn header_name(n: &str) -> Result<HeaderName, String> {
     HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("invalid header name {n:?}"))
 }
+
+/// Names of configuration keys whose values are secrets, in any filter (built-in or custom):
+/// an exact name, or a name ending in `_` plus one of them (`client_secret`, `api_token`).
+const SECRET_KEYS: &[&str] = &["secret", "password", "token", "api_keys", "credentials"];
+
+/// A filter's configuration with secrets replaced by `"<redacted>"`: values of secret-named keys,
+/// and the password of any URL (`redis://:pw@host` → `redis://:<redacted>@host`).
+pub fn redacted(spec: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let secret_name = |k: &str| {
+        let k = k.to_ascii_lowercase();
+        SECRET_KEYS
+            .iter()
+            .any(|s| k == *s || k.ends_with(&format!("_{s}")))
+    };
+    match spec {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let v = if secret_name(k) && !v.is_null() {
+                        Value::String("<redacted>".into())
+                    } else {
+                        redacted(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(redacted).collect()),
+        Value::String(s) => Value::String(redact_url_password(s)),
+        other => other.clone(),
+    }
+}
+
+/// `scheme://user:password@host…` with the password redacted; anything else unchanged.
+fn redact_url_password(s: &str) -> String {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return s.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return s.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>{}", &rest[at..]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::redacted;
+    use serde_json::json;
+
+    #[test]
+    fn secrets_and_url_passwords_are_redacted() {
+        let spec = json!({
+            "kind": "auth",
+            "api_keys": ["k1", "k2"],
+            "jwt": {"secret": "s3cret", "issuer": "https://idp", "client_secret": "x"},
+            "backend": {"url": "redis://:pw@127.0.0.1:6379/0", "timeout": "100ms"},
+            "other": "redis://user@host",
+            "key": "client_ip",
+        });
+        assert_eq!(
+            redacted(&spec),
+            json!({
+                "kind": "auth",
+                "api_keys": "<redacted>",
+                "jwt": {"secret": "<redacted>", "issuer": "https://idp", "client_secret": "<redacted>"},
+                "backend": {"url": "redis://:<redacted>@127.0.0.1:6379/0", "timeout": "100ms"},
+                "other": "redis://user@host",
+                "key": "client_ip",
+            })
+        );
+    }
+}

@@ -67,7 +67,9 @@ pub enum BackendConfig {
         /// Let requests through when Redis fails (else 503). Default true.
         #[serde(default = "default_true")]
         fail_open: bool,
-        /// Key prefix. Default `tollgate:rl:`.
+        /// Key prefix. Default `tollgate:rl:`. Redis keys are
+        /// `PREFIX KEY-SPEC|RATE|BURST|VALUE`: limiters configured alike share counters across
+        /// routes and replicas; a different prefix separates them.
         #[serde(default = "default_prefix")]
         prefix: String,
     },
@@ -106,7 +108,8 @@ struct RedisBackend {
     script: redis::Script,
     timeout: Duration,
     fail_open: bool,
-    prefix: String,
+    /// `prefix` plus this limiter's key spec, rate and burst.
+    namespace: String,
     /// When Redis last failed; it is not tried again for a second.
     failed_at: Mutex<Option<Instant>>,
 }
@@ -149,7 +152,7 @@ impl RedisBackend {
             }
             let mut conn = guard.clone().expect("set above");
             drop(guard);
-            let mut full = self.prefix.as_bytes().to_vec();
+            let mut full = self.namespace.as_bytes().to_vec();
             full.extend_from_slice(key);
             let (allowed, value): (i64, i64) = self
                 .script
@@ -272,7 +275,7 @@ impl RateLimit {
                 script: redis::Script::new(GCRA_LUA),
                 timeout,
                 fail_open,
-                prefix,
+                namespace: format!("{prefix}{}|{}|{}|", c.key, c.rate.trim(), c.burst),
                 failed_at: Mutex::new(None),
             }),
         };
@@ -323,16 +326,18 @@ impl RateLimit {
     fn key_bytes(&self, req: &RequestHeader, cx: &FilterCtx<'_>) -> Vec<u8> {
         match &self.key {
             Key::ClientIp => cx.client_ip.to_string().into_bytes(),
+            // Tagged, so a client cannot name another client's address as its header value
+            // and drain that address's allowance.
             Key::Header(h) => req.headers.get(h).map_or_else(
-                || cx.client_ip.to_string().into_bytes(),
-                |v| v.as_bytes().to_vec(),
+                || format!("ip:{}", cx.client_ip).into_bytes(),
+                |v| [b"h:", v.as_bytes()].concat(),
             ),
             Key::Claim(c) => cx
                 .state
                 .get::<super::JwtClaims>()
                 .and_then(|claims| claims.get(c))
                 .map_or_else(
-                    || cx.client_ip.to_string().into_bytes(),
+                    || format!("ip:{}", cx.client_ip).into_bytes(),
                     |v| format!("claim:{v}").into_bytes(),
                 ),
             Key::Route => cx.route.as_bytes().to_vec(),

@@ -15,6 +15,7 @@
 
 mod attempt;
 pub mod client;
+mod compression;
 mod ctx;
 pub mod error;
 mod filter_chain;
@@ -59,6 +60,11 @@ impl ProxyHttp for Gateway {
         RequestCtx::default()
     }
 
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        // Instead of Pingora's default compression module: the same, with brotli fixed.
+        modules.add_module(compression::CompressionBuilder::module());
+    }
+
     async fn early_request_filter(
         &self,
         session: &mut Session,
@@ -86,11 +92,6 @@ impl ProxyHttp for Gateway {
                 .as_secs()
                 .max(1);
             session.set_keepalive(Some(secs));
-        }
-        if state.compression {
-            // The module reads Accept-Encoding only if enabled before routing; the route's
-            // compression filter (or none) sets the real levels in `response_filter`.
-            compression_module(session).adjust_level(1);
         }
         let req = session.req_header_mut();
         headers::strip_request(req);
@@ -307,11 +308,7 @@ impl ProxyHttp for Gateway {
                 let levels = filter_chain::compression(ctx)
                     .map(|c| c.levels_for(upstream_response))
                     .unwrap_or_default();
-                let module = compression_module(session);
-                module.adjust_level(0);
-                for (algorithm, level) in levels {
-                    module.adjust_algorithm_level(algorithm, level);
-                }
+                compression_module(session).offer(levels);
             }
         }
         upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())
@@ -382,14 +379,12 @@ impl ProxyHttp for Gateway {
     }
 }
 
-/// Pingora's response compression module of this session (installed by default, disabled).
-fn compression_module(
-    session: &mut Session,
-) -> &mut pingora::modules::http::compression::ResponseCompression {
+/// The response compression module of this session (installed for every session, disabled).
+fn compression_module(session: &mut Session) -> &mut compression::Compression {
     session
         .downstream_modules_ctx
-        .get_mut::<pingora::modules::http::compression::ResponseCompression>()
-        .expect("Pingora installs the compression module by default")
+        .get_mut::<compression::Compression>()
+        .expect("init_downstream_modules installs the compression module")
 }
 
 /// The bytes `consistent_hash` hashes. A missing header/cookie/query value falls back to the

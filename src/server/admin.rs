@@ -6,7 +6,7 @@
 //! | `GET /health/ready` | 200 when serving: not shutting down, every upstream has a usable backend; else 503 with reasons |
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /upstreams` | backends, health, breaker state, in-flight, counters (JSON) |
-//! | `GET /config` | the effective configuration (JSON; the admin token redacted) |
+//! | `GET /config` | the effective configuration (JSON; the admin token and filter secrets redacted) |
 //! | `POST /reload` | reload the configuration file; 200, or 400 with the errors |
 //!
 //! With `admin.token` set, every endpoint but the two health checks needs
@@ -198,7 +198,7 @@ fn addr(a: SocketAddr) -> String {
     a.to_string()
 }
 
-/// The configuration in force, as JSON, with the admin token redacted.
+/// The configuration in force, as JSON, with the admin token and filter secrets redacted.
 pub fn effective_config(c: &Config) -> Value {
     let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let upstreams: Vec<Value> = c
@@ -275,6 +275,7 @@ pub fn effective_config(c: &Config) -> Value {
                 "strip_prefix": r.strip_prefix,
                 "rewrite": r.rewrite.as_ref().map(|(re, rep)| json!({"regex": re.as_str(), "replace": rep})),
                 "upstream_host": r.upstream_host.as_ref().and_then(|h| h.to_str().ok()),
+                "filters": r.filter_specs,
             })
         })
         .collect();
@@ -300,6 +301,7 @@ pub fn effective_config(c: &Config) -> Value {
         })),
         "upstreams": upstreams,
         "routes": routes,
+        "filters": c.filter_specs,
     })
 }
 
