@@ -22,6 +22,7 @@
 //! Bodies stream in both directions; nothing buffers a whole body.
 
 pub mod access_log;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod filters;

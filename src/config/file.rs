@@ -38,6 +38,68 @@ pub struct FileConfig {
     /// Filters run on every request, before the route's own. Default: none.
     #[serde(default)]
     pub filters: Vec<serde_json::Value>,
+    /// The shared response cache storage (routes opt in with their own `cache:`).
+    #[serde(default)]
+    pub cache: CacheSection,
+}
+
+/// `cache:` at the top level: the one in-memory storage every caching route shares.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    /// Most bytes stored (bodies, headers and per-entry overhead). Default 256MiB.
+    #[serde(deserialize_with = "de_size")]
+    pub max_size: u64,
+    /// How long concurrent misses for one key wait for the first to fill it. Default 5s.
+    #[serde(deserialize_with = "de_duration")]
+    pub lock_timeout: Duration,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            max_size: 256 << 20,
+            lock_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `cache:` on a route: what of its responses are stored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteCacheSection {
+    /// Freshness when the origin gives none (no max-age, s-maxage or Expires). Default 300s.
+    #[serde(deserialize_with = "de_duration")]
+    pub ttl: Duration,
+    /// Statuses that may be stored. Default 200, 301, 302.
+    pub statuses: Vec<u16>,
+    /// Largest body stored; larger responses pass through uncached. Default 1MiB.
+    #[serde(deserialize_with = "de_size")]
+    pub max_object_size: u64,
+    /// Request headers whose values are part of the key (beyond the origin's `Vary`).
+    pub key_headers: Vec<String>,
+    /// Store responses that carry `Set-Cookie`. Default false.
+    pub allow_set_cookie: bool,
+    /// Serve a stale copy while refreshing it, when the origin does not say. Default 0s.
+    #[serde(deserialize_with = "de_duration")]
+    pub stale_while_revalidate: Duration,
+    /// Serve a stale copy when the upstream fails, when the origin does not say. Default 0s.
+    #[serde(deserialize_with = "de_duration")]
+    pub stale_if_error: Duration,
+}
+
+impl Default for RouteCacheSection {
+    fn default() -> Self {
+        RouteCacheSection {
+            ttl: Duration::from_secs(300),
+            statuses: vec![200, 301, 302],
+            max_object_size: 1 << 20,
+            key_headers: Vec::new(),
+            allow_set_cookie: false,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+        }
+    }
 }
 
 /// `access_log:`.
@@ -496,6 +558,9 @@ pub struct RouteSection {
     /// Filters, run in order after the global ones. Default: none.
     #[serde(default)]
     pub filters: Vec<serde_json::Value>,
+    /// Cache this route's GET/HEAD responses. Default: off.
+    #[serde(default)]
+    pub cache: Option<RouteCacheSection>,
 }
 
 /// `match:` on a route. All given conditions must hold.
@@ -552,4 +617,17 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Number(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Number(n) => Ok(n),
+        Size::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
 }

@@ -45,6 +45,36 @@ pub struct Config {
     pub filters: Vec<Arc<dyn Filter>>,
     /// Their configuration as written, secrets redacted (for `GET /config`).
     pub filter_specs: Vec<serde_json::Value>,
+    /// The shared response cache storage.
+    pub cache: CacheConfig,
+}
+
+/// `cache:` (top level) after validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Most bytes stored.
+    pub max_size: usize,
+    /// How long concurrent misses wait for the first.
+    pub lock_timeout: Duration,
+}
+
+/// A route's `cache:` after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteCache {
+    /// Freshness when the origin gives none.
+    pub ttl: Duration,
+    /// Statuses that may be stored.
+    pub statuses: Vec<u16>,
+    /// Largest body stored.
+    pub max_object_size: usize,
+    /// Request headers in the key (lower case).
+    pub key_headers: Vec<http::HeaderName>,
+    /// Store responses with `Set-Cookie`.
+    pub allow_set_cookie: bool,
+    /// Default stale-while-revalidate, seconds.
+    pub stale_while_revalidate: u32,
+    /// Default stale-if-error, seconds.
+    pub stale_if_error: u32,
 }
 
 /// `admin:` after validation.
@@ -244,6 +274,8 @@ pub struct RouteConfig {
     pub filters: Vec<Arc<dyn Filter>>,
     /// Their configuration as written, secrets redacted (for `GET /config`).
     pub filter_specs: Vec<serde_json::Value>,
+    /// Response caching, if on.
+    pub cache: Option<RouteCache>,
 }
 
 /// A host condition.

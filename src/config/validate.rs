@@ -10,13 +10,14 @@ use regex::Regex;
 use crate::filters::FilterRegistry;
 
 use super::file::{
-    AdminSection, Balance, BreakerSection, DiscoverySection, FileConfig, HealthCheckSection,
-    RetriesSection, RetryMethods, RouteSection, UpstreamSection,
+    AdminSection, Balance, BreakerSection, CacheSection, DiscoverySection, FileConfig,
+    HealthCheckSection, RetriesSection, RetryMethods, RouteCacheSection, RouteSection,
+    UpstreamSection,
 };
 use super::{
-    AccessLogConfig, AdminConfig, BackendConfig, BreakerSettings, Config, ConfigError, Discovery,
-    FailurePolicy, HashKey, HealthCheck, HostPattern, PathMatch, RetryPolicy, RouteConfig,
-    ServerSettings, UpstreamConfig,
+    AccessLogConfig, AdminConfig, BackendConfig, BreakerSettings, CacheConfig, Config, ConfigError,
+    Discovery, FailurePolicy, HashKey, HealthCheck, HostPattern, PathMatch, RetryPolicy,
+    RouteCache, RouteConfig, ServerSettings, UpstreamConfig,
 };
 
 /// Highest accepted backend weight.
@@ -100,7 +101,14 @@ pub(super) fn validate(
                 format!("no upstream named {:?}", r.upstream),
             );
         }
-        if let Some(route) = route(r, &path, upstream_index.unwrap_or(0), registry, &mut errs) {
+        if let Some(route) = route(
+            r,
+            &path,
+            upstream_index.unwrap_or(0),
+            file.cache.max_size,
+            registry,
+            &mut errs,
+        ) {
             let sig = route_signature(&route);
             if let Some(first) = signatures.insert(sig, i) {
                 errs.push(
@@ -130,6 +138,7 @@ pub(super) fn validate(
     }
 
     let filters = build_filters(&file.filters, "filters", registry, &mut errs);
+    let cache = cache_settings(&file.cache, &mut errs);
 
     if errs.0.is_empty() {
         Ok(Config {
@@ -142,6 +151,7 @@ pub(super) fn validate(
             trusted_proxies,
             upstreams,
             routes,
+            cache,
         })
     } else {
         Err(errs.0)
@@ -625,6 +635,7 @@ fn route(
     r: &RouteSection,
     path: &str,
     upstream: usize,
+    cache_max: u64,
     registry: &FilterRegistry,
     errs: &mut Errors,
 ) -> Option<RouteConfig> {
@@ -716,6 +727,10 @@ fn route(
         }
     });
     let filters = build_filters(&r.filters, &format!("{path}.filters"), registry, errs);
+    let cache = r
+        .cache
+        .as_ref()
+        .map(|c| route_cache(c, &format!("{path}.cache"), cache_max, errs));
     if errs.0.len() > before {
         return None;
     }
@@ -730,7 +745,68 @@ fn route(
         upstream_host,
         filters,
         filter_specs: r.filters.iter().map(crate::filters::redacted).collect(),
+        cache,
     })
+}
+
+fn cache_settings(c: &CacheSection, errs: &mut Errors) -> CacheConfig {
+    const MIN: u64 = 1 << 20;
+    if c.max_size < MIN {
+        errs.push(
+            "cache.max_size",
+            format!("{} bytes is too small; at least 1MiB", c.max_size),
+        );
+    }
+    if c.lock_timeout.is_zero() {
+        errs.push("cache.lock_timeout", "must be more than 0");
+    }
+    CacheConfig {
+        max_size: usize::try_from(c.max_size).unwrap_or(usize::MAX),
+        lock_timeout: c.lock_timeout,
+    }
+}
+
+fn route_cache(c: &RouteCacheSection, path: &str, cache_max: u64, errs: &mut Errors) -> RouteCache {
+    for (i, s) in c.statuses.iter().enumerate() {
+        if !(200..=599).contains(s) || *s == 206 || *s == 304 {
+            errs.push(
+                format!("{path}.statuses[{i}]"),
+                format!("{s} cannot be cached; list final statuses 200-599 (not 206 or 304)"),
+            );
+        }
+    }
+    if c.statuses.is_empty() {
+        errs.push(format!("{path}.statuses"), "list at least one status");
+    }
+    if c.max_object_size == 0 || c.max_object_size > cache_max {
+        errs.push(
+            format!("{path}.max_object_size"),
+            format!(
+                "{} bytes: must be more than 0 and at most cache.max_size ({cache_max} bytes)",
+                c.max_object_size
+            ),
+        );
+    }
+    let mut key_headers = Vec::new();
+    for (i, h) in c.key_headers.iter().enumerate() {
+        match http::HeaderName::from_bytes(h.trim().as_bytes()) {
+            Ok(n) => key_headers.push(n),
+            Err(_) => errs.push(
+                format!("{path}.key_headers[{i}]"),
+                format!("invalid header name {h:?}"),
+            ),
+        }
+    }
+    let secs = |d: std::time::Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    RouteCache {
+        ttl: c.ttl,
+        statuses: c.statuses.clone(),
+        max_object_size: usize::try_from(c.max_object_size).unwrap_or(usize::MAX),
+        key_headers,
+        allow_set_cookie: c.allow_set_cookie,
+        stale_while_revalidate: secs(c.stale_while_revalidate),
+        stale_if_error: secs(c.stale_if_error),
+    }
 }
 
 fn build_filters(

@@ -1,0 +1,180 @@
+//! Cache keys: which requests share a stored response.
+//!
+//! The primary key is `scheme, host:port, path, query`, each length-prefixed so no two
+//! different tuples frame to the same bytes (`/a` + `?b` never equals `/a?` + `b`). The host is
+//! lower-cased, a trailing dot dropped and the scheme's default port made explicit, so
+//! `Example.com` and `example.com:80` share entries while two hosts never do. GET and HEAD share
+//! a key (a HEAD is answered from a stored GET).
+//!
+//! The variance (a secondary key) holds what may differ between copies of one URL: the values of
+//! the route's `key_headers` and of the request headers the origin's `Vary` names.
+//! `Accept-Encoding` is normalised to the codings tollgate knows, in a fixed order, so the many
+//! spellings browsers send make a handful of variants, not thousands. A purge by URL removes
+//! every variant.
+
+use http::HeaderName;
+use pingora::cache::key::HashBinary;
+use pingora::cache::{CacheKey, VarianceBuilder};
+use pingora::http::RequestHeader;
+
+/// The primary key bytes for `scheme://authority/path?query`.
+pub fn primary(scheme: &str, host: &str, path: &str, query: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + host.len() + path.len());
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let authority = normalise_authority(host, default_port);
+    for part in [
+        scheme.as_bytes(),
+        authority.as_bytes(),
+        path.as_bytes(),
+        query.map_or(&b"\xff"[..], str::as_bytes), // no query ≠ empty query
+    ] {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// `host[:port]` lower-cased, trailing dot dropped, port always present.
+fn normalise_authority(host: &str, default_port: u16) -> String {
+    let host = host.trim();
+    let (name, port) = match host.rsplit_once(':') {
+        // An IPv6 literal without a port has colons but ends with `]`.
+        Some((n, p)) if !p.contains(']') && p.bytes().all(|b| b.is_ascii_digit()) => {
+            (n, p.parse::<u16>().unwrap_or(default_port))
+        }
+        _ => (host, default_port),
+    };
+    format!("{}:{port}", name.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// The key for a request on a caching route; `host` is the client's Host (or target authority).
+pub fn for_request(req: &RequestHeader, host: &str) -> CacheKey {
+    CacheKey::new(
+        primary("http", host, req.uri.path(), req.uri.query()),
+        String::new(),
+    )
+}
+
+/// The variance of a request: the route's key headers plus the headers `vary` names.
+/// `None` when there is nothing to vary on.
+pub fn variance(
+    req: &RequestHeader,
+    key_headers: &[HeaderName],
+    vary: &[HeaderName],
+) -> Option<HashBinary> {
+    let mut b = VarianceBuilder::new();
+    for name in key_headers.iter().chain(vary) {
+        let values: Vec<u8> = if name == http::header::ACCEPT_ENCODING {
+            accepted_codings(req).into_bytes()
+        } else {
+            let mut v = Vec::new();
+            for value in req.headers.get_all(name) {
+                v.extend_from_slice(value.as_bytes());
+                v.push(b'\n');
+            }
+            v
+        };
+        b.add_owned_name_value(name.as_str().to_string(), values);
+    }
+    b.finalize()
+}
+
+/// `Accept-Encoding` reduced to the codings that matter, in a fixed order (`br,gzip,zstd`).
+fn accepted_codings(req: &RequestHeader) -> String {
+    let mut seen = [false; 3];
+    for v in req.headers.get_all(http::header::ACCEPT_ENCODING) {
+        for item in v.to_str().unwrap_or("").split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let refused = parts.any(|p| {
+                let p = p.trim().to_ascii_lowercase();
+                p.strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            if refused {
+                continue;
+            }
+            match coding.as_str() {
+                "br" => seen[0] = true,
+                "gzip" | "x-gzip" => seen[1] = true,
+                "zstd" => seen[2] = true,
+                _ => {}
+            }
+        }
+    }
+    ["br", "gzip", "zstd"]
+        .iter()
+        .zip(seen)
+        .filter(|(_, s)| *s)
+        .map(|(c, _)| *c)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The header names a response's `Vary` lists; `Err(())` for `Vary: *` (never stored).
+pub fn vary_names(headers: &http::HeaderMap) -> Result<Vec<HeaderName>, ()> {
+    let mut names = Vec::new();
+    for v in headers.get_all(http::header::VARY) {
+        for name in v.to_str().unwrap_or("").split(',') {
+            let name = name.trim();
+            if name == "*" {
+                return Err(());
+            }
+            if let Ok(n) = HeaderName::from_bytes(name.as_bytes())
+                && !names.contains(&n)
+            {
+                names.push(n);
+            }
+        }
+    }
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primary_keys_frame_their_parts_and_normalise_the_host() {
+        let k = |h, p, q| primary("http", h, p, q);
+        assert_eq!(
+            k("Example.COM", "/a", None),
+            k("example.com:80", "/a", None)
+        );
+        assert_eq!(k("example.com.", "/a", None), k("example.com", "/a", None));
+        assert_ne!(k("example.com", "/a", None), k("example.org", "/a", None));
+        assert_ne!(
+            k("example.com:8080", "/a", None),
+            k("example.com", "/a", None)
+        );
+        assert_ne!(k("h", "/a", Some("b")), k("h", "/a?", Some("b")));
+        assert_ne!(k("h", "/a", Some("")), k("h", "/a", None));
+        assert_eq!(k("[::1]", "/", None), k("[::1]:80", "/", None));
+    }
+
+    #[test]
+    fn accept_encoding_variants_are_normalised() {
+        let req = |ae: &str| {
+            let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+            r.insert_header("accept-encoding", ae).unwrap();
+            r
+        };
+        let ae = [http::header::ACCEPT_ENCODING];
+        let v = |s: &str| variance(&req(s), &[], &ae);
+        assert_eq!(v("gzip, deflate, br"), v("br;q=0.9, gzip"));
+        assert_ne!(v("gzip"), v("br"));
+        assert_eq!(v("gzip, br;q=0"), v("gzip"));
+        assert_eq!(v("identity"), v("deflate"));
+    }
+
+    #[test]
+    fn vary_star_is_refused() {
+        let mut h = http::HeaderMap::new();
+        h.insert("vary", "Accept-Encoding, *".parse().unwrap());
+        assert!(vary_names(&h).is_err());
+        h.insert("vary", "accept-encoding, Origin".parse().unwrap());
+        assert_eq!(vary_names(&h).unwrap(), ["accept-encoding", "origin"]);
+    }
+}

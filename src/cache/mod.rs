@@ -1,0 +1,108 @@
+//! The response cache: storage, key, policy and purge, on pingora-cache.
+//!
+//! One [`Cache`] per process holds the storage ([`storage::MemoryStorage`]), pingora-cache's
+//! sharded LRU manager (the byte limit) and its cache lock (one upstream request per key at a
+//! time). Routes opt in with `cache:`; [`policy`] decides what of theirs is stored and for how
+//! long. See `docs/cache.md`.
+
+pub mod key;
+pub mod policy;
+pub mod storage;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use pingora::cache::CacheKey;
+use pingora::cache::eviction::lru::Manager;
+use pingora::cache::eviction::{CacheEntryId, CacheEntryKey, EvictionManager};
+use pingora::cache::key::CompactCacheKey;
+use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora::cache::storage::PurgeTarget;
+
+use crate::config::CacheConfig;
+use storage::{MemoryStorage, StorageStats, primary_target};
+
+/// LRU shards (each with its own lock).
+const SHARDS: usize = 16;
+
+/// The process's cache.
+pub struct Cache {
+    /// Where objects live.
+    pub storage: &'static MemoryStorage,
+    /// What to drop when full.
+    pub eviction: &'static Manager<SHARDS>,
+    /// One filler per key.
+    pub lock: &'static CacheKeyLockImpl,
+    /// How long the others wait for it.
+    pub lock_timeout: Duration,
+    /// Entries purged through the admin API or invalidated by unsafe requests.
+    purged: AtomicU64,
+    /// The configured limit.
+    max_size: usize,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("max_size", &self.max_size)
+            .field("stats", &self.storage.stats())
+            .finish()
+    }
+}
+
+/// Common response header text, so pingora-cache compresses stored headers well (and does not
+/// warn that it has no dictionary).
+const HEADER_DICTIONARY: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\n\
+content-type: application/json\r\ncontent-length: \r\ncache-control: public, max-age=\r\n\
+cache-control: no-cache\r\netag: \"\"\r\nlast-modified: \r\ndate: \r\nexpires: \r\n\
+vary: Accept-Encoding\r\nvary: Origin\r\naccept-ranges: bytes\r\nserver: \r\nx-request-id: \r\n\
+content-encoding: gzip\r\ncontent-encoding: br\r\nage: \r\nconnection: keep-alive\r\n";
+
+impl Cache {
+    /// Build the process's cache (once: it lives as long as the process).
+    pub fn new(c: &CacheConfig) -> &'static Cache {
+        pingora::cache::set_compression_dict_content(HEADER_DICTIONARY.into());
+        // Capacity: a guess of the entry count, for preallocation only.
+        let items = (c.max_size / 16_384).clamp(1024, 1 << 20);
+        let lock: Box<CacheKeyLockImpl> = CacheLock::new_boxed(c.lock_timeout);
+        Box::leak(Box::new(Cache {
+            storage: Box::leak(Box::new(MemoryStorage::new())),
+            eviction: Box::leak(Box::new(Manager::with_capacity(c.max_size, items))),
+            lock: Box::leak(lock),
+            lock_timeout: c.lock_timeout,
+            purged: AtomicU64::new(0),
+            max_size: c.max_size,
+        }))
+    }
+
+    /// The configured limit in bytes.
+    pub fn max_size(&self) -> usize {
+        self.max_size
+    }
+
+    /// Storage contents and purge count, for metrics.
+    pub fn stats(&self) -> (StorageStats, u64) {
+        (self.storage.stats(), self.purged.load(Ordering::Relaxed))
+    }
+
+    /// Remove every stored variant of `key`'s URL; how many objects were stored.
+    pub fn purge(&self, key: &CacheKey) -> usize {
+        use pingora::cache::key::CacheHashKey;
+        let target = primary_target(key.primary_bin());
+        let removed = self.storage.remove(PurgeTarget::Active(&target));
+        for (variance, id) in &removed {
+            // The LRU tracks each object by key and id: forget exactly those.
+            let entry = CacheEntryKey::identified(
+                CompactCacheKey {
+                    variance: variance.map(Box::new),
+                    ..target.clone()
+                },
+                CacheEntryId::new(*id),
+            );
+            self.eviction.remove((&entry).into());
+        }
+        self.purged
+            .fetch_add(removed.len() as u64, Ordering::Relaxed);
+        removed.len()
+    }
+}

@@ -1,0 +1,212 @@
+//! What a caching route stores, and for how long (RFC 9111, shared cache).
+//!
+//! In order, a response is not stored when:
+//! 1. its status is not in the route's `statuses` (default 200, 301, 302);
+//! 2. it sets a cookie (`Set-Cookie`) and the route does not allow that;
+//! 3. it has `Vary: *`;
+//! 4. the request carried `Authorization` and the response lacks `public`, `s-maxage` and
+//!    `must-revalidate` (RFC 9111 §3.5);
+//! 5. it says `no-store` or `private`.
+//!
+//! Freshness: `s-maxage`, else `max-age` (minus the response's `Age`), else `Expires`, else the
+//! route's `ttl`; `no-cache` stores it as already stale, so every use is revalidated. Serving
+//! stale: the origin's `stale-while-revalidate` / `stale-if-error`, else the route's defaults;
+//! `must-revalidate`, `proxy-revalidate` and `s-maxage` forbid both. Header fields named by
+//! `private="…"` / `no-cache="…"` are removed from the stored copy.
+
+use std::time::{Duration, SystemTime};
+
+use pingora::cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
+use pingora::cache::filters::{calculate_expires_header_time, calculate_serve_stale_durations};
+use pingora::cache::{CacheMeta, CacheMetaDefaults, NoCacheReason, RespCacheable};
+use pingora::http::{RequestHeader, ResponseHeader};
+
+use super::key;
+use crate::config::RouteCache;
+
+/// Whether and how `resp` (to `req`) is stored under `route`'s policy, as of `now`.
+pub fn decide(
+    route: &RouteCache,
+    req: &RequestHeader,
+    resp: &ResponseHeader,
+    now: SystemTime,
+) -> RespCacheable {
+    use RespCacheable::Uncacheable;
+    if !route.statuses.contains(&resp.status.as_u16()) {
+        return Uncacheable(NoCacheReason::Custom("status"));
+    }
+    if !route.allow_set_cookie && resp.headers.contains_key(http::header::SET_COOKIE) {
+        return Uncacheable(NoCacheReason::Custom("set-cookie"));
+    }
+    if key::vary_names(&resp.headers).is_err() {
+        return Uncacheable(NoCacheReason::Custom("vary-star"));
+    }
+    let cc = CacheControl::from_resp_headers(resp);
+    if req.headers.contains_key(http::header::AUTHORIZATION)
+        && !cc
+            .as_ref()
+            .is_some_and(InterpretCacheControl::allow_caching_authorized_req)
+    {
+        return Uncacheable(NoCacheReason::Custom("authorization"));
+    }
+    if cc
+        .as_ref()
+        .is_some_and(|c| c.is_cacheable() == Cacheable::No)
+    {
+        return Uncacheable(NoCacheReason::OriginNotCache);
+    }
+    let age = resp
+        .headers
+        .get(http::header::AGE)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs);
+    let created = now.checked_sub(age).unwrap_or(now);
+    let stale = now - Duration::from_secs(1);
+    let after = |ttl: Duration| {
+        if ttl.is_zero() { stale } else { created + ttl }
+    };
+    let fresh_until = cc
+        .as_ref()
+        .and_then(InterpretCacheControl::fresh_duration)
+        .map(after)
+        .or_else(|| calculate_expires_header_time(resp))
+        .unwrap_or_else(|| after(route.ttl));
+    let defaults =
+        CacheMetaDefaults::new(|_| None, route.stale_while_revalidate, route.stale_if_error);
+    let (swr, sie) = calculate_serve_stale_durations(cc.as_ref(), &defaults);
+    let mut header = resp.clone();
+    if let Some(cc) = &cc {
+        cc.strip_private_headers(&mut header);
+    }
+    RespCacheable::Cacheable(CacheMeta::new(fresh_until, created, swr, sie, header))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route() -> RouteCache {
+        RouteCache {
+            ttl: Duration::from_secs(300),
+            statuses: vec![200, 301, 302],
+            max_object_size: 1 << 20,
+            key_headers: vec![],
+            allow_set_cookie: false,
+            stale_while_revalidate: 0,
+            stale_if_error: 7,
+        }
+    }
+
+    fn resp(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut r = ResponseHeader::build(status, None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn req(auth: bool) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+        if auth {
+            r.insert_header("authorization", "Bearer x").unwrap();
+        }
+        r
+    }
+
+    /// Seconds of freshness left, or None when not stored.
+    fn ttl(status: u16, headers: &[(&str, &str)], auth: bool) -> Option<i64> {
+        let now = SystemTime::now();
+        match decide(&route(), &req(auth), &resp(status, headers), now) {
+            RespCacheable::Cacheable(m) => Some(match m.fresh_until().duration_since(now) {
+                Ok(d) => d.as_secs_f64().round() as i64,
+                Err(e) => -(e.duration().as_secs_f64().round() as i64),
+            }),
+            RespCacheable::Uncacheable(_) => None,
+        }
+    }
+
+    #[test]
+    fn each_directive() {
+        assert_eq!(ttl(200, &[], false), Some(300), "route default");
+        assert_eq!(
+            ttl(200, &[("cache-control", "max-age=60")], false),
+            Some(60)
+        );
+        assert_eq!(
+            ttl(200, &[("cache-control", "max-age=60, s-maxage=10")], false),
+            Some(10),
+            "s-maxage wins for a shared cache"
+        );
+        assert_eq!(
+            ttl(
+                200,
+                &[("cache-control", "max-age=60"), ("age", "50")],
+                false
+            ),
+            Some(10),
+            "Age counts against max-age"
+        );
+        assert_eq!(ttl(200, &[("cache-control", "no-cache")], false), Some(-1));
+        assert_eq!(ttl(200, &[("cache-control", "no-store")], false), None);
+        assert_eq!(
+            ttl(200, &[("cache-control", "private, max-age=60")], false),
+            None
+        );
+        let in_a_minute = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60));
+        // HTTP dates have whole seconds.
+        assert!(
+            ttl(200, &[("expires", in_a_minute.as_str())], false)
+                .is_some_and(|t| (59..=60).contains(&t))
+        );
+        assert!(
+            ttl(200, &[("expires", "0")], false).is_some_and(|t| t <= 0),
+            "an invalid Expires is in the past"
+        );
+        assert_eq!(ttl(404, &[("cache-control", "max-age=60")], false), None);
+        assert_eq!(ttl(302, &[], false), Some(300));
+        assert_eq!(ttl(200, &[("set-cookie", "a=b")], false), None);
+        assert_eq!(ttl(200, &[("vary", "*")], false), None);
+    }
+
+    #[test]
+    fn authorization_needs_an_explicit_permission() {
+        assert_eq!(ttl(200, &[("cache-control", "max-age=60")], true), None);
+        assert_eq!(
+            ttl(200, &[("cache-control", "public, max-age=60")], true),
+            Some(60)
+        );
+        assert_eq!(
+            ttl(200, &[("cache-control", "s-maxage=30")], true),
+            Some(30)
+        );
+    }
+
+    #[test]
+    fn stale_windows_and_stripped_fields() {
+        let now = SystemTime::now();
+        let decide = |h: &[(&str, &str)]| decide(&route(), &req(false), &resp(200, h), now);
+        let RespCacheable::Cacheable(m) =
+            decide(&[("cache-control", "max-age=1, stale-while-revalidate=30")])
+        else {
+            panic!("stored")
+        };
+        assert_eq!(m.stale_while_revalidate_sec(), 30);
+        assert_eq!(m.stale_if_error_sec(), 7, "the route's default");
+        let RespCacheable::Cacheable(m) = decide(&[(
+            "cache-control",
+            "max-age=1, must-revalidate, stale-if-error=60",
+        )]) else {
+            panic!("stored")
+        };
+        assert_eq!(m.stale_if_error_sec(), 0, "must-revalidate forbids stale");
+        let RespCacheable::Cacheable(m) = decide(&[
+            ("cache-control", "max-age=60, no-cache=\"x-secret\""),
+            ("x-secret", "s"),
+            ("x-kept", "k"),
+        ]) else {
+            panic!("stored")
+        };
+        assert!(m.headers().get("x-secret").is_none());
+        assert!(m.headers().get("x-kept").is_some());
+    }
+}

@@ -1,0 +1,564 @@
+//! A bounded in-memory [`Storage`] for pingora-cache.
+//!
+//! - **Bodies** are kept as the chunks they arrived in, each copied once into an allocation of
+//!   its own size (a chunk slicing a larger read buffer would otherwise pin the whole buffer).
+//!   A hit hands out cheap `Bytes` clones; nothing is copied per hit.
+//! - **Streaming writes.** A miss is stored while it is served: its chunks are visible at once to
+//!   concurrent readers of the same key (`lookup` returns the object being written, and readers
+//!   follow the writer through a `watch` channel). A writer that gives up (the response was too
+//!   large, the upstream failed) makes its readers fail rather than end short, so a truncated
+//!   body is never passed off as complete.
+//! - **Size.** Each finished entry weighs its body, its serialized header and a fixed overhead;
+//!   pingora-cache's LRU manager admits it against `cache.max_size` and has the least recently
+//!   used entries purged here (`PurgeType::Eviction`). Objects still being written are not in
+//!   the weight yet: each is bounded by the route's `max_object_size`.
+//! - **Entries** carry ids, so an eviction decided for an older copy never removes a newer one.
+//! - **Purge** by primary key removes every variant (`Vary`) of it and abandons writes in
+//!   progress, which then never land.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::RwLock;
+use pingora::cache::eviction::CacheEntryId;
+use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
+use pingora::cache::storage::{
+    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
+    PurgeType,
+};
+use pingora::cache::trace::SpanHandle;
+use pingora::cache::{CacheKey, CacheMeta, Storage};
+use pingora::{Error, ErrorType, Result};
+use tokio::sync::watch;
+
+/// Bytes counted per entry on top of its body and header (maps, `Arc`s, chunk list, LRU node).
+pub const ENTRY_OVERHEAD: usize = 256;
+
+/// Primary hash and variance hash: one stored object.
+type Slot = (HashBinary, Option<HashBinary>);
+
+fn slot_of(key: &impl CacheHashKey) -> Slot {
+    (key.primary_bin(), key.variance_bin())
+}
+
+/// A finished object.
+struct Entry {
+    id: u64,
+    meta: (Vec<u8>, Vec<u8>),
+    body: Arc<[Bytes]>,
+    body_len: usize,
+    weight: usize,
+}
+
+/// Progress of an object being written: chunks so far, and whether it is complete.
+#[derive(Clone, Copy)]
+struct Progress {
+    chunks: usize,
+    complete: bool,
+}
+
+/// An object being written.
+struct Partial {
+    id: u64,
+    meta: (Vec<u8>, Vec<u8>),
+    chunks: RwLock<Vec<Bytes>>,
+    progress: watch::Receiver<Progress>,
+}
+
+/// What the storage holds, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StorageStats {
+    /// Finished objects.
+    pub entries: usize,
+    /// Their weight in bytes (bodies, headers, overhead).
+    pub bytes: usize,
+    /// Objects removed to make room.
+    pub evictions: u64,
+}
+
+/// The storage. Built once per process and leaked: pingora-cache wants `&'static`.
+#[derive(Default)]
+pub struct MemoryStorage {
+    /// Finished objects by primary key, then variance.
+    entries: RwLock<HashMap<HashBinary, HashMap<Option<HashBinary>, Arc<Entry>>>>,
+    /// Objects being written, by slot, newest last.
+    writing: RwLock<HashMap<Slot, Vec<Arc<Partial>>>>,
+    next_id: AtomicU64,
+    bytes: AtomicUsize,
+    count: AtomicUsize,
+    evictions: AtomicU64,
+}
+
+impl MemoryStorage {
+    /// An empty storage.
+    pub fn new() -> MemoryStorage {
+        MemoryStorage::default()
+    }
+
+    /// Current contents, for metrics.
+    pub fn stats(&self) -> StorageStats {
+        StorageStats {
+            entries: self.count.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Remove what `target` names; the (variance, id) of each object removed.
+    pub fn remove(&self, target: PurgeTarget<'_>) -> Vec<(Option<HashBinary>, u64)> {
+        let key = target.key();
+        let (primary, variance) = slot_of(key);
+        let exact_id = match target {
+            PurgeTarget::Exact(e) => Some(e.entry_id()),
+            PurgeTarget::Active(_) => None,
+        };
+        let mut removed = Vec::new();
+        {
+            let mut entries = self.entries.write();
+            if let Some(variants) = entries.get_mut(&primary) {
+                let doomed: Vec<Option<HashBinary>> = variants
+                    .iter()
+                    .filter(|(v, e)| match exact_id {
+                        // An eviction names one copy: leave a newer one alone.
+                        Some(id) => **v == variance && id.is_none_or(|id| id.get() == e.id),
+                        // A purge of the primary key takes every variant.
+                        None => variance.is_none() || **v == variance,
+                    })
+                    .map(|(v, _)| *v)
+                    .collect();
+                for v in doomed {
+                    if let Some(e) = variants.remove(&v) {
+                        self.bytes.fetch_sub(e.weight, Ordering::Relaxed);
+                        self.count.fetch_sub(1, Ordering::Relaxed);
+                        removed.push((v, e.id));
+                    }
+                }
+                if variants.is_empty() {
+                    entries.remove(&primary);
+                }
+            }
+        }
+        if exact_id.is_none() {
+            // Writes in progress would land after the purge: abandon them.
+            self.writing
+                .write()
+                .retain(|(p, v), _| !(*p == primary && (variance.is_none() || *v == variance)));
+        }
+        removed
+    }
+}
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let slot = slot_of(key);
+        let partial = self
+            .writing
+            .read()
+            .get(&slot)
+            .and_then(|w| w.last().cloned());
+        if let Some(p) = partial {
+            return partial_hit(p).map(Some);
+        }
+        let entry = self
+            .entries
+            .read()
+            .get(&slot.0)
+            .and_then(|v| v.get(&slot.1).cloned());
+        match entry {
+            Some(e) => {
+                let meta = CacheMeta::deserialize(&e.meta.0, &e.meta.1)?;
+                let end = e.body_len;
+                Ok(Some((
+                    meta,
+                    Box::new(CompleteHit {
+                        entry: e,
+                        next: 0,
+                        start: 0,
+                        end,
+                    }),
+                )))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let Some(id) = tag.and_then(|t| <[u8; 8]>::try_from(t).ok()) else {
+            return self.lookup(key, trace).await;
+        };
+        let id = u64::from_be_bytes(id);
+        let partial = self
+            .writing
+            .read()
+            .get(&slot_of(key))
+            .and_then(|w| w.iter().find(|p| p.id == id).cloned());
+        match partial {
+            Some(p) => partial_hit(p).map(Some),
+            // Finished (or purged) meanwhile: the stored copy, if any.
+            None => self.lookup(key, trace).await,
+        }
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let meta = meta.serialize()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(Progress {
+            chunks: 0,
+            complete: false,
+        });
+        let partial = Arc::new(Partial {
+            id,
+            meta,
+            chunks: RwLock::new(Vec::new()),
+            progress: rx,
+        });
+        let slot = slot_of(key);
+        self.writing
+            .write()
+            .entry(slot)
+            .or_default()
+            .push(partial.clone());
+        Ok(Box::new(Writer {
+            storage: self,
+            slot,
+            partial,
+            progress: tx,
+            tag: id.to_be_bytes(),
+            body_len: 0,
+            done: false,
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        purge_type: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let removed = self.remove(target);
+        if matches!(purge_type, PurgeType::Eviction) {
+            self.evictions
+                .fetch_add(removed.len() as u64, Ordering::Relaxed);
+        }
+        Ok(match removed.as_slice() {
+            [] => PurgeOutcome::NotFound,
+            [(_, id)] => PurgeOutcome::Purged(Some(CacheEntryId::new(*id))),
+            _ => PurgeOutcome::Purged(None),
+        })
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
+        let (primary, variance) = slot_of(key);
+        let meta = meta.serialize()?;
+        let mut entries = self.entries.write();
+        let Some(old) = entries.get_mut(&primary).and_then(|v| v.get_mut(&variance)) else {
+            return Ok(false);
+        };
+        let weight = old.body_len + meta.0.len() + meta.1.len() + ENTRY_OVERHEAD;
+        self.bytes.fetch_add(weight, Ordering::Relaxed);
+        self.bytes.fetch_sub(old.weight, Ordering::Relaxed);
+        *old = Arc::new(Entry {
+            id: old.id,
+            meta,
+            body: old.body.clone(),
+            body_len: old.body_len,
+            weight,
+        });
+        Ok(true)
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        true
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+fn partial_hit(p: Arc<Partial>) -> Result<(CacheMeta, HitHandler)> {
+    let meta = CacheMeta::deserialize(&p.meta.0, &p.meta.1)?;
+    let progress = p.progress.clone();
+    Ok((
+        meta,
+        Box::new(PartialHit {
+            partial: p,
+            progress,
+            next: 0,
+        }),
+    ))
+}
+
+/// Reading a finished object, optionally a byte range of it.
+struct CompleteHit {
+    entry: Arc<Entry>,
+    /// Next chunk to look at.
+    next: usize,
+    /// Byte range to return.
+    start: usize,
+    end: usize,
+}
+
+#[async_trait]
+impl HandleHit for CompleteHit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        // Chunk offsets are recomputed from the front; objects have few chunks.
+        let mut offset = 0;
+        for (i, chunk) in self.entry.body.iter().enumerate() {
+            let (from, to) = (offset, offset + chunk.len());
+            offset = to;
+            if i < self.next {
+                continue;
+            }
+            self.next = i + 1;
+            let (a, b) = (self.start.max(from), self.end.min(to));
+            if a < b {
+                return Ok(Some(chunk.slice(a - from..b - from)));
+            }
+            if from >= self.end {
+                break;
+            }
+        }
+        self.next = self.entry.body.len();
+        Ok(None)
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn can_seek(&self) -> bool {
+        true
+    }
+
+    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
+        let len = self.entry.body_len;
+        if start >= len {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                format!("seek start {start} beyond the body ({len} bytes)"),
+            );
+        }
+        self.start = start;
+        self.end = end.map_or(len, |e| e.min(len));
+        self.next = 0;
+        Ok(())
+    }
+
+    fn get_eviction_weight(&self) -> usize {
+        self.entry.weight
+    }
+
+    fn entry_id(&self) -> Option<CacheEntryId> {
+        Some(CacheEntryId::new(self.entry.id))
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+/// Following an object while it is written.
+struct PartialHit {
+    partial: Arc<Partial>,
+    progress: watch::Receiver<Progress>,
+    next: usize,
+}
+
+#[async_trait]
+impl HandleHit for PartialHit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let now = *self.progress.borrow_and_update();
+            if now.chunks > self.next {
+                let chunk = self.partial.chunks.read()[self.next].clone();
+                self.next += 1;
+                return Ok(Some(chunk));
+            }
+            if now.complete {
+                return Ok(None);
+            }
+            if self.progress.changed().await.is_err() {
+                // The writer went away before the end: fail, never end short.
+                return Error::e_explain(
+                    ErrorType::InternalError,
+                    "the cached object being read was abandoned by its writer",
+                );
+            }
+        }
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn should_count_access(&self) -> bool {
+        false
+    }
+
+    fn entry_id(&self) -> Option<CacheEntryId> {
+        Some(CacheEntryId::new(self.partial.id))
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+/// Writing one object.
+struct Writer {
+    storage: &'static MemoryStorage,
+    slot: Slot,
+    partial: Arc<Partial>,
+    progress: watch::Sender<Progress>,
+    tag: [u8; 8],
+    body_len: usize,
+    done: bool,
+}
+
+#[async_trait]
+impl HandleMiss for Writer {
+    async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
+        let chunks = {
+            let mut chunks = self.partial.chunks.write();
+            if !data.is_empty() {
+                self.body_len += data.len();
+                chunks.push(Bytes::copy_from_slice(&data));
+            }
+            chunks.len()
+        };
+        self.progress.send_replace(Progress {
+            chunks,
+            complete: eof,
+        });
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        self.done = true;
+        let chunks = self.partial.chunks.read().clone();
+        self.progress.send_replace(Progress {
+            chunks: chunks.len(),
+            complete: true,
+        });
+        let meta = &self.partial.meta;
+        let weight = self.body_len + meta.0.len() + meta.1.len() + ENTRY_OVERHEAD;
+        let s = self.storage;
+        // Still registered, or purged while being written (then it never lands).
+        let live = {
+            let mut writing = s.writing.write();
+            let list = writing.get_mut(&self.slot);
+            let found = list
+                .as_ref()
+                .is_some_and(|l| l.iter().any(|p| p.id == self.partial.id));
+            if let Some(l) = list {
+                l.retain(|p| p.id != self.partial.id);
+                if l.is_empty() {
+                    writing.remove(&self.slot);
+                }
+            }
+            found
+        };
+        if !live {
+            return Ok(MissFinishType::Created(0));
+        }
+        let entry = Arc::new(Entry {
+            id: self.partial.id,
+            meta: meta.clone(),
+            body: chunks.into(),
+            body_len: self.body_len,
+            weight,
+        });
+        let old = s
+            .entries
+            .write()
+            .entry(self.slot.0)
+            .or_default()
+            .insert(self.slot.1, entry);
+        s.bytes.fetch_add(weight, Ordering::Relaxed);
+        match old {
+            Some(old) => {
+                s.bytes.fetch_sub(old.weight, Ordering::Relaxed);
+            }
+            None => {
+                s.count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(MissFinishType::Created(weight))
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        Some(&self.tag)
+    }
+
+    fn entry_id(&self) -> Option<CacheEntryId> {
+        Some(CacheEntryId::new(self.partial.id))
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Abandoned: unregister; dropping `progress` fails the readers.
+        let mut writing = self.storage.writing.write();
+        if let Some(l) = writing.get_mut(&self.slot) {
+            l.retain(|p| p.id != self.partial.id);
+            if l.is_empty() {
+                writing.remove(&self.slot);
+            }
+        }
+    }
+}
+
+/// The primary-key purge target for a key built by [`super::key`].
+pub fn primary_target(primary: HashBinary) -> CompactCacheKey {
+    CompactCacheKey {
+        primary,
+        variance: None,
+        user_tag: "".into(),
+    }
+}
