@@ -60,6 +60,8 @@ pub struct Entry<'a> {
     pub total_ms: f64,
     /// Why no backend was tried (breaker, health, in-flight cap), if so.
     pub unavailable: Option<&'static str>,
+    /// What the cache did (`HIT`, `MISS`, …) on a caching route.
+    pub cache: Option<&'static str>,
     /// The error that ended the request, if any.
     pub error: Option<String>,
 }
@@ -110,7 +112,7 @@ impl AccessLog {
 fn text(e: &Entry<'_>) -> String {
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
     format!(
-        "time={} request_id={} client={} method={} host={:?} path={:?} status={} bytes_in={} bytes_out={} route={} upstream={} backend={} attempts={} retries={} upstream_ms={} total_ms={:.3} unavailable={} error={:?}",
+        "time={} request_id={} client={} method={} host={:?} path={:?} status={} bytes_in={} bytes_out={} route={} upstream={} backend={} attempts={} retries={} upstream_ms={} total_ms={:.3} unavailable={} cache={} error={:?}",
         e.time,
         e.request_id,
         e.client,
@@ -136,6 +138,7 @@ fn text(e: &Entry<'_>) -> String {
         opt(e.upstream_ms),
         e.total_ms,
         e.unavailable.unwrap_or("-"),
+        e.cache.unwrap_or("-"),
         e.error.as_deref().unwrap_or(""),
     )
 }
@@ -191,6 +194,7 @@ mod tests {
             upstream_ms: Some(1.5),
             total_ms: 2.0,
             unavailable: None,
+            cache: Some("HIT"),
             error: None,
         }
     }

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     /// `tollgate_rate_limited_total{route}`: requests answered 429 by a rate limit.
     pub rate_limited: IntCounterVec,
+    /// `tollgate_cache_lookups_total{route,result}`: caching routes' requests by what the cache
+    /// did (`hit`, `miss`, `expired`, `stale`, `revalidated`, `bypass`).
+    pub cache_lookups: IntCounterVec,
     /// `tollgate_rate_limit_backend_errors_total`: Redis failures (request let through or 503).
     pub rate_limit_backend_errors: IntCounter,
 }
@@ -174,6 +177,16 @@ pub fn metrics() -> &'static Metrics {
                     &["route"],
                 ),
             ),
+            cache_lookups: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tollgate_cache_lookups_total",
+                        "Requests on caching routes by cache result (X-Cache-Status).",
+                    ),
+                    &["route", "result"],
+                ),
+            ),
             rate_limit_backend_errors: reg(
                 r,
                 IntCounter::new(
@@ -242,12 +255,53 @@ pub fn render(state: &RuntimeState) -> String {
     metrics(); // registered even before the first request
     let mut families = prometheus::gather();
     families.extend(upstream_families(state));
+    families.extend(cache_families());
     families.sort_by(|a, b| a.name().cmp(b.name()));
     let mut out = Vec::new();
     TextEncoder::new()
         .encode(&families, &mut out)
         .expect("encoding gathered metrics cannot fail");
     String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+fn cache_families() -> Vec<prometheus::proto::MetricFamily> {
+    let Some(cache) = crate::cache::get() else {
+        return Vec::new();
+    };
+    let r = Registry::new();
+    let (s, purged) = cache.stats();
+    let gauge = |name: &str, help: &str, v: usize| {
+        reg(&r, IntGauge::new(name, help)).set(v as i64);
+    };
+    gauge(
+        "tollgate_cache_bytes",
+        "Bytes the response cache holds (bodies, headers, per-entry overhead).",
+        s.bytes,
+    );
+    gauge(
+        "tollgate_cache_max_bytes",
+        "The response cache's limit (cache.max_size).",
+        cache.max_size(),
+    );
+    gauge(
+        "tollgate_cache_entries",
+        "Objects in the response cache.",
+        s.entries,
+    );
+    let counter = |name: &str, help: &str, v: u64| {
+        reg(&r, IntCounter::new(name, help)).inc_by(v);
+    };
+    counter(
+        "tollgate_cache_evictions_total",
+        "Objects evicted to stay under cache.max_size.",
+        s.evictions,
+    );
+    counter(
+        "tollgate_cache_purged_total",
+        "Objects removed by the admin purge or by successful unsafe requests.",
+        purged,
+    );
+    r.gather()
 }
 
 fn upstream_families(state: &RuntimeState) -> Vec<prometheus::proto::MetricFamily> {

@@ -58,8 +58,21 @@ cache-control: no-cache\r\netag: \"\"\r\nlast-modified: \r\ndate: \r\nexpires: \
 vary: Accept-Encoding\r\nvary: Origin\r\naccept-ranges: bytes\r\nserver: \r\nx-request-id: \r\n\
 content-encoding: gzip\r\ncontent-encoding: br\r\nage: \r\nconnection: keep-alive\r\n";
 
+static CACHE: std::sync::OnceLock<&'static Cache> = std::sync::OnceLock::new();
+
+/// The process's cache, built from `c` on first use (later calls return the same one: the
+/// storage outlives reloads).
+pub fn init(c: &CacheConfig) -> &'static Cache {
+    CACHE.get_or_init(|| Cache::new(c))
+}
+
+/// The process's cache, if built.
+pub fn get() -> Option<&'static Cache> {
+    CACHE.get().copied()
+}
+
 impl Cache {
-    /// Build the process's cache (once: it lives as long as the process).
+    /// Build a cache (leaked: pingora-cache wants `&'static`). Use [`init`] for the process's.
     pub fn new(c: &CacheConfig) -> &'static Cache {
         pingora::cache::set_compression_dict_content(HEADER_DICTIONARY.into());
         // Capacity: a guess of the entry count, for preallocation only.

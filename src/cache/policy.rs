@@ -38,7 +38,7 @@ pub fn decide(
     if !route.allow_set_cookie && resp.headers.contains_key(http::header::SET_COOKIE) {
         return Uncacheable(NoCacheReason::Custom("set-cookie"));
     }
-    if key::vary_names(&resp.headers).is_err() {
+    if key::vary_names(&resp.headers).is_none() {
         return Uncacheable(NoCacheReason::Custom("vary-star"));
     }
     let cc = CacheControl::from_resp_headers(resp);

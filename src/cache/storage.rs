@@ -45,6 +45,9 @@ fn slot_of(key: &impl CacheHashKey) -> Slot {
     (key.primary_bin(), key.variance_bin())
 }
 
+/// Finished objects of one primary key, by variance.
+type Variants = HashMap<Option<HashBinary>, Arc<Entry>>;
+
 /// A finished object.
 struct Entry {
     id: u64,
@@ -84,7 +87,7 @@ pub struct StorageStats {
 #[derive(Default)]
 pub struct MemoryStorage {
     /// Finished objects by primary key, then variance.
-    entries: RwLock<HashMap<HashBinary, HashMap<Option<HashBinary>, Arc<Entry>>>>,
+    entries: RwLock<HashMap<HashBinary, Variants>>,
     /// Objects being written, by slot, newest last.
     writing: RwLock<HashMap<Slot, Vec<Arc<Partial>>>>,
     next_id: AtomicU64,

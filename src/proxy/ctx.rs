@@ -53,6 +53,10 @@ pub struct RequestCtx {
     pub in_flight: Option<RequestGuard>,
     /// Filters' per-request state.
     pub filter_state: http::Extensions,
+    /// `X-Cache-Status` of a caching route's response (`HIT`, `MISS`, …).
+    pub cache_status: Option<&'static str>,
+    /// An unsafe request on a caching route: the key to invalidate if it succeeds.
+    pub invalidate: Option<pingora::cache::CacheKey>,
 }
 
 impl RequestCtx {

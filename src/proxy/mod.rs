@@ -14,6 +14,7 @@
 //! ```
 
 mod attempt;
+mod caching;
 pub mod client;
 mod compression;
 mod ctx;
@@ -176,6 +177,46 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        caching::enable(session, ctx);
+        Ok(())
+    }
+
+    fn cache_key_callback(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<pingora::cache::CacheKey> {
+        Ok(caching::key(session, ctx))
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<pingora::cache::RespCacheable> {
+        Ok(caching::cacheable(session, resp, ctx))
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &pingora::cache::CacheMeta,
+        ctx: &mut RequestCtx,
+        req: &RequestHeader,
+    ) -> Option<pingora::cache::key::HashBinary> {
+        caching::variance(meta, ctx, req)
+    }
+
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+        error: Option<&Error>,
+    ) -> bool {
+        caching::serve_stale(error)
+    }
+
     async fn request_body_filter(
         &self,
         _session: &mut Session,
@@ -311,10 +352,12 @@ impl ProxyHttp for Gateway {
                 compression_module(session).offer(levels);
             }
         }
+        caching::status(session, ctx, upstream_response)?;
         upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        caching::finish(session, ctx);
         observe::finish(session, e, ctx);
     }
 

@@ -73,6 +73,19 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
     m.bytes_out
         .with_label_values(&[route_label])
         .inc_by(bytes_out as u64);
+    if let Some(result) = ctx.cache_status {
+        let label = match result {
+            "HIT" => "hit",
+            "MISS" => "miss",
+            "EXPIRED" => "expired",
+            "STALE" => "stale",
+            "REVALIDATED" => "revalidated",
+            _ => "bypass",
+        };
+        m.cache_lookups
+            .with_label_values(&[route_label, label])
+            .inc();
+    }
     let upstream = ctx.upstream.as_ref().map_or("", |u| u.name.as_str());
     let backend = ctx.last_backend.map(|a| a.to_string()).unwrap_or_default();
     if let Some(t) = ctx.upstream_time {
@@ -108,6 +121,7 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         upstream_ms: ctx.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
         total_ms: elapsed * 1000.0,
         unavailable: ctx.unavailable.map(unavailable_message),
+        cache: ctx.cache_status,
         error: e.map(|e| e.to_string()),
     });
 }

@@ -8,6 +8,7 @@
 //! | `GET /upstreams` | backends, health, breaker state, in-flight, counters (JSON) |
 //! | `GET /config` | the effective configuration (JSON; the admin token and filter secrets redacted) |
 //! | `POST /reload` | reload the configuration file; 200, or 400 with the errors |
+//! | `POST /cache/purge` | body `{"url": "http://host/path?query"}`: remove that URL's cached copies (every variant); 200 with the count |
 //!
 //! With `admin.token` set, every endpoint but the two health checks needs
 //! `Authorization: Bearer <token>` (compared in constant time).
@@ -115,6 +116,7 @@ impl ServeHttp for Admin {
             ),
             (Method::GET, "/upstreams") => json_response(200, &upstreams(&state)),
             (Method::GET, "/config") => json_response(200, &effective_config(&state.config)),
+            (Method::POST, "/cache/purge") => purge(session).await,
             (Method::POST, "/reload") => {
                 let r = Arc::clone(&self.reloader);
                 match tokio::task::spawn_blocking(move || r.reload()).await {
@@ -129,7 +131,8 @@ impl ServeHttp for Admin {
             }
             (
                 _,
-                "/health" | "/health/ready" | "/metrics" | "/upstreams" | "/config" | "/reload",
+                "/health" | "/health/ready" | "/metrics" | "/upstreams" | "/config" | "/reload"
+                | "/cache/purge",
             ) => json_response(405, &json!({"error": "method not allowed"})),
             _ => json_response(404, &json!({"error": "not found"})),
         }
@@ -192,6 +195,46 @@ fn upstreams(state: &RuntimeState) -> Value {
         })
         .collect();
     json!({ "upstreams": list })
+}
+
+/// `POST /cache/purge`: `{"url": "http://host[:port]/path?query"}` (GET and HEAD share it).
+async fn purge(session: &mut ServerSession) -> Response<Vec<u8>> {
+    const MAX_BODY: usize = 16 * 1024;
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_BODY => {
+                body.extend_from_slice(&chunk)
+            }
+            Ok(Some(_)) => return json_response(413, &json!({"error": "body over 16 KiB"})),
+            Ok(None) => break,
+            Err(e) => return json_response(400, &json!({"error": e.to_string()})),
+        }
+    }
+    let bad = |why: &str| json_response(400, &json!({"error": why}));
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return bad(r#"send {"url": "http://host/path?query"}"#);
+    };
+    let Some(url) = v.get("url").and_then(Value::as_str) else {
+        return bad(r#"send {"url": "http://host/path?query"}"#);
+    };
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return bad("url is not a URL");
+    };
+    let (Some(authority), Some("http")) = (uri.authority(), uri.scheme_str()) else {
+        return bad("url needs http:// and a host");
+    };
+    // The cache keys the normalised path, as routing sees it.
+    let path = match crate::routing::normalize_path(uri.path()) {
+        Ok(p) => p.into_owned(),
+        Err(e) => return bad(e.as_str()),
+    };
+    let key = pingora::cache::CacheKey::new(
+        crate::cache::key::primary("http", authority.as_str(), &path, uri.query()),
+        String::new(),
+    );
+    let purged = crate::cache::get().map_or(0, |c| c.purge(&key));
+    json_response(200, &json!({"purged": purged}))
 }
 
 fn addr(a: SocketAddr) -> String {

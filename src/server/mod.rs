@@ -78,6 +78,7 @@ pub fn build(
 
     let listeners = config.listeners.clone();
     let admin = config.admin.clone();
+    crate::cache::init(&config.cache);
     let runtime = RuntimeState::build(config, None)?;
     let state = Arc::new(ArcSwap::from_pointee(runtime));
     let (reloader, states) = Reloader::new(path.to_path_buf(), filters, Arc::clone(&state));

@@ -3,9 +3,10 @@
 //! snapshot they started with. A configuration that fails is never applied: the old one keeps
 //! serving, and the failure is logged and counted.
 //!
-//! Listeners, the admin listener and the process settings under `server:` (other than
-//! `log_level`) belong to the running process: a reload that changes them is refused with a
-//! message saying so; apply them with a restart or a binary upgrade (`tollgate -u`).
+//! Listeners, the admin listener, the process settings under `server:` (other than
+//! `log_level`) and the top-level `cache:` (the storage) belong to the running process: a
+//! reload that changes them is refused with a message saying so; apply them with a restart or
+//! a binary upgrade (`tollgate -u`). Routes' own `cache:` policies reload like the rest.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -118,6 +119,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     };
     if comparable(&old.server) != comparable(&new.server) {
         out.push("server");
+    }
+    if old.cache != new.cache {
+        out.push("cache");
     }
     out
 }

@@ -1,0 +1,387 @@
+//! The response cache through the real gateway, against an upstream that counts its requests.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Behavior, TestGateway, Upstream, client};
+
+fn cached(up: &Upstream, route_cache: &str, top: &str) -> TestGateway {
+    TestGateway::start(&format!(
+        "{top}upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}], retries: {{ attempts: 0 }} }} }}\nroutes:\n  - name: api\n    upstream: u\n    cache: {route_cache}\n",
+        up.addr
+    ))
+}
+
+fn answering(body: &str, headers: &[&str]) -> Behavior {
+    Behavior {
+        body: body.as_bytes().to_vec(),
+        headers: headers.iter().map(|h| h.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// (status, X-Cache-Status, body) of a GET with extra headers.
+async fn get(gw: &TestGateway, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    let mut r = client().get(gw.url(path));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    let cache = r
+        .headers()
+        .get("x-cache-status")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, cache, r.text().await.unwrap())
+}
+
+async fn cache_status(gw: &TestGateway, path: &str) -> String {
+    get(gw, path, &[]).await.1
+}
+
+async fn metrics(gw: &TestGateway) -> String {
+    client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_misses_hosts_and_head() {
+    let up = Upstream::with(answering("hello", &["Cache-Control: max-age=60"])).await;
+    let gw = cached(&up, "{}", "");
+    assert_eq!(
+        get(&gw, "/a", &[]).await,
+        (200, "MISS".into(), "hello".into())
+    );
+    let r = client().get(gw.url("/a")).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+    assert!(
+        r.headers().contains_key("age"),
+        "a stored response carries Age"
+    );
+    assert!(
+        r.headers().contains_key("x-request-id"),
+        "per-request headers are not stored"
+    );
+    assert_eq!(r.text().await.unwrap(), "hello");
+    assert_eq!(up.count(), 1);
+    // HEAD after GET: from the cache.
+    let r = client().head(gw.url("/a")).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+    assert_eq!(up.count(), 1);
+    // Another host, another query: other entries.
+    assert_eq!(get(&gw, "/a", &[("host", "other.example")]).await.1, "MISS");
+    assert_eq!(get(&gw, "/a", &[("host", "other.example")]).await.1, "HIT");
+    assert_eq!(get(&gw, "/a?x=1", &[]).await.1, "MISS");
+    assert_eq!(up.count(), 3);
+    // Normalised: the same path, spelt differently, is the same entry.
+    assert_eq!(get(&gw, "/b/../a", &[]).await.1, "HIT");
+    let m = metrics(&gw).await;
+    assert!(
+        metric(
+            &m,
+            r#"tollgate_cache_lookups_total{result="hit",route="api"}"#
+        ) >= 4.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"tollgate_cache_lookups_total{result="miss",route="api"}"#
+        ),
+        3.0
+    );
+    assert_eq!(metric(&m, "tollgate_cache_entries"), 3.0);
+    assert!(metric(&m, "tollgate_cache_bytes") > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_control_cookies_authorization_and_vary() {
+    let up = Upstream::start().await;
+    let gw = cached(&up, "{ ttl: 60s }", "");
+    // Each case: the response headers, then whether a second request is a hit.
+    let cases: &[(&str, &[&str], bool)] = &[
+        ("/default", &[], true),
+        ("/max-age", &["Cache-Control: max-age=60"], true),
+        ("/no-store", &["Cache-Control: no-store"], false),
+        ("/private", &["Cache-Control: private, max-age=60"], false),
+        (
+            "/cookie",
+            &["Cache-Control: max-age=60", "Set-Cookie: s=1"],
+            false,
+        ),
+        (
+            "/vary-star",
+            &["Cache-Control: max-age=60", "Vary: *"],
+            false,
+        ),
+    ];
+    for (path, headers, stored) in cases {
+        up.set(answering("x", headers));
+        let before = up.count();
+        get(&gw, path, &[]).await;
+        let second = cache_status(&gw, path).await;
+        assert_eq!(second == "HIT", *stored, "{path}: second request {second}");
+        assert_eq!(up.count() - before, if *stored { 1 } else { 2 }, "{path}");
+    }
+    // Authorization: only with public / s-maxage / must-revalidate.
+    let auth = [("authorization", "Bearer t")];
+    up.set(answering("x", &["Cache-Control: max-age=60"]));
+    get(&gw, "/auth", &auth).await;
+    assert_ne!(get(&gw, "/auth", &auth).await.1, "HIT");
+    up.set(answering("x", &["Cache-Control: public, max-age=60"]));
+    get(&gw, "/auth-public", &auth).await;
+    assert_eq!(get(&gw, "/auth-public", &auth).await.1, "HIT");
+    // no-cache: stored, but every use goes back to the origin.
+    up.set(answering("x", &["Cache-Control: no-cache", "ETag: \"1\""]));
+    get(&gw, "/no-cache", &[]).await;
+    let before = up.count();
+    assert_ne!(cache_status(&gw, "/no-cache").await, "HIT");
+    assert_eq!(up.count(), before + 1);
+    // TTL expiry.
+    up.set(answering("x", &["Cache-Control: max-age=1"]));
+    get(&gw, "/short", &[]).await;
+    assert_eq!(cache_status(&gw, "/short").await, "HIT");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(cache_status(&gw, "/short").await, "EXPIRED");
+    // Vary: Accept-Encoding, normalised.
+    up.set(answering(
+        "x",
+        &["Cache-Control: max-age=60", "Vary: Accept-Encoding"],
+    ));
+    let ae = |v: &'static str| [("accept-encoding", v)];
+    assert_eq!(get(&gw, "/vary", &ae("gzip")).await.1, "MISS");
+    assert_eq!(get(&gw, "/vary", &ae("gzip")).await.1, "HIT");
+    assert_eq!(get(&gw, "/vary", &ae("br")).await.1, "MISS");
+    assert_eq!(get(&gw, "/vary", &ae("gzip, deflate")).await.1, "HIT");
+    assert_eq!(get(&gw, "/vary", &ae("br;q=1.0")).await.1, "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_send_one_request_upstream() {
+    let up = Upstream::with(Behavior {
+        delay: Duration::from_millis(300),
+        ..answering("coalesced", &["Cache-Control: max-age=60"])
+    })
+    .await;
+    let gw = cached(&up, "{}", "");
+    let url = gw.url("/hot");
+    let c = client();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = c.get(url).send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), (200, "coalesced".to_string()));
+    }
+    assert_eq!(up.count(), 1, "100 concurrent misses, one upstream request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_and_stale_while_revalidate() {
+    let up = Upstream::with(answering(
+        "v1",
+        &["Cache-Control: max-age=1, stale-if-error=60"],
+    ))
+    .await;
+    let gw = cached(&up, "{}", "");
+    assert_eq!(get(&gw, "/s", &[]).await.1, "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    up.set(Behavior {
+        close_without_answer: true,
+        ..Default::default()
+    });
+    assert_eq!(
+        get(&gw, "/s", &[]).await,
+        (200, "STALE".into(), "v1".into()),
+        "the upstream fails: the stale copy instead of a 502"
+    );
+    up.set(Behavior {
+        status: 503,
+        ..Default::default()
+    });
+    assert_eq!(
+        get(&gw, "/s", &[]).await,
+        (200, "STALE".into(), "v1".into())
+    );
+
+    // stale-while-revalidate: the stale copy at once, refreshed in the background.
+    up.set(answering(
+        "w1",
+        &["Cache-Control: max-age=1, stale-while-revalidate=60"],
+    ));
+    assert_eq!(get(&gw, "/w", &[]).await.2, "w1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    up.set(Behavior {
+        delay: Duration::from_millis(800),
+        ..answering("w2", &["Cache-Control: max-age=60"])
+    });
+    let before = up.count();
+    let t = Instant::now();
+    assert_eq!(
+        get(&gw, "/w", &[]).await,
+        (200, "STALE".into(), "w1".into())
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(600),
+        "served without waiting for the origin ({:?})",
+        t.elapsed()
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || up.count() > before).await,
+        "the background refresh reached the origin"
+    );
+    let mut fresh = String::new();
+    for _ in 0..50 {
+        fresh = get(&gw, "/w", &[]).await.2;
+        if fresh == "w2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fresh, "w2", "the refreshed copy replaced the stale one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_requests_and_revalidation() {
+    let up = Upstream::with(answering(
+        "tagged",
+        &["Cache-Control: max-age=1", "ETag: \"v1\""],
+    ))
+    .await;
+    let gw = cached(&up, "{}", "");
+    get(&gw, "/e", &[]).await;
+    let r = client()
+        .get(gw.url("/e"))
+        .header("if-none-match", "\"v1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304, "answered from the cache");
+    assert_eq!(up.count(), 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Expired: revalidated with the origin, whose 304 refreshes the entry.
+    up.set(Behavior {
+        status: 304,
+        headers: vec!["Cache-Control: max-age=60".into(), "ETag: \"v1\"".into()],
+        ..Default::default()
+    });
+    assert_eq!(
+        get(&gw, "/e", &[]).await,
+        (200, "REVALIDATED".into(), "tagged".into())
+    );
+    assert_eq!(up.last().header("if-none-match"), Some("\"v1\""));
+    assert_eq!(get(&gw, "/e", &[]).await.1, "HIT", "the 304 refreshed it");
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_and_unsafe_methods_invalidate() {
+    let up = Upstream::with(answering("p", &["Cache-Control: max-age=60"])).await;
+    let gw = cached(&up, "{}", "");
+    get(&gw, "/p?q=1", &[]).await;
+    assert_eq!(cache_status(&gw, "/p?q=1").await, "HIT");
+    let purge = |url: String| {
+        client()
+            .post(format!("http://{}/cache/purge", gw.admin))
+            .body(serde_json::json!({ "url": url }).to_string())
+            .send()
+    };
+    let r = purge(gw.url("/p?q=1")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap()["purged"],
+        1
+    );
+    assert_eq!(cache_status(&gw, "/p?q=1").await, "MISS");
+    let r = purge(gw.url("/never-cached")).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap()["purged"],
+        0
+    );
+    let r = client()
+        .post(format!("http://{}/cache/purge", gw.admin))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // A successful POST invalidates the URL; a failed one does not.
+    assert_eq!(cache_status(&gw, "/p?q=1").await, "HIT");
+    up.set(Behavior {
+        status: 500,
+        ..Default::default()
+    });
+    client().post(gw.url("/p?q=1")).send().await.unwrap();
+    up.set(answering("p", &["Cache-Control: max-age=60"]));
+    assert_eq!(cache_status(&gw, "/p?q=1").await, "HIT");
+    let r = client().post(gw.url("/p?q=1")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(cache_status(&gw, "/p?q=1").await, "MISS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filling_ten_times_the_limit_stays_within_it() {
+    const MAX: usize = 8 << 20;
+    let body = vec![b'x'; 200_000];
+    let up = Upstream::with(Behavior {
+        body: body.clone(),
+        headers: vec!["Cache-Control: max-age=600".into()],
+        ..Default::default()
+    })
+    .await;
+    let gw = cached(
+        &up,
+        "{ max_object_size: 256KiB }",
+        "cache: { max_size: 8MiB }\n",
+    );
+    let baseline = gw.rss_kib();
+    let c = client();
+    // 10 × max_size through the cache, each object distinct.
+    let objects = 10 * MAX / body.len();
+    for i in 0..objects {
+        let r = c.get(gw.url(&format!("/o/{i}"))).send().await.unwrap();
+        assert_eq!(r.bytes().await.unwrap().len(), body.len());
+    }
+    let m = metrics(&gw).await;
+    let bytes = metric(&m, "tollgate_cache_bytes");
+    assert!(bytes <= MAX as f64, "{bytes} bytes stored, limit {MAX}");
+    assert!(bytes > (MAX / 2) as f64, "the cache is used: {bytes}");
+    assert!(metric(&m, "tollgate_cache_evictions_total") > 0.0);
+    let grown_mib = (gw.rss_kib().saturating_sub(baseline)) as f64 / 1024.0;
+    eprintln!("stored {bytes} bytes; RSS grew {grown_mib:.1} MiB after {objects} objects");
+    assert!(
+        grown_mib < 8.0 + 24.0,
+        "RSS grew {grown_mib:.1} MiB with an 8 MiB cache"
+    );
+    // Larger than max_object_size: served, not stored.
+    up.set(Behavior {
+        body: vec![b'y'; 300_000],
+        headers: vec!["Cache-Control: max-age=600".into()],
+        ..Default::default()
+    });
+    let before = up.count();
+    for _ in 0..2 {
+        let r = c.get(gw.url("/big")).send().await.unwrap();
+        assert_eq!(r.bytes().await.unwrap().len(), 300_000);
+    }
+    assert_eq!(up.count(), before + 2);
+}
