@@ -385,3 +385,30 @@ async fn filling_ten_times_the_limit_stays_within_it() {
     }
     assert_eq!(up.count(), before + 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_never_lets_a_request_body_through_as_a_second_request() {
+    // The CVE-2025-4366 class: a cache hit that leaves the request body unread would parse that
+    // body as the next request on the connection.
+    let up = Upstream::with(answering("cached", &["Cache-Control: max-age=60"])).await;
+    let gw = cached(&up, "{}", "");
+    get(&gw, "/hit", &[]).await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let request = format!(
+        "GET /hit HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n{smuggled}",
+        gw.addr,
+        smuggled.len()
+    );
+    let out = tokio::task::spawn_blocking({
+        let addr = gw.addr;
+        move || common::raw_exchange(addr, request.as_bytes(), Duration::from_secs(2))
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("x-cache-status: HIT"), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "one response: {text}");
+    assert!(up.received().iter().all(|r| r.path != "/smuggled"));
+    assert_eq!(up.count(), 1);
+}
