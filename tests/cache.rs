@@ -412,3 +412,45 @@ async fn a_hit_never_lets_a_request_body_through_as_a_second_request() {
     assert!(up.received().iter().all(|r| r.path != "/smuggled"));
     assert_eq!(up.count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_covers_an_open_breaker() {
+    let up = Upstream::with(answering(
+        "kept",
+        &["Cache-Control: max-age=1, stale-if-error=60"],
+    ))
+    .await;
+    let gw = TestGateway::start(&format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}], retries: {{ attempts: 0 }}, circuit_breaker: {{ consecutive_failures: 1, open_for: 60s }} }} }}\nroutes:\n  - name: api\n    upstream: u\n    cache: {{}}\n",
+        up.addr
+    ));
+    assert_eq!(get(&gw, "/b", &[]).await.1, "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    up.set(Behavior {
+        close_without_answer: true,
+        ..Default::default()
+    });
+    // The failure opens the breaker (and is answered stale).
+    assert_eq!(
+        get(&gw, "/b", &[]).await,
+        (200, "STALE".into(), "kept".into())
+    );
+    let before = up.count();
+    // Now no backend may be tried at all: still the stale copy, not a 503.
+    assert_eq!(
+        get(&gw, "/b", &[]).await,
+        (200, "STALE".into(), "kept".into())
+    );
+    assert_eq!(
+        up.count(),
+        before,
+        "the open breaker kept the request off the backend"
+    );
+    let m = metrics(&gw).await;
+    assert!(
+        metric(
+            &m,
+            r#"tollgate_upstream_rejected_total{reason="breaker_open",upstream="u"}"#
+        ) >= 1.0
+    );
+}
