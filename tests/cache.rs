@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Behavior, TestGateway, Upstream, client};
+use common::{Behavior, TestGateway, Upstream, client, metric};
 
 fn cached(up: &Upstream, route_cache: &str, top: &str) -> TestGateway {
     TestGateway::start(&format!(
@@ -41,23 +41,6 @@ async fn cache_status(gw: &TestGateway, path: &str) -> String {
     get(gw, path, &[]).await.1
 }
 
-async fn metrics(gw: &TestGateway) -> String {
-    client()
-        .get(format!("http://{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_misses_hosts_and_head() {
     let up = Upstream::with(answering("hello", &["Cache-Control: max-age=60"])).await;
@@ -89,7 +72,7 @@ async fn hits_misses_hosts_and_head() {
     assert_eq!(up.count(), 3);
     // Normalised: the same path, spelt differently, is the same entry.
     assert_eq!(get(&gw, "/b/../a", &[]).await.1, "HIT");
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     assert!(
         metric(
             &m,
@@ -361,7 +344,7 @@ async fn filling_ten_times_the_limit_stays_within_it() {
         let r = c.get(gw.url(&format!("/o/{i}"))).send().await.unwrap();
         assert_eq!(r.bytes().await.unwrap().len(), body.len());
     }
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     let bytes = metric(&m, "tollgate_cache_bytes");
     assert!(bytes <= MAX as f64, "{bytes} bytes stored, limit {MAX}");
     assert!(bytes > (MAX / 2) as f64, "the cache is used: {bytes}");
@@ -446,7 +429,7 @@ async fn stale_if_error_covers_an_open_breaker() {
         before,
         "the open breaker kept the request off the backend"
     );
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     assert!(
         metric(
             &m,

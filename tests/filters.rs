@@ -334,17 +334,10 @@ async fn rate_limit_answers_429_with_retry_after_and_counts_it() {
         200,
         "the rate refills"
     );
-    let m = client()
-        .get(format!("http://{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        m.contains("tollgate_rate_limited_total{route=\"api\"} 1"),
-        "{m}"
+    let m = gw.metrics().await;
+    assert_eq!(
+        common::metric(&m, "tollgate_rate_limited_total{route=\"api\"}"),
+        1.0
     );
 }
 
@@ -624,7 +617,6 @@ fn unix_now() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_hs256_claims_expiry_issuer_and_spoofing() {
-    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
     let up = Upstream::start().await;
     let secret = "a-shared-secret-of-at-least-32-bytes!";
     let gw = with_filters(
@@ -634,14 +626,7 @@ async fn jwt_hs256_claims_expiry_issuer_and_spoofing() {
         ),
         "",
     );
-    let token = |claims: serde_json::Value, key: &str| {
-        encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(key.as_bytes()),
-        )
-        .unwrap()
-    };
+    let token = |claims: serde_json::Value, key: &str| hs256(key, claims);
     let now = unix_now();
     let good = serde_json::json!({"sub": "alice", "scope": ["read", "write"], "iss": "https://idp.test", "aud": "api", "exp": now + 300});
     let c = client();
@@ -812,20 +797,8 @@ async fn a_redis_rate_limit_is_shared_by_every_gateway_and_fails_open() {
             200
         );
     }
-    let m = c
-        .get(format!("http://{}/metrics", one.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let errors = m
-        .lines()
-        .find_map(|l| l.strip_prefix("tollgate_rate_limit_backend_errors_total "))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap();
-    assert!(errors >= 1.0, "{m}");
+    let m = one.metrics().await;
+    assert!(common::metric(&m, "tollgate_rate_limit_backend_errors_total") >= 1.0);
     // Fail closed: 503.
     let r = c
         .get(closed.url("/"))

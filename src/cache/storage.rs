@@ -490,21 +490,7 @@ impl HandleMiss for Writer {
         let weight = self.body_len + meta.0.len() + meta.1.len() + ENTRY_OVERHEAD;
         let s = self.storage;
         // Still registered, or purged while being written (then it never lands).
-        let live = {
-            let mut writing = s.writing.write();
-            let list = writing.get_mut(&self.slot);
-            let found = list
-                .as_ref()
-                .is_some_and(|l| l.iter().any(|p| p.id == self.partial.id));
-            if let Some(l) = list {
-                l.retain(|p| p.id != self.partial.id);
-                if l.is_empty() {
-                    writing.remove(&self.slot);
-                }
-            }
-            found
-        };
-        if !live {
+        if !self.unregister() {
             return Ok(MissFinishType::Created(0));
         }
         let entry = Arc::new(Entry {
@@ -547,13 +533,25 @@ impl Drop for Writer {
             return;
         }
         // Abandoned: unregister; dropping `progress` fails the readers.
+        self.unregister();
+    }
+}
+
+impl Writer {
+    /// Take this write out of the in-progress list; whether it was still there (a purge
+    /// removes it).
+    fn unregister(&self) -> bool {
         let mut writing = self.storage.writing.write();
-        if let Some(l) = writing.get_mut(&self.slot) {
-            l.retain(|p| p.id != self.partial.id);
-            if l.is_empty() {
-                writing.remove(&self.slot);
-            }
+        let Some(list) = writing.get_mut(&self.slot) else {
+            return false;
+        };
+        let before = list.len();
+        list.retain(|p| p.id != self.partial.id);
+        let found = list.len() < before;
+        if list.is_empty() {
+            writing.remove(&self.slot);
         }
+        found
     }
 }
 

@@ -14,19 +14,72 @@ use crate::config::RouteCache;
 /// The name of the response header saying what the cache did.
 pub const STATUS_HEADER: &str = "x-cache-status";
 
+/// What the cache did for a request on a caching route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Served from a fresh copy.
+    Hit,
+    /// Not stored: fetched (and stored if allowed).
+    Miss,
+    /// Stored but expired: fetched again.
+    Expired,
+    /// Served from a stale copy (stale-if-error / stale-while-revalidate).
+    Stale,
+    /// Expired, and the origin's 304 confirmed the stored copy.
+    Revalidated,
+    /// Not looked up, or not storable.
+    Bypass,
+}
+
+impl CacheStatus {
+    fn of(phase: &CachePhase) -> CacheStatus {
+        match phase {
+            CachePhase::Hit => CacheStatus::Hit,
+            CachePhase::Miss => CacheStatus::Miss,
+            CachePhase::Expired => CacheStatus::Expired,
+            CachePhase::Stale | CachePhase::StaleUpdating => CacheStatus::Stale,
+            CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => CacheStatus::Revalidated,
+            _ => CacheStatus::Bypass,
+        }
+    }
+
+    /// The `X-Cache-Status` value (and the access log's `cache`).
+    pub fn header(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Expired => "EXPIRED",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Revalidated => "REVALIDATED",
+            CacheStatus::Bypass => "BYPASS",
+        }
+    }
+
+    /// The `result` label of `tollgate_cache_lookups_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Expired => "expired",
+            CacheStatus::Stale => "stale",
+            CacheStatus::Revalidated => "revalidated",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+}
+
 fn route_cache(ctx: &RequestCtx) -> Option<&RouteCache> {
     let state = ctx.state.as_ref()?;
     state.router.route(ctx.route?).cache.as_ref()
 }
 
 /// The Host the key is built from: the client's, before filters edit the request.
-fn host(session: &Session, ctx: &RequestCtx) -> String {
+fn host<'a>(session: &'a Session, ctx: &'a RequestCtx) -> &'a str {
     ctx.host
         .as_ref()
         .or_else(|| session.req_header().headers.get(http::header::HOST))
         .and_then(|h| h.to_str().ok())
         .unwrap_or("")
-        .to_string()
 }
 
 /// `request_cache_filter`: GET and HEAD on a caching route look up the cache; a successful
@@ -51,18 +104,18 @@ pub fn enable(session: &mut Session, ctx: &mut RequestCtx) {
             Some(overrides),
         );
         session.cache.set_max_file_size_bytes(max_object_size);
-        ctx.cache_status = Some("BYPASS");
+        ctx.cache_status = Some(CacheStatus::Bypass);
     } else if matches!(
         method,
         http::Method::POST | http::Method::PUT | http::Method::PATCH | http::Method::DELETE
     ) {
-        ctx.invalidate = Some(key::for_request(session.req_header(), &host(session, ctx)));
+        ctx.invalidate = Some(key::for_request(session.req_header(), host(session, ctx)));
     }
 }
 
 /// `cache_key_callback`.
 pub fn key(session: &Session, ctx: &RequestCtx) -> CacheKey {
-    key::for_request(session.req_header(), &host(session, ctx))
+    key::for_request(session.req_header(), host(session, ctx))
 }
 
 /// `response_cache_filter`.
@@ -91,16 +144,9 @@ pub fn status(session: &Session, ctx: &mut RequestCtx, resp: &mut ResponseHeader
     if ctx.cache_status.is_none() {
         return Ok(());
     }
-    let status = match session.cache.phase() {
-        CachePhase::Hit => "HIT",
-        CachePhase::Miss => "MISS",
-        CachePhase::Expired => "EXPIRED",
-        CachePhase::Stale | CachePhase::StaleUpdating => "STALE",
-        CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => "REVALIDATED",
-        _ => "BYPASS",
-    };
+    let status = CacheStatus::of(&session.cache.phase());
     ctx.cache_status = Some(status);
-    resp.insert_header(STATUS_HEADER, status)
+    resp.insert_header(STATUS_HEADER, status.header())
 }
 
 /// `logging`: an unsafe request that succeeded invalidates its URL.

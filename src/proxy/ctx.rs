@@ -54,7 +54,7 @@ pub struct RequestCtx {
     /// Filters' per-request state.
     pub filter_state: http::Extensions,
     /// `X-Cache-Status` of a caching route's response (`HIT`, `MISS`, …).
-    pub cache_status: Option<&'static str>,
+    pub cache_status: Option<super::caching::CacheStatus>,
     /// An unsafe request on a caching route: the key to invalidate if it succeeds.
     pub invalidate: Option<pingora::cache::CacheKey>,
 }

@@ -14,7 +14,7 @@
 //! ```
 
 mod attempt;
-mod caching;
+pub mod caching;
 pub mod client;
 mod compression;
 mod ctx;

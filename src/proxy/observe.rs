@@ -73,17 +73,9 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
     m.bytes_out
         .with_label_values(&[route_label])
         .inc_by(bytes_out as u64);
-    if let Some(result) = ctx.cache_status {
-        let label = match result {
-            "HIT" => "hit",
-            "MISS" => "miss",
-            "EXPIRED" => "expired",
-            "STALE" => "stale",
-            "REVALIDATED" => "revalidated",
-            _ => "bypass",
-        };
+    if let Some(status) = ctx.cache_status {
         m.cache_lookups
-            .with_label_values(&[route_label, label])
+            .with_label_values(&[route_label, status.label()])
             .inc();
     }
     let upstream = ctx.upstream.as_ref().map_or("", |u| u.name.as_str());
@@ -121,7 +113,7 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         upstream_ms: ctx.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
         total_ms: elapsed * 1000.0,
         unavailable: ctx.unavailable.map(unavailable_message),
-        cache: ctx.cache_status,
+        cache: ctx.cache_status.map(|s| s.header()),
         error: e.map(|e| e.to_string()),
     });
 }
