@@ -126,6 +126,16 @@ async fn metrics_pass_promtool_and_count_known_traffic() {
         0.0,
         "in-flight must return to 0"
     );
+    // The process metrics the dashboard's CPU and memory panels read: this process's own.
+    let rss = v("process_resident_memory_bytes");
+    assert!(rss > 1e6 && rss < 4e9, "implausible RSS {rss}");
+    assert!(v("process_open_fds") >= 3.0);
+    let started = v("process_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(now - started >= 0.0 && now - started < 600.0, "start time {started}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
