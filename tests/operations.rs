@@ -135,7 +135,10 @@ async fn metrics_pass_promtool_and_count_known_traffic() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    assert!(now - started >= 0.0 && now - started < 600.0, "start time {started}");
+    assert!(
+        now - started >= 0.0 && now - started < 600.0,
+        "start time {started}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,26 +76,34 @@ def test_dependencies_build_in_their_own_layer():
     assert ignore[ignore.index("*") + 1:] and "!src/" in ignore, "the context must be an allow-list"
 
 
-def build_steps(context, tag) -> list[tuple[str, bool]]:
-    """`podman build` of `context`: each RUN/COPY step and whether it came from the cache."""
+def build_steps(context, tag) -> dict[str, tuple[bool, str]]:
+    """`podman build` of `context`: for each RUN/COPY step, whether it came from the cache and
+    the id of the layer it produced."""
     p = podman("build", "--pull=never", "-t", tag, str(context), timeout=1800)
     lines = p.stdout.splitlines()
-    steps = []
+    steps = {}
     for i, line in enumerate(lines):
         if " STEP " in f" {line}" and (": RUN " in line or ": COPY " in line):
-            cached = i + 1 < len(lines) and lines[i + 1].startswith("--> Using cache")
-            steps.append((line.split(": ", 1)[1], cached))
+            after = lines[i + 1:]
+            cached = bool(after) and after[0].startswith("--> Using cache")
+            # The step's result: the first "--> <id>" line after it.
+            layer = next(l.split()[-1] for l in after if l.startswith("--> ") and "Using cache" not in l)
+            steps[line.split(": ", 1)[1]] = (cached, layer)
     assert steps, p.stdout
     return steps
 
 
+def step(steps: dict, prefix: str, contains: str = "") -> tuple[bool, str]:
+    return next(v for k, v in steps.items() if k.startswith(prefix) and contains in k)
+
+
 def test_rebuild_without_changes_is_all_cache(image):
     steps = build_steps(ROOT, image)
-    assert all(cached for _, cached in steps), steps
+    assert all(cached for cached, _ in steps.values()), steps
 
 
 def test_code_change_reuses_the_dependency_layer(image, tmp_path):
-    """A change under src/ rebuilds tollgate but not its dependencies."""
+    """A change under src/ makes new tollgate layers on top of the same dependency layer."""
     ctx = tmp_path / "ctx"
     ctx.mkdir()
     for f in ("Dockerfile", ".dockerignore", "Cargo.toml", "Cargo.lock"):
@@ -106,16 +114,18 @@ def test_code_change_reuses_the_dependency_layer(image, tmp_path):
     with open(ctx / "src" / "main.rs", "a") as f:
         f.write("// a code change (tests/deploy/test_image.py)\n")
     tag = "localhost/tollgate:code-change"
+    base = build_steps(ROOT, image)
     try:
-        steps = dict(build_steps(ctx, tag))
+        changed = build_steps(ctx, tag)
     finally:
         podman("rmi", tag, check=False)
-    deps = next(k for k in steps if "cargo build" in k and "mkdir src" in k)
-    src = next(k for k in steps if k.startswith("COPY src"))
-    assert steps[deps], f"the dependency layer was rebuilt: {steps}"
-    # The changed sources are a new layer (the build after it is cached only on a machine that
-    # already built this exact change).
-    assert not steps[src], steps
+    deps = ("RUN mkdir src", "cargo build")
+    cached, layer = step(changed, *deps)
+    assert cached and layer == step(base, *deps)[1], f"the dependency layer was rebuilt: {changed}"
+    # The changed sources, and the build on them, are new layers (the build itself is cached
+    # only where this exact change was built before).
+    assert step(changed, "COPY src")[1] != step(base, "COPY src")[1], changed
+    assert step(changed, "RUN cargo build")[1] != step(base, "RUN cargo build")[1], changed
 
 
 def test_image_metadata(image):
