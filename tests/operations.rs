@@ -11,13 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Behavior, GatewayConfig, TestGateway, Upstream, client, eventually};
+use common::{Behavior, GatewayConfig, TestGateway, Upstream, client, eventually, get};
 use nix::sys::signal::Signal;
-
-async fn get(url: &str) -> (u16, String) {
-    let r = client().get(url).send().await.unwrap();
-    (r.status().as_u16(), r.text().await.unwrap())
-}
 
 fn metric(exposition: &str, name_and_labels: &str) -> Option<f64> {
     exposition

@@ -7,7 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Behavior, TestGateway, Upstream, WsUpstream, client, error_json, pattern, raw_exchange,
+    Behavior, GatewayConfig, TestGateway, Upstream, WsUpstream, client, error_json, pattern,
+    raw_exchange,
 };
 use sha2::{Digest, Sha256};
 
@@ -224,6 +225,62 @@ async fn large_bodies_stream_both_ways_with_bounded_memory() {
         grown_mib < 48,
         "gateway peak RSS grew by {grown_mib} MiB moving 2 × {size_mib} MiB: bodies are being buffered"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_read_buffer_still_carries_large_heads_and_bodies() {
+    // The smallest listeners[].read_buffer (1 KiB): a head of ~12 KiB and a 1 MiB body arrive
+    // whole, in many reads, and requests that follow on the connection stay apart.
+    let up = Upstream::start().await;
+    let gw = GatewayConfig::new(one_route(&up.addr, "", ""))
+        .listener("read_buffer: 1KiB")
+        .start();
+    let big_header = "v".repeat(12 * 1024);
+    let body = pattern(0, 1 << 20);
+    let resp = client()
+        .post(gw.url("/big"))
+        .header("X-Big", &big_header)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = up.last();
+    assert!(head_text(&seen).contains(&format!("x-big: {big_header}")));
+    assert_eq!(seen.body_len, 1 << 20);
+    assert_eq!(seen.body_sha256, Sha256::digest(&body).to_vec());
+    let mut conn = std::net::TcpStream::connect(gw.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for path in ["/one", "/two", "/three"] {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: a\r\nX-Big: {big_header}\r\nContent-Length: 5000\r\n\r\n{}",
+            "b".repeat(5000)
+        );
+        std::io::Write::write_all(&mut conn, req.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"ok") {
+            let n = std::io::Read::read(&mut conn, &mut buf).unwrap();
+            assert!(
+                n > 0,
+                "connection closed after {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        let seen = up.last();
+        assert!(head_text(&seen).starts_with(&format!("post {path} ")));
+        assert_eq!(seen.body_len, 5000);
+    }
+    let (status, cfg) = common::get(&format!("http://{}/config", gw.admin)).await;
+    assert_eq!(status, 200);
+    let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    assert_eq!(cfg["listeners"][0]["read_buffer"], 1024);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

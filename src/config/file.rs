@@ -183,7 +183,14 @@ pub const DEFAULT_DOWNSTREAM_KEEPALIVE: Duration = Duration::from_secs(60);
 pub struct ListenerSection {
     /// `IP:port` to bind.
     pub address: String,
+    /// Read buffer per client connection. Default [`DEFAULT_READ_BUFFER`].
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub read_buffer: Option<u64>,
 }
+
+/// Default `listeners[].read_buffer`: 16 KiB (Pingora's own is 64 KiB, which costs ~47 KiB
+/// more resident memory per open connection; docs/performance.md).
+pub const DEFAULT_READ_BUFFER: u64 = 16 << 10;
 
 /// `admin:`.
 #[derive(Debug, Deserialize)]
@@ -617,6 +624,10 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d).map(Some)
 }
 
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {

@@ -24,13 +24,22 @@ pub use error::{ConfigError, ConfigErrors};
 pub use file::{AccessLogFormat, Balance, FailureKind, HealthCheckKind};
 pub use validate::{MAX_POOL_SIZE, MAX_RETRIES, MAX_WEIGHT};
 
+/// One client-facing listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Address to bind.
+    pub address: SocketAddr,
+    /// Bytes of read buffer per client connection.
+    pub read_buffer: usize,
+}
+
 /// A validated configuration: every name resolved, every value parsed.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Process settings.
     pub server: ServerSettings,
     /// Client-facing listeners.
-    pub listeners: Vec<SocketAddr>,
+    pub listeners: Vec<ListenerConfig>,
     /// Admin listener, if any.
     pub admin: Option<AdminConfig>,
     /// Access log, if on.

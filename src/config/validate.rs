@@ -10,14 +10,14 @@ use regex::Regex;
 use crate::filters::FilterRegistry;
 
 use super::file::{
-    AdminSection, Balance, BreakerSection, CacheSection, DiscoverySection, FileConfig,
-    HealthCheckSection, RetriesSection, RetryMethods, RouteCacheSection, RouteSection,
+    AdminSection, Balance, BreakerSection, CacheSection, DEFAULT_READ_BUFFER, DiscoverySection,
+    FileConfig, HealthCheckSection, RetriesSection, RetryMethods, RouteCacheSection, RouteSection,
     UpstreamSection,
 };
 use super::{
     AccessLogConfig, AdminConfig, BackendConfig, BreakerSettings, CacheConfig, Config, ConfigError,
-    Discovery, FailurePolicy, HashKey, HealthCheck, HostPattern, PathMatch, RetryPolicy,
-    RouteCache, RouteConfig, ServerSettings, UpstreamConfig,
+    Discovery, FailurePolicy, HashKey, HealthCheck, HostPattern, ListenerConfig, PathMatch,
+    RetryPolicy, RouteCache, RouteConfig, ServerSettings, UpstreamConfig,
 };
 
 /// Highest accepted backend weight.
@@ -26,6 +26,9 @@ pub const MAX_WEIGHT: u32 = 10_000;
 pub const MAX_POOL_SIZE: usize = 65_536;
 /// Highest accepted `retries.attempts` (Pingora caps retries per request at this).
 pub const MAX_RETRIES: usize = 16;
+/// Accepted `listeners[].read_buffer` range.
+const MIN_READ_BUFFER: u64 = 1 << 10;
+const MAX_READ_BUFFER: u64 = 1 << 20;
 
 struct Errors(Vec<ConfigError>);
 
@@ -46,19 +49,29 @@ pub(super) fn validate(
     if file.listeners.is_empty() {
         errs.push("listeners", "at least one listener is needed");
     }
-    let mut listeners = Vec::new();
+    let mut listeners: Vec<ListenerConfig> = Vec::new();
     for (i, l) in file.listeners.iter().enumerate() {
         let path = format!("listeners[{i}].address");
-        if let Some(addr) = socket_addr(&l.address, &path, &mut errs) {
-            if listeners.contains(&addr) {
-                errs.push(&path, format!("{addr} is listed twice"));
+        let read_buffer = l.read_buffer.unwrap_or(DEFAULT_READ_BUFFER);
+        if !(MIN_READ_BUFFER..=MAX_READ_BUFFER).contains(&read_buffer) {
+            errs.push(
+                format!("listeners[{i}].read_buffer"),
+                format!("{read_buffer} bytes is outside 1KiB..=1MiB"),
+            );
+        }
+        if let Some(address) = socket_addr(&l.address, &path, &mut errs) {
+            if listeners.iter().any(|l| l.address == address) {
+                errs.push(&path, format!("{address} is listed twice"));
             }
-            listeners.push(addr);
+            listeners.push(ListenerConfig {
+                address,
+                read_buffer: read_buffer as usize,
+            });
         }
     }
     let admin = file.admin.as_ref().and_then(|a| admin(a, &mut errs));
     if let Some(a) = admin.as_ref().map(|a| a.address)
-        && listeners.contains(&a)
+        && listeners.iter().any(|l| l.address == a)
     {
         errs.push(
             "admin.address",

@@ -333,7 +333,10 @@ pub fn effective_config(c: &Config) -> Value {
             "downstream_keepalive_timeout": d(c.server.downstream_keepalive_timeout),
             "log_level": c.server.log_level,
         },
-        "listeners": c.listeners.iter().map(|a| addr(*a)).collect::<Vec<_>>(),
+        "listeners": c.listeners.iter().map(|l| json!({
+            "address": addr(l.address),
+            "read_buffer": l.read_buffer,
+        })).collect::<Vec<_>>(),
         "admin": c.admin.as_ref().map(|a| json!({
             "address": addr(a.address),
             "token": a.token.as_ref().map(|_| "<redacted>"),

@@ -81,7 +81,7 @@ pub fn banner(config: &Config) -> String {
     let listener = config
         .listeners
         .first()
-        .map(|a| a.to_string())
+        .map(|l| l.address.to_string())
         .unwrap_or_default();
     let mut s = format!("tollgate demo: gateway on http://{listener}\n\nTry:\n");
     for r in &config.routes {

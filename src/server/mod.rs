@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use pingora::listeners::{DEFAULT_L4_WRITE_BUFFER_SIZE, L4BufferSettings, ListenerConfig};
 use pingora::prelude::*;
 use pingora::server::RunArgs;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -90,8 +91,10 @@ pub fn build(
         Gateway::new(Arc::clone(&state)),
         "tollgate proxy",
     );
-    for addr in &listeners {
-        proxy.add_tcp(&addr.to_string());
+    for l in &listeners {
+        proxy.add_listener(ListenerConfig::tcp(l.address.to_string()).l4_buffer(
+            L4BufferSettings::new(l.read_buffer, DEFAULT_L4_WRITE_BUFFER_SIZE),
+        ));
     }
     server.add_service(proxy);
     if let Some(a) = admin {

@@ -67,6 +67,7 @@ pub struct TestGateway {
 pub struct GatewayConfig {
     body: String,
     server_extra: String,
+    listener_extra: String,
     admin_extra: String,
     args: Vec<String>,
     program: Option<PathBuf>,
@@ -77,6 +78,7 @@ impl GatewayConfig {
         GatewayConfig {
             body: body.into(),
             server_extra: String::new(),
+            listener_extra: String::new(),
             admin_extra: String::new(),
             args: Vec::new(),
             program: None,
@@ -85,21 +87,19 @@ impl GatewayConfig {
 
     /// Extra lines under `server:` (indented by the harness).
     pub fn server(mut self, lines: &str) -> Self {
-        for l in lines.lines() {
-            self.server_extra.push_str("  ");
-            self.server_extra.push_str(l);
-            self.server_extra.push('\n');
-        }
+        indent_into(&mut self.server_extra, "  ", lines);
         self
     }
 
     /// Extra lines under `admin:` (indented by the harness).
     pub fn admin(mut self, lines: &str) -> Self {
-        for l in lines.lines() {
-            self.admin_extra.push_str("  ");
-            self.admin_extra.push_str(l);
-            self.admin_extra.push('\n');
-        }
+        indent_into(&mut self.admin_extra, "  ", lines);
+        self
+    }
+
+    /// Extra keys of the (one) traffic listener (indented by the harness).
+    pub fn listener(mut self, lines: &str) -> Self {
+        indent_into(&mut self.listener_extra, "    ", lines);
         self
     }
 
@@ -117,6 +117,14 @@ impl GatewayConfig {
 
     pub fn start(self) -> TestGateway {
         TestGateway::start_with(self)
+    }
+}
+
+fn indent_into(out: &mut String, indent: &str, lines: &str) {
+    for l in lines.lines() {
+        out.push_str(indent);
+        out.push_str(l);
+        out.push('\n');
     }
 }
 
@@ -169,8 +177,9 @@ impl TestGateway {
             server.push(line.to_string());
         }
         let yaml = format!(
-            "server:\n{}\nlisteners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin_port}\n{admin}{body}\n",
+            "server:\n{}\nlisteners:\n  - address: 127.0.0.1:{port}\n{listener}admin:\n  address: 127.0.0.1:{admin_port}\n{admin}{body}\n",
             server.join("\n"),
+            listener = cfg.listener_extra,
             admin = cfg.admin_extra,
             body = cfg.body
         );
@@ -290,6 +299,12 @@ impl Drop for TestGateway {
 }
 
 /// An HTTP client that never uses a proxy from the environment.
+/// GET `url`: (status, body text).
+pub async fn get(url: &str) -> (u16, String) {
+    let r = client().get(url).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()

@@ -344,7 +344,7 @@ def test_resources_and_rollout_strategy(case):
     res = container(case["objs"])["resources"]
     assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"]
     if case["name"] == "default":
-        assert res == {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
+        assert res == {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
     assert dep["spec"]["strategy"] == {"type": "RollingUpdate",
                                        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
 
