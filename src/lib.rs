@@ -31,6 +31,7 @@ pub mod proxy;
 pub mod routing;
 pub mod runtime;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

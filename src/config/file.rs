@@ -153,6 +153,8 @@ pub struct ServerSection {
     pub downstream_keepalive_timeout: Duration,
     /// Log level (`error`, `warn`, `info`, `debug`, `trace`); `RUST_LOG` overrides. Default info.
     pub log_level: String,
+    /// Downstream HTTP/2 limits.
+    pub http2: Http2Section,
 }
 
 impl Default for ServerSection {
@@ -166,6 +168,7 @@ impl Default for ServerSection {
             upstream_keepalive_pool_size: None,
             downstream_keepalive_timeout: DEFAULT_DOWNSTREAM_KEEPALIVE,
             log_level: "info".into(),
+            http2: Http2Section::default(),
         }
     }
 }
@@ -186,6 +189,88 @@ pub struct ListenerSection {
     /// Read buffer per client connection. Default [`DEFAULT_READ_BUFFER`].
     #[serde(default, deserialize_with = "de_opt_size")]
     pub read_buffer: Option<u64>,
+    /// Terminate TLS on this listener.
+    #[serde(default)]
+    pub tls: Option<ListenerTlsSection>,
+    /// Also accept HTTP/2 with prior knowledge (plain listeners). Default false.
+    #[serde(default)]
+    pub h2c: bool,
+}
+
+/// `listeners[].tls:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsSection {
+    /// Certificates, chosen by SNI; the first is the default.
+    pub certificates: Vec<CertificateSection>,
+    /// What a handshake naming no configured certificate gets. Default `default`.
+    #[serde(default)]
+    pub unknown_sni: UnknownSni,
+    /// Offer HTTP/2 through ALPN. Default true.
+    #[serde(default = "yes")]
+    pub http2: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `listeners[].tls.certificates[]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSection {
+    /// PEM certificate chain, leaf first.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+    /// Names to serve it for. Default: the certificate's DNS subject alternative names.
+    #[serde(default)]
+    pub names: Option<Vec<String>>,
+}
+
+/// `listeners[].tls.unknown_sni`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownSni {
+    /// Serve the first certificate.
+    #[default]
+    Default,
+    /// Fail the handshake.
+    Reject,
+}
+
+/// `server.http2:`: limits on downstream HTTP/2 connections.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Section {
+    /// Streams one connection may have open at once. Default 100.
+    pub max_concurrent_streams: u32,
+    /// Largest header list a client may send. Default 64KiB.
+    #[serde(deserialize_with = "de_size")]
+    pub max_header_list_size: u64,
+    /// Streams reset by the client before the gateway saw them, before GOAWAY. Default 20.
+    pub max_pending_reset_streams: usize,
+    /// Streams the gateway reset for protocol errors, before GOAWAY. Default 1024.
+    pub max_local_error_reset_streams: usize,
+    /// Per-stream flow-control window. Default 1MiB.
+    #[serde(deserialize_with = "de_size")]
+    pub initial_window_size: u64,
+    /// Close a connection with no open stream after this long. Default 5m.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Http2Section {
+    fn default() -> Self {
+        Http2Section {
+            max_concurrent_streams: 100,
+            max_header_list_size: 64 << 10,
+            max_pending_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
+            initial_window_size: 1 << 20,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
 }
 
 /// Default `listeners[].read_buffer`: 16 KiB (Pingora's own is 64 KiB, which costs ~47 KiB
@@ -245,6 +330,56 @@ pub struct UpstreamSection {
     /// Where backends come from besides `backends`.
     #[serde(default)]
     pub discovery: Option<DiscoverySection>,
+    /// TLS to the backends. Default: plain TCP.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsSection>,
+    /// HTTP version towards the backends. Default `http1`.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Concurrent streams per HTTP/2 connection to a backend. Default 100.
+    #[serde(default = "default_h2_streams")]
+    pub h2_max_streams: usize,
+}
+
+fn default_h2_streams() -> usize {
+    100
+}
+
+/// `upstreams.NAME.tls:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSection {
+    /// Server name sent (SNI) and verified. Default: the discovery name, else the backend IP.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Verify the backend's certificate chain. Default true.
+    #[serde(default = "yes")]
+    pub verify: bool,
+    /// Verify the backend's name. Default true.
+    #[serde(default = "yes")]
+    pub verify_hostname: bool,
+    /// PEM file of the roots to trust instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM client certificate chain (mTLS), with `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    /// PEM client private key.
+    #[serde(default)]
+    pub client_key: Option<String>,
+}
+
+/// `upstreams.NAME.protocol`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1.
+    #[default]
+    Http1,
+    /// HTTP/2 only: ALPN h2 over TLS, prior knowledge (h2c) without.
+    Http2,
+    /// ALPN h2, falling back to http/1.1 (TLS only).
+    Auto,
 }
 
 /// Kinds of upstream failure (`retries.on`, `circuit_breaker.failure_on`).

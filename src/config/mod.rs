@@ -21,16 +21,58 @@ use regex::Regex;
 use crate::filters::{Filter, FilterRegistry};
 pub use crate::upstream::breaker::BreakerSettings;
 pub use error::{ConfigError, ConfigErrors};
-pub use file::{AccessLogFormat, Balance, FailureKind, HealthCheckKind};
+pub use file::{AccessLogFormat, Balance, FailureKind, HealthCheckKind, UpstreamProtocol};
 pub use validate::{MAX_POOL_SIZE, MAX_RETRIES, MAX_WEIGHT};
 
 /// One client-facing listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ListenerConfig {
     /// Address to bind.
     pub address: SocketAddr,
     /// Bytes of read buffer per client connection.
     pub read_buffer: usize,
+    /// Accept HTTP/2 with prior knowledge (plain listeners).
+    pub h2c: bool,
+    /// TLS termination.
+    pub tls: Option<ListenerTls>,
+}
+
+impl ListenerConfig {
+    /// What only a restart (or binary upgrade) can change: everything but the certificates.
+    pub fn socket_settings(&self) -> (SocketAddr, usize, bool, Option<bool>) {
+        (
+            self.address,
+            self.read_buffer,
+            self.h2c,
+            self.tls.as_ref().map(|t| t.http2),
+        )
+    }
+}
+
+/// A listener's TLS, its certificates loaded.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// Certificates by SNI; reloads swap a new store into the listener's resolver.
+    pub store: Arc<crate::tls::CertStore>,
+    /// Offer HTTP/2 through ALPN.
+    pub http2: bool,
+}
+
+/// `server.http2` after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Http2Settings {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS.
+    pub max_concurrent_streams: u32,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE.
+    pub max_header_list_size: u32,
+    /// Client resets of unseen streams before GOAWAY.
+    pub max_pending_reset_streams: usize,
+    /// Streams reset for protocol errors before GOAWAY.
+    pub max_local_error_reset_streams: usize,
+    /// Per-stream window.
+    pub initial_window_size: u32,
+    /// Idle connection timeout.
+    pub idle_timeout: Duration,
 }
 
 /// A validated configuration: every name resolved, every value parsed.
@@ -123,6 +165,8 @@ pub struct ServerSettings {
     pub downstream_keepalive_timeout: Duration,
     /// Log level filter.
     pub log_level: String,
+    /// Downstream HTTP/2 limits.
+    pub http2: Http2Settings,
 }
 
 /// One upstream group after validation.
@@ -158,6 +202,12 @@ pub struct UpstreamConfig {
     pub health: Option<HealthCheck>,
     /// Dynamic backends.
     pub discovery: Option<Discovery>,
+    /// TLS to the backends.
+    pub tls: Option<crate::tls::UpstreamTls>,
+    /// HTTP version to the backends.
+    pub protocol: UpstreamProtocol,
+    /// Streams per HTTP/2 connection.
+    pub h2_max_streams: usize,
 }
 
 /// `retries:` after validation.

@@ -3,21 +3,24 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use regex::Regex;
 
 use crate::filters::FilterRegistry;
+use crate::tls::{CertificateFiles, UpstreamTls, UpstreamTlsFiles};
 
 use super::file::{
     AdminSection, Balance, BreakerSection, CacheSection, DEFAULT_READ_BUFFER, DiscoverySection,
-    FileConfig, HealthCheckSection, RetriesSection, RetryMethods, RouteCacheSection, RouteSection,
-    UpstreamSection,
+    FileConfig, HealthCheckKind, HealthCheckSection, Http2Section, ListenerTlsSection,
+    RetriesSection, RetryMethods, RouteCacheSection, RouteSection, UnknownSni, UpstreamProtocol,
+    UpstreamSection, UpstreamTlsSection,
 };
 use super::{
     AccessLogConfig, AdminConfig, BackendConfig, BreakerSettings, CacheConfig, Config, ConfigError,
-    Discovery, FailurePolicy, HashKey, HealthCheck, HostPattern, ListenerConfig, PathMatch,
-    RetryPolicy, RouteCache, RouteConfig, ServerSettings, UpstreamConfig,
+    Discovery, FailurePolicy, HashKey, HealthCheck, HostPattern, Http2Settings, ListenerConfig,
+    ListenerTls, PathMatch, RetryPolicy, RouteCache, RouteConfig, ServerSettings, UpstreamConfig,
 };
 
 /// Highest accepted backend weight.
@@ -53,6 +56,16 @@ pub(super) fn validate(
     for (i, l) in file.listeners.iter().enumerate() {
         let path = format!("listeners[{i}].address");
         let read_buffer = l.read_buffer.unwrap_or(DEFAULT_READ_BUFFER);
+        let tls = l
+            .tls
+            .as_ref()
+            .and_then(|t| listener_tls(t, &format!("listeners[{i}].tls"), &mut errs));
+        if l.h2c && l.tls.is_some() {
+            errs.push(
+                format!("listeners[{i}].h2c"),
+                "h2c is HTTP/2 without TLS; a TLS listener offers HTTP/2 through ALPN (tls.http2)",
+            );
+        }
         if !(MIN_READ_BUFFER..=MAX_READ_BUFFER).contains(&read_buffer) {
             errs.push(
                 format!("listeners[{i}].read_buffer"),
@@ -66,6 +79,8 @@ pub(super) fn validate(
             listeners.push(ListenerConfig {
                 address,
                 read_buffer: read_buffer as usize,
+                h2c: l.h2c,
+                tls,
             });
         }
     }
@@ -231,6 +246,83 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size.unwrap_or(pool_sum),
         downstream_keepalive_timeout: s.downstream_keepalive_timeout,
         log_level: s.log_level.clone(),
+        http2: http2_settings(&s.http2, errs),
+    }
+}
+
+fn http2_settings(h: &Http2Section, errs: &mut Errors) -> Http2Settings {
+    let path = "server.http2";
+    if h.max_concurrent_streams == 0 {
+        errs.push(
+            format!("{path}.max_concurrent_streams"),
+            "must be at least 1",
+        );
+    }
+    // h2 takes u32 sizes; windows are capped by the protocol at 2^31-1.
+    let size = |key: &str, v: u64, min: u64, max: u64, errs: &mut Errors| -> u32 {
+        if !(min..=max).contains(&v) {
+            errs.push(
+                format!("{path}.{key}"),
+                format!("{v} bytes is outside {min}..={max}"),
+            );
+        }
+        v.clamp(min, max) as u32
+    };
+    let max_header_list_size = size(
+        "max_header_list_size",
+        h.max_header_list_size,
+        1 << 10,
+        16 << 20,
+        errs,
+    );
+    let initial_window_size = size(
+        "initial_window_size",
+        h.initial_window_size,
+        65_535,
+        (1 << 31) - 1,
+        errs,
+    );
+    if h.idle_timeout.is_zero() {
+        errs.push(format!("{path}.idle_timeout"), "must be greater than 0s");
+    }
+    Http2Settings {
+        max_concurrent_streams: h.max_concurrent_streams,
+        max_header_list_size,
+        max_pending_reset_streams: h.max_pending_reset_streams,
+        max_local_error_reset_streams: h.max_local_error_reset_streams,
+        initial_window_size,
+        idle_timeout: h.idle_timeout,
+    }
+}
+
+fn listener_tls(t: &ListenerTlsSection, path: &str, errs: &mut Errors) -> Option<ListenerTls> {
+    if t.certificates.is_empty() {
+        errs.push(
+            format!("{path}.certificates"),
+            "at least one certificate is needed",
+        );
+        return None;
+    }
+    let files: Vec<CertificateFiles<'_>> = t
+        .certificates
+        .iter()
+        .map(|c| CertificateFiles {
+            cert: &c.cert,
+            key: &c.key,
+            names: c.names.as_deref(),
+        })
+        .collect();
+    match crate::tls::cert_store(&files, t.unknown_sni == UnknownSni::Reject) {
+        Ok(store) => Some(ListenerTls {
+            store: Arc::new(store),
+            http2: t.http2,
+        }),
+        Err(list) => {
+            for (i, e) in list {
+                errs.push(format!("{path}.certificates[{i}].{}", e.key), e.message);
+            }
+            None
+        }
     }
 }
 
@@ -413,6 +505,27 @@ fn upstream(name: &str, u: &UpstreamSection, errs: &mut Errors) -> Option<Upstre
         .as_ref()
         .and_then(|h| health_check(h, &path, errs));
     let discovery = u.discovery.as_ref().and_then(|d| discovery(d, &path, errs));
+    let tls = u.tls.as_ref().and_then(|t| upstream_tls(t, &path, errs));
+    if u.tls.is_some()
+        && let Some(h) = &u.health_check
+        && h.kind == HealthCheckKind::Http
+    {
+        errs.push(
+            format!("{path}.health_check.kind"),
+            "http health checks speak plain HTTP and cannot check a TLS backend yet; use kind: tcp",
+        );
+    }
+    match (u.protocol, &u.tls) {
+        (UpstreamProtocol::Auto, None) => errs.push(
+            format!("{path}.protocol"),
+            "auto negotiates HTTP/2 through TLS ALPN: add tls:, or use http2 (prior knowledge) or http1",
+        ),
+        _ if u.h2_max_streams == 0 => errs.push(
+            format!("{path}.h2_max_streams"),
+            "must be at least 1",
+        ),
+        _ => {}
+    }
     if errs.0.len() > before {
         return None;
     }
@@ -432,7 +545,37 @@ fn upstream(name: &str, u: &UpstreamSection, errs: &mut Errors) -> Option<Upstre
         max_in_flight: u.circuit_breaker.max_in_flight,
         health,
         discovery,
+        tls,
+        protocol: u.protocol,
+        h2_max_streams: u.h2_max_streams,
     })
+}
+
+fn upstream_tls(t: &UpstreamTlsSection, path: &str, errs: &mut Errors) -> Option<UpstreamTls> {
+    if let Some(sni) = &t.sni
+        && (sni.is_empty() || sni.bytes().any(|b| b.is_ascii_whitespace() || b == b'/'))
+    {
+        errs.push(
+            format!("{path}.tls.sni"),
+            format!("{sni:?} is not a server name"),
+        );
+        return None;
+    }
+    let files = UpstreamTlsFiles {
+        sni: t.sni.as_deref(),
+        verify: t.verify,
+        verify_hostname: t.verify_hostname,
+        ca_file: t.ca_file.as_deref(),
+        client_cert: t.client_cert.as_deref(),
+        client_key: t.client_key.as_deref(),
+    };
+    crate::tls::upstream_tls(&files)
+        .map_err(|list| {
+            for e in list {
+                errs.push(format!("{path}.tls.{}", e.key), e.message);
+            }
+        })
+        .ok()
 }
 
 fn check_statuses(statuses: &[u16], path: &str, errs: &mut Errors) {

@@ -103,6 +103,8 @@ pub struct FilterCtx<'a> {
     pub client_ip: IpAddr,
     /// The request id.
     pub request_id: &'a str,
+    /// The request arrived over TLS.
+    pub tls: bool,
     /// The matched route's name; empty when no route matched.
     pub route: &'a str,
     /// Per-request state shared between a filter's hooks (keyed by type).

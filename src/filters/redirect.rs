@@ -1,5 +1,5 @@
 //! `redirect`: answer with a redirect built from a template, e.g. http→https:
-//! `{ kind: redirect, to: "https://${host}${path}", status: 308 }`.
+//! `{ kind: redirect, to: "https://${host}${path}", status: 308, plain_only: true }`.
 
 use async_trait::async_trait;
 use pingora::http::RequestHeader;
@@ -17,6 +17,10 @@ pub struct RedirectConfig {
     /// 301, 302, 307 or 308. Default 308.
     #[serde(default = "default_status")]
     status: u16,
+    /// Redirect only requests that arrived without TLS (an http→https redirect on a route
+    /// that both kinds of listener serve). Default false.
+    #[serde(default)]
+    plain_only: bool,
 }
 
 fn default_status() -> u16 {
@@ -28,6 +32,7 @@ fn default_status() -> u16 {
 pub struct Redirect {
     to: Template,
     status: u16,
+    plain_only: bool,
 }
 
 impl Redirect {
@@ -48,6 +53,7 @@ impl Redirect {
         Ok(Redirect {
             to: Template::parse(&c.to).map_err(|e| format!("to: {e}"))?,
             status: c.status,
+            plain_only: c.plain_only,
         })
     }
 }
@@ -55,6 +61,9 @@ impl Redirect {
 #[async_trait]
 impl Filter for Redirect {
     async fn on_request(&self, req: &mut RequestHeader, cx: &mut FilterCtx<'_>) -> Outcome {
+        if self.plain_only && cx.tls {
+            return Outcome::Continue;
+        }
         let location = self.to.render(req, cx);
         match http::HeaderValue::from_str(&location) {
             Ok(v) => Outcome::Respond(Reply::new(self.status).header(http::header::LOCATION, v)),

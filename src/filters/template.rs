@@ -85,7 +85,7 @@ impl Template {
                     out.push_str(&crate::routing::normalize_host(h));
                 }
                 Part::Path => out.push_str(req.uri.path_and_query().map_or("/", |p| p.as_str())),
-                Part::Scheme => out.push_str("http"),
+                Part::Scheme => out.push_str(if cx.tls { "https" } else { "http" }),
             }
         }
         out
@@ -105,6 +105,7 @@ mod tests {
         let cx = FilterCtx {
             client_ip: "10.0.0.1".parse().unwrap(),
             request_id: "rid",
+            tls: false,
             route: "r1",
             state: &mut ext,
         };

@@ -27,6 +27,10 @@ pub struct RequestCtx {
     pub forwarded_path: Option<String>,
     /// Original `Host`, for `X-Forwarded-Host`.
     pub host: Option<http::HeaderValue>,
+    /// The request arrived over TLS.
+    pub tls: bool,
+    /// The client sent `TE: trailers` (forwarded to HTTP/2 upstreams, as gRPC needs).
+    pub te_trailers: bool,
     /// Upstream attempts so far (connects, and Pingora's retries of stale pooled connections).
     pub attempts: usize,
     /// Retries on another backend so far (counted against `retries.attempts`).

@@ -28,6 +28,7 @@ fn cx<'a>(ctx: &'a mut RequestCtx, route: &'a str) -> FilterCtx<'a> {
             .client
             .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.client_ip),
         request_id: &ctx.request_id,
+        tls: ctx.tls,
         route,
         state: &mut ctx.filter_state,
     }

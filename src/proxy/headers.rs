@@ -45,6 +45,22 @@ fn connection_tokens<'a>(
         .filter(|t| !t.is_empty())
 }
 
+/// Does the request's `TE` accept trailers? (The one `TE` value HTTP/2 forwards, RFC 9113
+/// §8.2.2; gRPC servers require it.)
+pub fn wants_trailers(req: &RequestHeader) -> bool {
+    req.headers.get_all(http::header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
+        })
+    })
+}
+
 /// Remove `Connection`, every field it names, and the fixed hop-by-hop set from a request.
 /// A WebSocket handshake keeps exactly `Connection: upgrade` and `Upgrade: websocket`.
 pub fn strip_request(req: &mut RequestHeader) {

@@ -36,7 +36,7 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::HashKey;
+use crate::config::{HashKey, UpstreamProtocol};
 use crate::routing::{RouteMatch, forwarded_path, normalize_host, normalize_path};
 use crate::runtime::RuntimeState;
 pub use ctx::RequestCtx;
@@ -94,7 +94,17 @@ impl ProxyHttp for Gateway {
                 .max(1);
             session.set_keepalive(Some(secs));
         }
+        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let req = session.req_header_mut();
+        // HTTP/2 has no Host, only `:authority` (the URI's): make it the Host the rest of the
+        // gateway routes on and the upstream receives.
+        if !req.headers.contains_key(http::header::HOST)
+            && let Some(authority) = req.uri.authority()
+            && let Ok(host) = http::HeaderValue::from_str(authority.as_str())
+        {
+            req.insert_header(http::header::HOST, host)?;
+        }
+        ctx.te_trailers = headers::wants_trailers(req);
         headers::strip_request(req);
         if !client.trusted {
             headers::drop_forwarding(req);
@@ -279,7 +289,8 @@ impl ProxyHttp for Gateway {
         let xff = headers::forwarded_for(upstream_request, client.trusted, &peer);
         upstream_request.insert_header("x-forwarded-for", xff)?;
         if !(client.trusted && upstream_request.headers.contains_key("x-forwarded-proto")) {
-            upstream_request.insert_header("x-forwarded-proto", "http")?;
+            let proto = if ctx.tls { "https" } else { "http" };
+            upstream_request.insert_header("x-forwarded-proto", proto)?;
         }
         if !(client.trusted && upstream_request.headers.contains_key("x-forwarded-host"))
             && let Some(host) = ctx.host.clone()
@@ -288,13 +299,16 @@ impl ProxyHttp for Gateway {
         }
         upstream_request.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
         // The upstream always gets origin-form: a rewritten path, or the client's absolute-form
-        // target (`GET http://host/p`, whose authority Pingora already checked against Host)
-        // cut down to its path and query.
+        // target (`GET http://host/p`, whose authority Pingora already checked against Host;
+        // an HTTP/2 request's `:authority`, copied to Host) cut down to its path and query.
+        // Host is then the one authority, also for an HTTP/2 upstream's `:authority`.
         let raw = upstream_request.raw_path();
+        let absolute = upstream_request.uri.authority().is_some()
+            || (raw.first() != Some(&b'/') && raw != b"*");
         // Cloned, not taken: a retry runs this filter again on a fresh copy of the request.
         let path = match &ctx.forwarded_path {
             Some(p) => Some(p.clone()),
-            None if raw.first() != Some(&b'/') && raw != b"*" => upstream_request
+            None if absolute => upstream_request
                 .uri
                 .path_and_query()
                 .map(|pq| pq.as_str().to_string()),
@@ -312,6 +326,14 @@ impl ProxyHttp for Gateway {
             && let Some(h) = &state.router.route(i).upstream_host
         {
             upstream_request.insert_header(http::header::HOST, h.clone())?;
+        }
+        if ctx.te_trailers
+            && ctx
+                .upstream
+                .as_ref()
+                .is_some_and(|u| u.config.protocol != UpstreamProtocol::Http1)
+        {
+            upstream_request.insert_header(http::header::TE, "trailers")?;
         }
         if ctx
             .upstream

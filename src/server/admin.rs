@@ -294,6 +294,12 @@ pub fn effective_config(c: &Config) -> Value {
                         "session_timeout": d(*session_timeout),
                     }),
                 }),
+                "tls": u.tls.as_ref().map(|t| json!({
+                    "sni": t.sni, "verify": t.verify, "verify_hostname": t.verify_hostname,
+                    "ca_file": t.ca_file, "client_cert": t.client_cert,
+                })),
+                "protocol": format!("{:?}", u.protocol).to_lowercase(),
+                "h2_max_streams": u.h2_max_streams,
             })
         })
         .collect();
@@ -332,10 +338,26 @@ pub fn effective_config(c: &Config) -> Value {
             "upstream_keepalive_pool_size": c.server.upstream_keepalive_pool_size,
             "downstream_keepalive_timeout": d(c.server.downstream_keepalive_timeout),
             "log_level": c.server.log_level,
+            "http2": {
+                "max_concurrent_streams": c.server.http2.max_concurrent_streams,
+                "max_header_list_size": c.server.http2.max_header_list_size,
+                "max_pending_reset_streams": c.server.http2.max_pending_reset_streams,
+                "max_local_error_reset_streams": c.server.http2.max_local_error_reset_streams,
+                "initial_window_size": c.server.http2.initial_window_size,
+                "idle_timeout": d(c.server.http2.idle_timeout),
+            },
         },
         "listeners": c.listeners.iter().map(|l| json!({
             "address": addr(l.address),
             "read_buffer": l.read_buffer,
+            "h2c": l.h2c,
+            "tls": l.tls.as_ref().map(|t| json!({
+                "http2": t.http2,
+                "reject_unknown_sni": t.store.reject_unknown(),
+                "certificates": t.store.summary.iter().map(|s| json!({
+                    "cert": s.cert, "names": s.names, "not_after": s.not_after,
+                })).collect::<Vec<_>>(),
+            })),
         })).collect::<Vec<_>>(),
         "admin": c.admin.as_ref().map(|a| json!({
             "address": addr(a.address),

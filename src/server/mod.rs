@@ -15,14 +15,18 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{DEFAULT_L4_WRITE_BUFFER_SIZE, L4BufferSettings, ListenerConfig};
 use pingora::prelude::*;
+use pingora::protocols::http::v2::server::{H2Options, default_h2_options};
 use pingora::server::RunArgs;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::services::background::background_service;
+use pingora::tls::ResolvesServerCert;
 
-use crate::config::Config;
 use crate::config::MAX_RETRIES;
+use crate::config::{Config, Http2Settings};
 use crate::filters::FilterRegistry;
 use crate::proxy::Gateway;
 use crate::runtime::RuntimeState;
@@ -30,6 +34,8 @@ use admin::Admin;
 use background::Background;
 use control::{Control, Lifecycle};
 use reload::Reloader;
+
+use crate::tls::SniResolver;
 
 /// Process-level switches that come from the command line, not the file.
 #[derive(Debug, Clone, Copy, Default)]
@@ -78,25 +84,59 @@ pub fn build(
     server.bootstrap();
 
     let listeners = config.listeners.clone();
+    let http2 = config.server.http2.clone();
     let admin = config.admin.clone();
     crate::cache::init(&config.cache);
     let runtime = RuntimeState::build(config, None)?;
     let state = Arc::new(ArcSwap::from_pointee(runtime));
-    let (reloader, states) = Reloader::new(path.to_path_buf(), filters, Arc::clone(&state));
+    let resolvers: Vec<Option<Arc<SniResolver>>> = listeners
+        .iter()
+        .map(|l| {
+            l.tls
+                .as_ref()
+                .map(|t| Arc::new(SniResolver::new(Arc::clone(&t.store))))
+        })
+        .collect();
+    let (reloader, states) = Reloader::new(
+        path.to_path_buf(),
+        filters,
+        Arc::clone(&state),
+        resolvers.clone(),
+    );
     let reloader = Arc::new(reloader);
     let lifecycle = Arc::new(Lifecycle::default());
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(Arc::clone(&state)),
-        "tollgate proxy",
-    );
-    for l in &listeners {
-        proxy.add_listener(ListenerConfig::tcp(l.address.to_string()).l4_buffer(
-            L4BufferSettings::new(l.read_buffer, DEFAULT_L4_WRITE_BUFFER_SIZE),
-        ));
+    // h2c is a setting of the whole proxy service in Pingora, so h2c listeners get a service
+    // of their own (with its own upstream connection pool) when there are any.
+    for h2c in [false, true] {
+        let mine: Vec<_> = listeners
+            .iter()
+            .zip(&resolvers)
+            .filter(|(l, _)| l.h2c == h2c)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let name = if h2c {
+            "tollgate proxy (h2c)"
+        } else {
+            "tollgate proxy"
+        };
+        let mut proxy = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            Gateway::new(Arc::clone(&state)),
+            name,
+        );
+        let app = proxy
+            .app_logic_mut()
+            .expect("a new service has its application");
+        app.server_options = Some(server_options(&http2, h2c));
+        app.h2_options = Some(h2_options(&http2));
+        for (l, resolver) in mine {
+            proxy.add_listener(listener_endpoint(l, resolver.as_ref()));
+        }
+        server.add_service(proxy);
     }
-    server.add_service(proxy);
     if let Some(a) = admin {
         let app = Admin::new(
             Arc::clone(&state),
@@ -116,6 +156,48 @@ pub fn build(
         Control::new(reloader, lifecycle, phases),
     ));
     Ok(server)
+}
+
+/// One listening endpoint: its socket, read buffer and, for TLS, the certificate resolver.
+fn listener_endpoint(
+    l: &crate::config::ListenerConfig,
+    resolver: Option<&Arc<SniResolver>>,
+) -> ListenerConfig {
+    let mut endpoint = ListenerConfig::tcp(l.address.to_string()).l4_buffer(L4BufferSettings::new(
+        l.read_buffer,
+        DEFAULT_L4_WRITE_BUFFER_SIZE,
+    ));
+    if let (Some(tls), Some(resolver)) = (&l.tls, resolver) {
+        // The paths are never read: with a resolver Pingora takes every certificate from it.
+        let mut settings =
+            TlsSettings::intermediate("", "").expect("building TLS settings reads no file");
+        settings.set_cert_resolver(Arc::clone(resolver) as Arc<dyn ResolvesServerCert>);
+        if tls.http2 {
+            settings.enable_h2();
+        }
+        endpoint = endpoint.tls(settings);
+    }
+    endpoint
+}
+
+/// Pingora's per-service HTTP options: h2c, and how long an idle h2 connection is kept.
+fn server_options(h: &Http2Settings, h2c: bool) -> HttpServerOptions {
+    let mut o = HttpServerOptions::default();
+    o.h2c = h2c;
+    o.h2_idle_timeout = Some(h.idle_timeout);
+    o
+}
+
+/// The HTTP/2 server settings, from Pingora's bounded defaults (which a `Some` replaces).
+fn h2_options(h: &Http2Settings) -> H2Options {
+    let mut o = default_h2_options();
+    o.max_concurrent_streams(h.max_concurrent_streams)
+        .max_header_list_size(h.max_header_list_size)
+        .max_pending_accept_reset_streams(h.max_pending_reset_streams)
+        .max_local_error_reset_streams(Some(h.max_local_error_reset_streams))
+        .initial_window_size(h.initial_window_size)
+        .initial_connection_window_size(h.initial_window_size.saturating_mul(4).min((1 << 31) - 1));
+    o
 }
 
 /// Build and run until shut down by a signal.

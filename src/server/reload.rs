@@ -6,7 +6,9 @@
 //! Listeners, the admin listener, the process settings under `server:` (other than
 //! `log_level`) and the top-level `cache:` (the storage) belong to the running process: a
 //! reload that changes them is refused with a message saying so; apply them with a restart or
-//! a binary upgrade (`tollgate -u`). Routes' own `cache:` policies reload like the rest.
+//! a binary upgrade (`tollgate -u`). Routes' own `cache:` policies reload like the rest, and so
+//! do listener certificates: every certificate and key file is read again and the new set is
+//! swapped into the listener's resolver (new handshakes use it; open connections keep theirs).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -19,6 +21,7 @@ use crate::config::{Config, ServerSettings};
 use crate::filters::FilterRegistry;
 use crate::metrics::metrics;
 use crate::runtime::RuntimeState;
+use crate::tls::SniResolver;
 
 /// Reloads the configuration file into the shared runtime state.
 #[derive(Debug)]
@@ -28,6 +31,8 @@ pub struct Reloader {
     state: Arc<ArcSwap<RuntimeState>>,
     changed: watch::Sender<Arc<RuntimeState>>,
     lock: Mutex<()>,
+    /// Each listener's certificate resolver (`None` for plain listeners), in listener order.
+    resolvers: Vec<Option<Arc<SniResolver>>>,
 }
 
 impl Reloader {
@@ -37,6 +42,7 @@ impl Reloader {
         path: PathBuf,
         filters: FilterRegistry,
         state: Arc<ArcSwap<RuntimeState>>,
+        resolvers: Vec<Option<Arc<SniResolver>>>,
     ) -> (Reloader, watch::Receiver<Arc<RuntimeState>>) {
         let (changed, rx) = watch::channel(state.load_full());
         let m = metrics();
@@ -49,6 +55,7 @@ impl Reloader {
                 state,
                 changed,
                 lock: Mutex::new(()),
+                resolvers,
             },
             rx,
         )
@@ -98,6 +105,12 @@ impl Reloader {
             log::set_max_level(level);
         }
         let new = Arc::new(RuntimeState::build(config, Some(&old))?);
+        // Listeners are unchanged (checked above), so the resolvers line up with them.
+        for (resolver, l) in self.resolvers.iter().zip(&new.config.listeners) {
+            if let (Some(r), Some(tls)) = (resolver, &l.tls) {
+                r.swap(Arc::clone(&tls.store));
+            }
+        }
         self.state.store(Arc::clone(&new));
         let _ = self.changed.send(new);
         Ok(())
@@ -107,7 +120,13 @@ impl Reloader {
 /// Settings a reload cannot apply.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut out = Vec::new();
-    if old.listeners != new.listeners {
+    let sockets = |c: &Config| {
+        c.listeners
+            .iter()
+            .map(|l| l.socket_settings())
+            .collect::<Vec<_>>()
+    };
+    if sockets(old) != sockets(new) {
         out.push("listeners");
     }
     if old.admin != new.admin {

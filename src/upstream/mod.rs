@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamProtocol};
 use breaker::{Admission, Breaker, BreakerState, Outcome, Transition};
 use retry_budget::RetryBudget;
 use select::Select;
@@ -46,16 +46,10 @@ pub struct Backend {
 
 impl Backend {
     fn new(addr: SocketAddr, weight: u32, cfg: &UpstreamConfig, now: Instant) -> Backend {
-        let mut peer = HttpPeer::new(addr, false, String::new());
-        let o = &mut peer.options;
-        o.connection_timeout = Some(cfg.connect_timeout);
-        o.read_timeout = Some(cfg.read_timeout);
-        o.write_timeout = Some(cfg.write_timeout);
-        o.idle_timeout = Some(cfg.idle_timeout);
         Backend {
             addr,
             weight,
-            peer,
+            peer: peer_for(addr, cfg),
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             streak: Mutex::new((0, 0)),
@@ -413,6 +407,46 @@ impl Upstream {
     pub fn peer(&self, backend: &Backend) -> Box<HttpPeer> {
         Box::new(backend.peer.clone())
     }
+}
+
+/// The Pingora peer for one backend: timeouts, TLS and HTTP version from its upstream.
+fn peer_for(addr: SocketAddr, cfg: &UpstreamConfig) -> HttpPeer {
+    let mut peer = match &cfg.tls {
+        None => HttpPeer::new(addr, false, String::new()),
+        Some(tls) => {
+            // Pingora fails a TLS connect with an empty SNI: name the discovery host, else
+            // the backend's IP (rustls then verifies an IP SAN and sends no SNI).
+            let sni = tls.sni.clone().unwrap_or_else(|| match &cfg.discovery {
+                Some(crate::config::Discovery::Dns { name, .. }) => name.clone(),
+                _ => addr.ip().to_string(),
+            });
+            let mut p = HttpPeer::new(addr, true, sni);
+            p.options.verify_cert = tls.verify;
+            p.options.verify_hostname = tls.verify_hostname;
+            p.options.ca = tls.ca.clone();
+            p.client_cert_key = tls.client.clone();
+            // Pingora's pool key ignores the CA and ALPN: keep connections made under other
+            // TLS settings apart.
+            p.group_key = tls.fingerprint;
+            p
+        }
+    };
+    let o = &mut peer.options;
+    o.connection_timeout = Some(cfg.connect_timeout);
+    o.read_timeout = Some(cfg.read_timeout);
+    o.write_timeout = Some(cfg.write_timeout);
+    o.idle_timeout = Some(cfg.idle_timeout);
+    match cfg.protocol {
+        UpstreamProtocol::Http1 => {}
+        UpstreamProtocol::Http2 => o.set_http_version(2, 2),
+        UpstreamProtocol::Auto => o.set_http_version(2, 1),
+    }
+    if cfg.protocol != UpstreamProtocol::Http1 {
+        o.max_h2_streams = cfg.h2_max_streams;
+        // Separate h1 and h2 connections to the same backend in the pool.
+        peer.group_key ^= 0x5f3a_9c21 * (cfg.protocol as u64 + 1);
+    }
+    peer
 }
 
 /// Counts one request against a backend's and its upstream's in-flight numbers until dropped.
