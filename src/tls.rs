@@ -333,6 +333,8 @@ pub struct UpstreamTls {
     pub ca_file: Option<String>,
     /// For `/config`.
     pub client_cert: Option<String>,
+    /// The same trust and identity for the gateway's own connections (HTTP health checks).
+    pub client_config: Arc<rustls::ClientConfig>,
 }
 
 impl fmt::Debug for UpstreamTls {
@@ -395,6 +397,7 @@ pub fn upstream_tls(f: &UpstreamTlsFiles<'_>) -> Result<UpstreamTls, Vec<FileErr
             }
         },
     };
+    let mut identity = None;
     let client = match (f.client_cert, f.client_key) {
         (None, None) => None,
         (Some(_), None) => {
@@ -410,6 +413,7 @@ pub fn upstream_tls(f: &UpstreamTlsFiles<'_>) -> Result<UpstreamTls, Vec<FileErr
                 let key_der = private_key("client_key", key)
                     .map(|k| k.secret_der().to_vec())
                     .unwrap_or_default();
+                identity = Some(chain.clone());
                 for c in &chain {
                     c.as_ref().hash(&mut h);
                 }
@@ -428,7 +432,9 @@ pub fn upstream_tls(f: &UpstreamTlsFiles<'_>) -> Result<UpstreamTls, Vec<FileErr
     if !errors.is_empty() {
         return Err(errors);
     }
+    let client_config = client_config(f, identity).map_err(|e| vec![e])?;
     Ok(UpstreamTls {
+        client_config,
         sni: f.sni.map(str::to_string),
         verify: f.verify,
         verify_hostname: f.verify_hostname,
@@ -438,6 +444,136 @@ pub fn upstream_tls(f: &UpstreamTlsFiles<'_>) -> Result<UpstreamTls, Vec<FileErr
         ca_file: f.ca_file.map(str::to_string),
         client_cert: f.client_cert.map(str::to_string),
     })
+}
+
+/// A rustls client configuration with an upstream's trust settings and client identity.
+fn client_config(
+    f: &UpstreamTlsFiles<'_>,
+    identity: Option<Vec<CertificateDer<'static>>>,
+) -> Result<Arc<rustls::ClientConfig>, FileError> {
+    let provider = provider();
+    let mut roots = rustls::RootCertStore::empty();
+    match f.ca_file {
+        Some(path) => {
+            for c in certificates("ca_file", path)? {
+                roots
+                    .add(c)
+                    .map_err(|e| err("ca_file", format!("{path}: unusable CA ({e})")))?;
+            }
+        }
+        None => {
+            // What Pingora's connector loads: rustls-native-certs (honours SSL_CERT_FILE/DIR).
+            // Unparsable system certificates are skipped, as an empty store only fails checks.
+            if let Ok(native) = pingora::tls::load_native_certs() {
+                let _ = roots.add_parsable_certificates(native);
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err("ca_file", e.to_string()))?;
+    let lenient = |inner| Lenient {
+        inner,
+        provider: Arc::clone(&provider),
+    };
+    let builder = if !f.verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(lenient(None)))
+    } else {
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&provider),
+        )
+        .build()
+        .map_err(|e| {
+            err(
+                "ca_file",
+                format!("no usable root certificate ({e}); set ca_file"),
+            )
+        })?;
+        if f.verify_hostname {
+            builder.with_webpki_verifier(webpki)
+        } else {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(lenient(Some(webpki))))
+        }
+    };
+    let config = match (identity, f.client_key) {
+        (Some(chain), Some(key)) => {
+            let key = private_key("client_key", key)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| err("client_key", e.to_string()))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// `verify: false` (no `inner`: any certificate) or `verify_hostname: false` (the chain is
+/// verified, the name is not). Handshake signatures are always checked.
+#[derive(Debug)]
+struct Lenient {
+    inner: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Lenient {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let Some(inner) = &self.inner else {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        };
+        match inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 #[cfg(test)]

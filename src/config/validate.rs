@@ -13,9 +13,9 @@ use crate::tls::{CertificateFiles, UpstreamTls, UpstreamTlsFiles};
 
 use super::file::{
     AdminSection, Balance, BreakerSection, CacheSection, DEFAULT_READ_BUFFER, DiscoverySection,
-    FileConfig, HealthCheckKind, HealthCheckSection, Http2Section, ListenerTlsSection,
-    RetriesSection, RetryMethods, RouteCacheSection, RouteSection, UnknownSni, UpstreamProtocol,
-    UpstreamSection, UpstreamTlsSection,
+    FileConfig, HealthCheckSection, Http2Section, ListenerTlsSection, RetriesSection, RetryMethods,
+    RouteCacheSection, RouteSection, UnknownSni, UpstreamProtocol, UpstreamSection,
+    UpstreamTlsSection,
 };
 use super::{
     AccessLogConfig, AdminConfig, BackendConfig, BreakerSettings, CacheConfig, Config, ConfigError,
@@ -506,15 +506,6 @@ fn upstream(name: &str, u: &UpstreamSection, errs: &mut Errors) -> Option<Upstre
         .and_then(|h| health_check(h, &path, errs));
     let discovery = u.discovery.as_ref().and_then(|d| discovery(d, &path, errs));
     let tls = u.tls.as_ref().and_then(|t| upstream_tls(t, &path, errs));
-    if u.tls.is_some()
-        && let Some(h) = &u.health_check
-        && h.kind == HealthCheckKind::Http
-    {
-        errs.push(
-            format!("{path}.health_check.kind"),
-            "http health checks speak plain HTTP and cannot check a TLS backend yet; use kind: tcp",
-        );
-    }
     match (u.protocol, &u.tls) {
         (UpstreamProtocol::Auto, None) => errs.push(
             format!("{path}.protocol"),

@@ -1,5 +1,5 @@
 //! Active health checks: every `interval`, each backend of an upstream gets a TCP connect or an
-//! HTTP `GET` within `timeout`. `unhealthy` failures in a row take a backend out of selection;
+//! HTTP `GET` (over TLS, verified like traffic, when the upstream has `tls:`) within `timeout`. `unhealthy` failures in a row take a backend out of selection;
 //! `healthy` passes in a row bring it back. Backends start healthy. Runs as part of the
 //! background service (`server::background`).
 
@@ -23,7 +23,13 @@ pub async fn run(upstream: Arc<Upstream>, hc: HealthCheck) {
         let members = upstream.members();
         let checks = members.backends.iter().map(|b| {
             let hc = &hc;
-            async move { (b, check(b.addr, hc).await) }
+            let tls = upstream.config.tls.as_ref().map(|t| {
+                (
+                    Arc::clone(&t.client_config),
+                    super::tls_server_name(&upstream.config, b.addr),
+                )
+            });
+            async move { (b, check(b.addr, hc, tls).await) }
         });
         for (backend, result) in futures_util::future::join_all(checks).await {
             let passed = result.is_ok();
@@ -52,20 +58,41 @@ pub async fn run(upstream: Arc<Upstream>, hc: HealthCheck) {
     }
 }
 
+/// TLS for a check: the upstream's client configuration and the server name to verify.
+pub type CheckTls = Option<(Arc<rustls::ClientConfig>, String)>;
+
 /// One check of one backend: `Ok` if it passes, else why not.
-pub async fn check(addr: SocketAddr, hc: &HealthCheck) -> Result<(), String> {
-    tokio::time::timeout(hc.timeout, check_inner(addr, hc))
+pub async fn check(addr: SocketAddr, hc: &HealthCheck, tls: CheckTls) -> Result<(), String> {
+    tokio::time::timeout(hc.timeout, check_inner(addr, hc, tls))
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", hc.timeout)))
 }
 
-async fn check_inner(addr: SocketAddr, hc: &HealthCheck) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr)
+async fn check_inner(addr: SocketAddr, hc: &HealthCheck, tls: CheckTls) -> Result<(), String> {
+    let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     if hc.kind == HealthCheckKind::Tcp {
         return Ok(());
     }
+    match tls {
+        None => http_check(stream, addr, hc).await,
+        Some((config, name)) => {
+            let name = rustls_pki_types::ServerName::try_from(name)
+                .map_err(|e| format!("server name: {e}"))?;
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            http_check(stream, addr, hc).await
+        }
+    }
+}
+
+async fn http_check<S>(mut stream: S, addr: SocketAddr, hc: &HealthCheck) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let host = hc.host.clone().unwrap_or_else(|| addr.to_string());
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tollgate-health-check\r\nConnection: close\r\n\r\n",

@@ -409,18 +409,22 @@ impl Upstream {
     }
 }
 
+/// The TLS server name for a backend: `tls.sni`, else the DNS discovery name, else the
+/// backend's IP (rustls then verifies an IP SAN and sends no SNI; Pingora fails on an empty one).
+pub fn tls_server_name(cfg: &UpstreamConfig, addr: SocketAddr) -> String {
+    let sni = cfg.tls.as_ref().and_then(|t| t.sni.clone());
+    sni.unwrap_or_else(|| match &cfg.discovery {
+        Some(crate::config::Discovery::Dns { name, .. }) => name.clone(),
+        _ => addr.ip().to_string(),
+    })
+}
+
 /// The Pingora peer for one backend: timeouts, TLS and HTTP version from its upstream.
 fn peer_for(addr: SocketAddr, cfg: &UpstreamConfig) -> HttpPeer {
     let mut peer = match &cfg.tls {
         None => HttpPeer::new(addr, false, String::new()),
         Some(tls) => {
-            // Pingora fails a TLS connect with an empty SNI: name the discovery host, else
-            // the backend's IP (rustls then verifies an IP SAN and sends no SNI).
-            let sni = tls.sni.clone().unwrap_or_else(|| match &cfg.discovery {
-                Some(crate::config::Discovery::Dns { name, .. }) => name.clone(),
-                _ => addr.ip().to_string(),
-            });
-            let mut p = HttpPeer::new(addr, true, sni);
+            let mut p = HttpPeer::new(addr, true, tls_server_name(cfg, addr));
             p.options.verify_cert = tls.verify;
             p.options.verify_hostname = tls.verify_hostname;
             p.options.ca = tls.ca.clone();
