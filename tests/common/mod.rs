@@ -5,6 +5,7 @@
 
 pub mod dns;
 pub mod redis;
+pub mod tls;
 pub mod upstream;
 pub mod zookeeper;
 
