@@ -83,8 +83,11 @@ fn connect(gw: &TestGateway) -> TcpStream {
     s
 }
 
-/// Frames the server sent within `wait` (or until it closed): (type, flags, stream, payload).
-fn read_frames(s: &mut TcpStream, wait: Duration) -> (Vec<(u8, u8, u32, Vec<u8>)>, bool) {
+/// One received frame: (type, flags, stream, payload).
+type Frame = (u8, u8, u32, Vec<u8>);
+
+/// Frames the server sent within `wait`, and whether it closed the connection.
+fn read_frames(s: &mut TcpStream, wait: Duration) -> (Vec<Frame>, bool) {
     let deadline = Instant::now() + wait;
     let mut buf = Vec::new();
     let mut closed = false;
