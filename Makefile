@@ -47,13 +47,14 @@ clippy: deps
 	$(CARGO) clippy --all-targets -- -D warnings
 
 # What the integration tests use, each started on loopback by the tests themselves: ZooKeeper
-# (discovery), Redis (cluster-wide rate limits), and promtool (from Debian's prometheus
-# package, to check the /metrics exposition).
+# (discovery), Redis (cluster-wide rate limits), promtool (from Debian's prometheus package, to
+# check the /metrics exposition), and the openssl CLI (TLS 1.1 refusal, chart certificates).
 deps-test: deps
 	@need=""; \
 	[ -x /usr/share/zookeeper/bin/zkServer.sh ] || need="$$need zookeeperd"; \
 	command -v promtool >/dev/null || need="$$need prometheus"; \
 	command -v redis-server >/dev/null || need="$$need redis-server"; \
+	command -v openssl >/dev/null || need="$$need openssl"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing:$$need"; \
 	  [ -f $(APT_UPDATED) ] || { $(SUDO) apt-get update -qq && touch $(APT_UPDATED); }; \
@@ -73,10 +74,12 @@ doc: deps
 # .venv, pinned in tests/deploy/requirements.txt; Prometheus for the dashboard's end-to-end test.
 VENV := .venv
 deps-deploy: deps-test
-	@if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then \
-	  echo "installing: python3 python3-venv"; \
+	@need=""; \
+	command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null || need="$$need python3 python3-venv"; \
+	if [ -n "$$need" ]; then \
+	  echo "installing:$$need"; \
 	  [ -f $(APT_UPDATED) ] || { $(SUDO) apt-get update -qq && touch $(APT_UPDATED); }; \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3 python3-venv >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$need >/dev/null; \
 	fi
 	@if [ ! -f $(VENV)/.installed ] || [ tests/deploy/requirements.txt -nt $(VENV)/.installed ]; then \
 	  echo "installing the Python tools into $(VENV)"; \

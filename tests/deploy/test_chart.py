@@ -16,6 +16,8 @@ import math
 import re
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -285,22 +287,29 @@ def test_ports_agree_everywhere(case):
     cfg = gateway_config(objs)
     c = container(objs)
     cports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert cports == {"http": merged["ports"]["http"], "admin": merged["ports"]["admin"]}
-    assert [port_of(l["address"]) for l in cfg["listeners"]] == [cports["http"]]
+    tls = merged["tls"]["enabled"]
+    expected = {"http": merged["ports"]["http"], "admin": merged["ports"]["admin"]}
+    if tls:
+        expected["https"] = merged["ports"]["https"]
+    assert cports == expected
+    assert [port_of(l["address"]) for l in cfg["listeners"]] == [cports["http"]] + ([cports["https"]] if tls else [])
+    assert ["tls" in l for l in cfg["listeners"]] == [False] + ([True] if tls else [])
     assert port_of(cfg["admin"]["address"]) == cports["admin"]
-    assert [l["address"].rsplit(":", 1)[0] for l in cfg["listeners"]] == ["0.0.0.0"]
+    assert {l["address"].rsplit(":", 1)[0] for l in cfg["listeners"]} == {"0.0.0.0"}
     assert cfg["admin"]["address"].startswith("0.0.0.0:")  # kubelet probes come from outside the pod
     svc = one(objs, "Service")
     sports = {p["name"]: p for p in svc["spec"]["ports"]}
-    assert set(sports) == {"http", "admin"}
+    assert set(sports) == set(cports)
     for name, p in sports.items():
         # By name, so it follows the container port; the name resolves to the same number.
         assert p["targetPort"] == name and name in cports
     assert sports["http"]["port"] == merged["service"]["port"]
     assert sports["admin"]["port"] == merged["service"]["adminPort"]
+    if tls:
+        assert sports["https"]["port"] == merged["service"]["httpsPort"]
     assert svc["spec"]["selector"].items() <= one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
     if case["name"] == "full":
-        assert cports == {"http": 8000, "admin": 9000}
+        assert cports == {"http": 8000, "admin": 9000, "https": 8443}
         for rule in one(objs, "Ingress")["spec"]["rules"]:
             for path in rule["http"]["paths"]:
                 assert path["backend"]["service"] == {"name": svc["metadata"]["name"], "port": {"name": "http"}}
@@ -323,6 +332,30 @@ def test_container_command_config_mount_and_tmp(case):
     assert pod["automountServiceAccountToken"] is False
     expected_image = "tollgate:0.1.0" if case["name"] == "default" else "registry.example.com/edge/tollgate:0.1.0"
     assert c["image"] == expected_image
+
+
+def test_tls_certificates_come_from_secrets_mounted_as_directories(chart):
+    objs = objects(render(chart, full_values()))
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    c = container(objs)
+    cfg = gateway_config(objs)
+    [tls_listener] = [l for l in cfg["listeners"] if "tls" in l]
+    tls = tls_listener["tls"]
+    assert tls["unknown_sni"] == "reject" and tls["http2"] is True
+    assert [e.get("names") for e in tls["certificates"]] == [None, ["*.example.org"]]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for i, (entry, secret) in enumerate(zip(tls["certificates"], ["edge-tls", "wildcard-tls"])):
+        m = mounts[f"tls-{i}"]
+        # A directory mount (no subPath), so a renewed Secret reaches the running pod.
+        assert "subPath" not in m and m["readOnly"] is True
+        assert entry["cert"] == f"{m['mountPath']}/tls.crt" and entry["key"] == f"{m['mountPath']}/tls.key"
+        assert volumes[f"tls-{i}"]["secret"]["secretName"] == secret
+        assert {it["key"] for it in volumes[f"tls-{i}"]["secret"]["items"]} == {"tls.crt", "tls.key"}
+    # Off by default: no https port, listener or volume.
+    d = objects(render(chart))
+    assert all("tls" not in l for l in gateway_config(d)["listeners"])
+    assert "https" not in {p["name"] for p in container(d)["ports"]}
 
 
 def test_security_context(case):
@@ -495,6 +528,9 @@ def test_schema_accepts_both_value_sets(chart):
     ({"ports": {"admin": 70000}}, "/ports/admin"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"image": {"tag": 1.2}}, "/image/tag"),
+    ({"tls": {"unknownSni": "maybe"}}, "/tls/unknownSni"),
+    ({"tls": {"certificates": [{"secret": "x"}]}}, "/tls/certificates/0"),
+    ({"ports": {"https": 0}}, "/ports/https"),
     ({"service": {"type": "ExternalName"}}, "/service/type"),
     ({"terminationGracePeriodSeconds": "30"}, "/terminationGracePeriodSeconds"),
     ({"preStopSeconds": -5}, "/preStopSeconds"),
@@ -544,6 +580,9 @@ def test_template_checks_hold_without_the_schema(chart, tmp_path):
             ({"config": {"server": {"grace_period": "1.5s"}}}, "config.server.grace_period"),
             ({"ports": {"http": 9901}}, "ports.http and ports.admin"),
             ({"service": {"adminPort": 80}}, "service.port and service.adminPort"),
+            ({"tls": {"enabled": True, "certificates": []}}, "tls.enabled needs at least one entry"),
+            ({"tls": {"enabled": True, "certificates": [{"secretName": "s"}]}, "ports": {"https": 8080}},
+             "ports.https (8080) must differ"),
         ]:
             with pytest.raises(helm.HelmRenderError, match=re.escape(msg)):
                 bare.render(values, name=RELEASE, namespace=NAMESPACE)
@@ -568,6 +607,20 @@ def localize(cfg: dict, pod: dict, c: dict, tmp: Path) -> dict:
         for f in route.get("filters", []):
             if f.get("kind") == "auth" and "jwks_file" in f.get("jwt", {}):
                 f["jwt"]["jwks_file"] = local(f["jwt"]["jwks_file"], ROOT / "conf" / "jwks.example.json")
+    for li, listener in enumerate(cfg["listeners"]):
+        for ci, cert in enumerate(listener.get("tls", {}).get("certificates", [])):
+            # A throwaway self-signed certificate for the names the entry serves.
+            names = cert.get("names") or ["edge.example.com"]
+            crt, key = tmp / f"tls-{li}-{ci}.crt", tmp / f"tls-{li}-{ci}.key"
+            san = ",".join(f"DNS:{n}" for n in names)
+            subprocess.run(
+                [require_tool("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                 "-nodes", "-days", "1", "-subj", "/CN=tollgate-test", "-addext", f"subjectAltName={san}",
+                 "-keyout", str(key), "-out", str(crt)],
+                check=True, capture_output=True, timeout=30,
+            )
+            cert["cert"] = local(cert["cert"], crt)
+            cert["key"] = local(cert["key"], key)
     return cfg
 
 
@@ -605,8 +658,11 @@ def test_gateway_answers_the_probe_paths(case, tollgate_bin, tmp_path):
     """The real gateway with the rendered configuration: probes hit real endpoints."""
     objs = case["objs"]
     cfg = localize(gateway_config(objs), one(objs, "Deployment")["spec"]["template"]["spec"], container(objs), tmp_path)
-    http_port, admin_port = free_ports(2)
-    cfg["listeners"] = [{"address": f"127.0.0.1:{http_port}"}]
+    http_port, admin_port, https_port = free_ports(3)
+    tls_listeners = [l for l in cfg["listeners"] if "tls" in l]
+    cfg["listeners"] = [{"address": f"127.0.0.1:{http_port}"}] + [
+        {**l, "address": f"127.0.0.1:{https_port}"} for l in tls_listeners
+    ]
     cfg["admin"]["address"] = f"127.0.0.1:{admin_port}"
     cfg["server"]["pid_file"] = str(tmp_path / "tollgate.pid")
     cfg["server"]["upgrade_sock"] = str(tmp_path / "upgrade.sock")
@@ -646,6 +702,16 @@ def test_gateway_answers_the_probe_paths(case, tollgate_bin, tmp_path):
         # The http listener is there (its answer depends on the backends: 404/502/503, not a refusal).
         status, _ = http_get(f"http://127.0.0.1:{http_port}/")
         assert 200 <= status < 600
+        if tls_listeners:
+            # The TLS listener completes a handshake for the first certificate's name.
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            ctx.set_alpn_protocols(["h2", "http/1.1"])
+            with socket.create_connection(("127.0.0.1", https_port), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname="edge.example.com") as s:
+                    assert s.version() in ("TLSv1.2", "TLSv1.3")
+                    assert s.selected_alpn_protocol() == ("h2" if tls_listeners[0]["tls"]["http2"] else "http/1.1")
     finally:
         proc.send_signal(signal.SIGINT)  # stop at once: SIGTERM would sit out the grace period
         try:

@@ -152,6 +152,13 @@ def test_runs_as_non_root_without_capabilities(image):
     assert cap.split()[1] == "0000000000000000", cap
 
 
+def test_system_roots_for_upstream_tls(image):
+    # Upstreams with tls: and no ca_file verify against these (rustls-native-certs' path).
+    p = podman("run", "--rm", "--entrypoint", "sh", image, "-c",
+               "grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt")
+    assert int(p.stdout.strip()) > 50, p.stdout
+
+
 class _Upstream(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200)

@@ -53,6 +53,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/* Where the admin token Secret is mounted, and the file the configuration reads. */}}
+{{- define "tollgate.tlsDir" -}}/etc/tollgate/tls{{- end }}
 {{- define "tollgate.adminTokenDir" -}}/var/run/secrets/tollgate{{- end }}
 {{- define "tollgate.adminTokenFile" -}}{{ include "tollgate.adminTokenDir" . }}/admin-token{{- end }}
 
@@ -117,7 +118,24 @@ owns. The ConfigMap and the checksum/config annotation both use this, byte for b
 {{- fail (printf "config.upstreams.%s.retries has a key \"true\": YAML 1.1 (Helm's values parser) reads an unquoted on: as a boolean; write \"on\": [connect_error, reset]" $name) }}
 {{- end }}
 {{- end }}
-{{- $_ := set $cfg "listeners" (list (dict "address" (printf "0.0.0.0:%d" (.Values.ports.http | int)))) }}
+{{- $listeners := list (dict "address" (printf "0.0.0.0:%d" (.Values.ports.http | int))) }}
+{{- if .Values.tls.enabled }}
+{{- if not .Values.tls.certificates }}
+{{- fail "tls.enabled needs at least one entry in tls.certificates (a kubernetes.io/tls Secret)" }}
+{{- end }}
+{{- if or (eq (.Values.ports.https | int) (.Values.ports.http | int)) (eq (.Values.ports.https | int) (.Values.ports.admin | int)) }}
+{{- fail (printf "ports.https (%d) must differ from ports.http and ports.admin" (.Values.ports.https | int)) }}
+{{- end }}
+{{- $certs := list }}
+{{- range .Values.tls.certificates }}
+{{- $c := dict "cert" (printf "%s/%s/tls.crt" (include "tollgate.tlsDir" $) .secretName) "key" (printf "%s/%s/tls.key" (include "tollgate.tlsDir" $) .secretName) }}
+{{- with .names }}{{ $_ := set $c "names" . }}{{ end }}
+{{- $certs = append $certs $c }}
+{{- end }}
+{{- $tls := dict "certificates" $certs "unknown_sni" .Values.tls.unknownSni "http2" .Values.tls.http2 }}
+{{- $listeners = append $listeners (dict "address" (printf "0.0.0.0:%d" (.Values.ports.https | int)) "tls" $tls) }}
+{{- end }}
+{{- $_ := set $cfg "listeners" $listeners }}
 {{- $admin := dict "address" (printf "0.0.0.0:%d" (.Values.ports.admin | int)) }}
 {{- if .Values.admin.existingSecret }}
 {{- $_ := set $admin "token_file" (include "tollgate.adminTokenFile" .) }}
