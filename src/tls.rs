@@ -36,6 +36,8 @@ pub struct CertStore {
 pub struct CertSummary {
     /// Certificate chain file.
     pub cert: String,
+    /// Private key file.
+    pub key: String,
     /// Names it is chosen for.
     pub names: Vec<String>,
     /// Its expiry, as the certificate states it.
@@ -297,6 +299,7 @@ pub fn cert_store(
         default.get_or_insert_with(|| Arc::clone(&certified));
         summary.push(CertSummary {
             cert: e.cert.to_string(),
+            key: e.key.to_string(),
             names,
             not_after: not_after(&chain[0]),
         });
@@ -333,6 +336,8 @@ pub struct UpstreamTls {
     pub ca_file: Option<String>,
     /// For `/config`.
     pub client_cert: Option<String>,
+    /// Watched for changes.
+    pub client_key: Option<String>,
     /// The same trust and identity for the gateway's own connections (HTTP health checks).
     pub client_config: Arc<rustls::ClientConfig>,
 }
@@ -443,6 +448,7 @@ pub fn upstream_tls(f: &UpstreamTlsFiles<'_>) -> Result<UpstreamTls, Vec<FileErr
         fingerprint: h.finish() | 1,
         ca_file: f.ca_file.map(str::to_string),
         client_cert: f.client_cert.map(str::to_string),
+        client_key: f.client_key.map(str::to_string),
     })
 }
 

@@ -419,6 +419,57 @@ async fn breaker_state_survives_a_reload_of_an_unchanged_upstream() {
     assert_eq!(bad.count(), 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_on_change_picks_up_an_edited_file_once_and_skips_a_broken_one() {
+    let one = Upstream::start().await;
+    let two = Upstream::start().await;
+    let gw = GatewayConfig::new(routes_to(one.addr))
+        .server("reload_on_change: 200ms")
+        .start();
+    assert_eq!(get(&gw.url("/x")).await.0, 200);
+    assert_eq!(one.count(), 1);
+    let reloads = |m: &str| metric(m, r#"tollgate_config_reloads_total{outcome="success"}"#);
+    let failures = |m: &str| metric(m, r#"tollgate_config_reloads_total{outcome="failure"}"#);
+    let metrics = || async { get(&format!("http://{}/metrics", gw.admin)).await.1 };
+    // Nothing changed: no reload however long we wait.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(reloads(&metrics().await), Some(0.0));
+
+    // Edit the file (no signal, no POST): the next check reloads it, once.
+    let conf = gw.config_path();
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace(&one.addr.to_string(), &two.addr.to_string()),
+    )
+    .unwrap();
+    let start = Instant::now();
+    while two.count() == 0 && start.elapsed() < Duration::from_secs(5) {
+        let _ = get(&gw.url("/x")).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        two.count() > 0,
+        "the edited file was not picked up:\n{}",
+        gw.log()
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        reloads(&metrics().await),
+        Some(1.0),
+        "one change, one reload"
+    );
+
+    // A broken edit is refused once (counted), the old configuration keeps serving, and it is
+    // not retried until the file changes again.
+    std::fs::write(&conf, "listeners: [oops\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let m = metrics().await;
+    assert_eq!(failures(&m), Some(1.0), "{m}");
+    assert_eq!(get(&gw.url("/y")).await.0, 200);
+    assert_eq!(metric(&m, "tollgate_config_last_reload_success"), Some(0.0));
+}
+
 /// Send `GET /health/ready` on an open keep-alive connection; the status, or None if the
 /// connection is gone.
 fn ready_on(conn: &mut TcpStream) -> Option<u16> {

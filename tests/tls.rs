@@ -1431,6 +1431,32 @@ async fn grpc_te_and_trailers_pass_through_h2_upstreams() {
 // ---------------------------------------------------------------- 9. rotation on reload
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_on_change_serves_a_renewed_certificate_without_a_signal() {
+    // What a renewed Kubernetes Secret looks like to the pod: new files under the same paths.
+    let pki = Pki::new();
+    let up = Upstream::start().await;
+    let (old, cert_path, key_path) = pki.cert("a", &["a.test"]);
+    let gw = GatewayConfig::new(one_route(up.addr))
+        .server("reload_on_change: 200ms")
+        .listener(&tls_block(&[(&cert_path, &key_path, None)], ""))
+        .start();
+    assert!(served_cert(gw.addr, Some("a.test")).await.unwrap() == old.cert_der);
+    let new = pki.ca.leaf(&["a.test"]);
+    new.write(pki.dir.path(), "a");
+    let start = Instant::now();
+    let mut got = served_cert(gw.addr, Some("a.test")).await.unwrap();
+    while got != new.cert_der && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        got = served_cert(gw.addr, Some("a.test")).await.unwrap();
+    }
+    assert!(
+        got == new.cert_der,
+        "the renewed certificate was not picked up:\n{}",
+        gw.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_rotates_certificates_and_open_connections_keep_working() {
     let pki = Pki::new();
     let up = Upstream::start().await;

@@ -155,6 +155,10 @@ pub struct ServerSection {
     pub log_level: String,
     /// Downstream HTTP/2 limits.
     pub http2: Http2Section,
+    /// Check the configuration file and the TLS files it names this often, and reload when one
+    /// changed (a Kubernetes ConfigMap or Secret update). Default: off.
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub reload_on_change: Option<Duration>,
 }
 
 impl Default for ServerSection {
@@ -169,6 +173,7 @@ impl Default for ServerSection {
             downstream_keepalive_timeout: DEFAULT_DOWNSTREAM_KEEPALIVE,
             log_level: "info".into(),
             http2: Http2Section::default(),
+            reload_on_change: None,
         }
     }
 }

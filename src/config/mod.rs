@@ -49,6 +49,26 @@ impl ListenerConfig {
     }
 }
 
+impl Config {
+    /// Files besides the configuration file itself that a reload reads again: listener
+    /// certificates and keys, upstream CA bundles and client certificates.
+    pub fn tls_files(&self) -> Vec<&str> {
+        let listeners = self
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref())
+            .flat_map(|t| t.store.summary.iter())
+            .flat_map(|s| [s.cert.as_str(), s.key.as_str()]);
+        let upstreams = self
+            .upstreams
+            .iter()
+            .filter_map(|u| u.tls.as_ref())
+            .flat_map(|t| [&t.ca_file, &t.client_cert, &t.client_key])
+            .filter_map(|f| f.as_deref());
+        listeners.chain(upstreams).collect()
+    }
+}
+
 /// A listener's TLS, its certificates loaded.
 #[derive(Debug, Clone)]
 pub struct ListenerTls {
@@ -167,6 +187,8 @@ pub struct ServerSettings {
     pub log_level: String,
     /// Downstream HTTP/2 limits.
     pub http2: Http2Settings,
+    /// Poll the configuration's files and reload on a change.
+    pub reload_on_change: Option<Duration>,
 }
 
 /// One upstream group after validation.

@@ -247,6 +247,16 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
         downstream_keepalive_timeout: s.downstream_keepalive_timeout,
         log_level: s.log_level.clone(),
         http2: http2_settings(&s.http2, errs),
+        reload_on_change: match s.reload_on_change {
+            Some(d) if d < std::time::Duration::from_millis(100) => {
+                errs.push(
+                    "server.reload_on_change",
+                    "must be at least 100ms (each check reads every file)",
+                );
+                None
+            }
+            other => other,
+        },
     }
 }
 

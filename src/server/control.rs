@@ -63,8 +63,25 @@ impl BackgroundService for Control {
             }
         };
         let mut phases = self.phases.lock().ok().and_then(|mut p| p.take());
+        // server.reload_on_change: poll the files; a change reloads (once per change: a bad
+        // file is reported once and retried only when the files change again).
+        let mut watch = self.reloader.watch_interval().map(|d| {
+            let mut t = tokio::time::interval(d);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         loop {
             tokio::select! {
+                _ = async { watch.as_mut()?.tick().await; Some(()) }, if watch.is_some() => {
+                    let r = Arc::clone(&self.reloader);
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if r.files_changed() {
+                            log::warn!("configuration files changed: reloading {}", r.path().display());
+                            let _ = r.reload();
+                        }
+                    })
+                    .await;
+                }
                 _ = hangup.recv() => {
                     log::warn!("SIGHUP: reloading {}", self.reloader.path().display());
                     let r = Arc::clone(&self.reloader);

@@ -11,6 +11,7 @@
 //! swapped into the listener's resolver (new handshakes use it; open connections keep theirs).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -33,6 +34,8 @@ pub struct Reloader {
     lock: Mutex<()>,
     /// Each listener's certificate resolver (`None` for plain listeners), in listener order.
     resolvers: Vec<Option<Arc<SniResolver>>>,
+    /// [`Reloader::files_fingerprint`] after the last load or reload attempt.
+    seen: AtomicU64,
 }
 
 impl Reloader {
@@ -48,17 +51,19 @@ impl Reloader {
         let m = metrics();
         m.last_reload.set(unix_now());
         m.last_reload_success.set(1);
-        (
-            Reloader {
-                path,
-                filters,
-                state,
-                changed,
-                lock: Mutex::new(()),
-                resolvers,
-            },
-            rx,
-        )
+        let reloader = Reloader {
+            path,
+            filters,
+            state,
+            changed,
+            lock: Mutex::new(()),
+            resolvers,
+            seen: AtomicU64::new(0),
+        };
+        reloader
+            .seen
+            .store(reloader.files_fingerprint(), Ordering::Relaxed);
+        (reloader, rx)
     }
 
     /// The configuration file.
@@ -66,11 +71,42 @@ impl Reloader {
         &self.path
     }
 
+    /// How often to look for changed files (`server.reload_on_change`), if at all.
+    pub fn watch_interval(&self) -> Option<std::time::Duration> {
+        self.state.load().config.server.reload_on_change
+    }
+
+    /// A hash of the contents of the configuration file and of every TLS file it names (each
+    /// read through its path, so a Kubernetes ConfigMap/Secret update, a symlink swap, counts).
+    pub fn files_fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let state = self.state.load();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let config = self.path.to_string_lossy();
+        for path in std::iter::once(config.as_ref()).chain(state.config.tls_files()) {
+            path.hash(&mut h);
+            match std::fs::read(path) {
+                Ok(bytes) => bytes.hash(&mut h),
+                Err(e) => e.kind().hash(&mut h),
+            }
+        }
+        h.finish()
+    }
+
+    /// Have the files changed since the last load or reload attempt?
+    pub fn files_changed(&self) -> bool {
+        self.files_fingerprint() != self.seen.load(Ordering::Relaxed)
+    }
+
     /// Reload now. `Err` carries every problem, one per line; the old configuration stays.
     pub fn reload(&self) -> Result<(), String> {
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let m = metrics();
-        match self.try_reload() {
+        let outcome = self.try_reload();
+        // What the attempt read (or, if it failed, what is still in force): a bad file is
+        // reported once and retried when the files change again.
+        self.seen.store(self.files_fingerprint(), Ordering::Relaxed);
+        match outcome {
             Ok(()) => {
                 m.reloads.with_label_values(&["success"]).inc();
                 m.last_reload.set(unix_now());
