@@ -30,6 +30,10 @@ if ! has "$RUNTIME"; then
     || { tail -20 "$TOLLGATE_PODMAN_DIR/debootstrap.log" >&2; exit 1; }
   # Trimmed like the official slim image: no documentation, manuals, locales or caches
   # (debootstrap already wrote an apt source for the mirror).
+  # Like the official image's /etc/apt/apt.conf.d/docker-clean: apt keeps no package caches.
+  printf '%s\n' 'Dir::Cache::pkgcache "";' 'Dir::Cache::srcpkgcache "";' \
+    'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb || true"; };' \
+    > "$rootfs/etc/apt/apt.conf.d/docker-clean"
   rm -rf "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
          "$rootfs"/usr/share/locale/* "$rootfs"/var/lib/apt/lists/* \
          "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/log/*.log
