@@ -437,3 +437,51 @@ async fn stale_if_error_covers_an_open_breaker() {
         ) >= 1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_answered_stale_still_counts_for_the_breaker() {
+    let up = Upstream::with(answering(
+        "kept",
+        &["Cache-Control: max-age=1, stale-if-error=60"],
+    ))
+    .await;
+    let gw = TestGateway::start(&format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}], retries: {{ attempts: 0 }}, circuit_breaker: {{ consecutive_failures: 2, open_for: 60s }} }} }}\nroutes:\n  - name: api\n    upstream: u\n    cache: {{}}\n",
+        up.addr
+    ));
+    assert_eq!(get(&gw, "/b", &[]).await.1, "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    up.set(Behavior {
+        status: 503,
+        ..Default::default()
+    });
+    // Two 503s, each answered from the stale copy: the breaker counts both and opens.
+    for _ in 0..2 {
+        assert_eq!(
+            get(&gw, "/b", &[]).await,
+            (200, "STALE".into(), "kept".into())
+        );
+    }
+    let before = up.count();
+    assert_eq!(
+        get(&gw, "/b", &[]).await,
+        (200, "STALE".into(), "kept".into())
+    );
+    assert_eq!(
+        up.count(),
+        before,
+        "the breaker opened on the stale-answered 503s"
+    );
+    let m = gw.metrics().await;
+    let backend = up.addr;
+    assert_eq!(
+        metric(
+            &m,
+            &format!(
+                r#"tollgate_backend_breaker_state{{backend="{backend}",state="open",upstream="u"}}"#
+            )
+        ),
+        1.0,
+        "{m}"
+    );
+}

@@ -10,6 +10,7 @@ use pingora::prelude::*;
 use super::RequestCtx;
 use crate::cache::{self, key, policy};
 use crate::config::RouteCache;
+use crate::upstream::breaker::Outcome;
 
 /// The name of the response header saying what the cache did.
 pub const STATUS_HEADER: &str = "x-cache-status";
@@ -135,7 +136,21 @@ pub fn variance(meta: &CacheMeta, ctx: &RequestCtx, req: &RequestHeader) -> Opti
 
 /// `should_serve_stale`: on an upstream failure (including every backend unavailable), or to
 /// revalidate in the background, within the windows the stored response allows.
-pub fn serve_stale(error: Option<&Error>) -> bool {
+pub fn serve_stale(ctx: &mut RequestCtx, error: Option<&Error>) -> bool {
+    // Pingora asks this for an upstream error *status* before the response reaches
+    // `upstream_response_filter`, where the breaker learns of statuses: count it here, once
+    // (the attempt ignores a second record).
+    if let Some(e) = error
+        && let ErrorType::HTTPStatus(status) = e.etype()
+        && let (Some(upstream), Some(attempt)) = (ctx.upstream.as_ref(), ctx.attempt.as_mut())
+    {
+        let failed = upstream.config.failure.statuses.contains(status);
+        attempt.finish(if failed {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        });
+    }
     error.is_none_or(|e| *e.esource() != ErrorSource::Downstream)
 }
 

@@ -221,10 +221,10 @@ impl ProxyHttp for Gateway {
     fn should_serve_stale(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         error: Option<&Error>,
     ) -> bool {
-        caching::serve_stale(error)
+        caching::serve_stale(ctx, error)
     }
 
     async fn request_body_filter(
