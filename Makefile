@@ -7,7 +7,7 @@ CONF ?= conf/tollgate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.tollgate-apt-updated
 
-.PHONY: all build demo run test check fmt-check clippy unit doc bench deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean
+.PHONY: all build demo run test check fmt-check clippy deny unit doc bench deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean
 
 all: build
 
@@ -37,7 +37,7 @@ run: deps
 
 # The whole quality gate: formatting, lints, every test, docs without warnings, the Helm chart,
 # dashboard and alert rules, and the container image built and run.
-test: deps fmt-check clippy unit doc deploy-test image-test
+test: deps fmt-check clippy deny unit doc deploy-test image-test
 	@echo "make test: all checks passed"
 
 fmt-check:
@@ -45,6 +45,14 @@ fmt-check:
 
 clippy: deps
 	$(CARGO) clippy --all-targets -- -D warnings
+
+# Supply chain: licences, bans, sources and RustSec advisories (offline snapshot in
+# ../shared/advisory-db); exceptions and their reasons are in deny.toml.
+deny: deps
+	@command -v cargo-deny >/dev/null || { echo "installing cargo-deny"; $(CARGO) install cargo-deny --locked --quiet; }
+	scripts/advisory-db.sh
+	$(CARGO) fetch --locked --quiet
+	$(CARGO) deny --offline check
 
 # What the integration tests use, each started on loopback by the tests themselves: ZooKeeper
 # (discovery), Redis (cluster-wide rate limits), promtool (from Debian's prometheus package, to
