@@ -1,0 +1,2423 @@
+//! Hostile-input conformance suite (hardening issue #10): raw bytes on a fresh client connection
+//! to the real gateway, and a strict raw origin ([`common::echo::RawOrigin`]) that logs every
+//! byte the gateway forwards.
+//!
+//! Every vector is data ([`catalogue`]): the request bytes, the outcomes that are acceptable
+//! (refused with a status and a close, answered locally, or forwarded with checks on what the
+//! origin received), bytes that must never reach the origin, and, while the gateway does not
+//! conform yet, a `known_gap` saying what it does instead. Invariants hold for every vector
+//! whatever the outcome ([`universal`]): at most one response to the client and one request at
+//! the origin (a second one is a smuggle), no origin-side framing error, and every forwarded head
+//! canonical — CRLF only, no bare CR/LF/NUL/CTL, token names, one `Host`, at most one framing
+//! header, `Content-Length` digits only, `Transfer-Encoding` exactly `chunked`, no hop-by-hop
+//! field.
+//!
+//! One test per class, one gateway and origin per class, vectors in sequence (each on its own
+//! client connection; the origin's log is cut per vector after a settle time, so a late smuggled
+//! request lands in its vector's window). A class test reports every failing vector at once, and
+//! prints the known gaps with what was observed. A known-gap vector that starts passing fails
+//! the test ("remove known_gap"), so the table stays honest. `CONFORMANCE_VERBOSE=1` prints
+//! what was observed for every vector. The judge itself is tested against the raw origin
+//! alone (`the_judge_catches_smuggling_and_unclean_heads`).
+//!
+//! Sources of the vectors: the security notes (shared/notes/security.md §2.1–2.7, the
+//! catalogue), RFC 9110 §5.5, §5.6,
+//! §7.2, §7.6.1, §8.6, §9.3.6, §9.3.8; RFC 9112 §2.2, §2.3, §3, §3.2, §5, §6, §7.1, §11; RFC
+//! 3986 §3.3, §5.2.4, §6.2.2; RFC 6585 §5; RFC 7239; and cases named after llhttp, Http11Probe,
+//! HTTP Garden, PortSwigger/smuggler.py mutations and nginx-tests (written from their
+//! descriptions, not copied).
+
+mod common;
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::TestGateway;
+use common::echo::{Event, OriginRequest, RawOrigin, show};
+
+// ---------------------------------------------------------------------------------------------
+// The vector model
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    /// Content-Length / Transfer-Encoding framing and CL/TE smuggling.
+    Framing,
+    /// Chunked body syntax: sizes, extensions, data terminators, trailers.
+    Chunked,
+    /// Head syntax: bare CR/LF, obs-fold, invalid bytes in names/values, request-line shape.
+    Syntax,
+    /// Request-line and header-section size/count limits.
+    Limits,
+    /// Host header, absolute-form targets, CONNECT/TRACE, unknown hosts.
+    HostTarget,
+    /// Path normalisation before routing.
+    Paths,
+    /// Hop-by-hop stripping, forwarding headers, underscores.
+    Headers,
+}
+
+impl Class {
+    fn name(self) -> &'static str {
+        match self {
+            Class::Framing => "framing",
+            Class::Chunked => "chunked",
+            Class::Syntax => "syntax",
+            Class::Limits => "limits",
+            Class::HostTarget => "host_target",
+            Class::Paths => "paths",
+            Class::Headers => "headers",
+        }
+    }
+}
+
+/// What the origin must have seen for an outcome.
+#[derive(Clone, Debug)]
+enum Origin {
+    /// Not a byte.
+    Nothing,
+    /// No complete request (a head streamed before a body error was found, then cut off, is
+    /// tolerated: the origin never gets a complete message to act on).
+    NothingComplete,
+    /// Exactly one complete request (one per pipelined request), the first passing every check.
+    One(Vec<Check>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Close {
+    /// The connection must be closed right after the response (framing errors, CL+TE).
+    Must,
+    /// Either.
+    Any,
+}
+
+/// One acceptable result of a vector.
+#[derive(Clone, Debug)]
+struct Outcome {
+    statuses: &'static [u16],
+    close: Close,
+    origin: Origin,
+    /// A close without any response counts as refusing ("400 or close", Http11Probe style).
+    silent_close_ok: bool,
+}
+
+/// A check on the one request the origin received.
+#[derive(Clone, Debug)]
+enum Check {
+    /// The request-target, exactly.
+    Path(String),
+    /// The `Host` sent upstream, exactly (`api.internal`/`b.internal` name the routes that
+    /// override it; `a.test` is the site route).
+    Host(&'static str),
+    /// The decoded body.
+    Body(Vec<u8>),
+    /// Header present exactly once with this value.
+    Header(&'static str, &'static str),
+    /// Header absent.
+    Absent(&'static str),
+    /// `X-Request-Id` is one generated by the gateway (32 hex digits), not the client's.
+    GeneratedRequestId,
+}
+
+struct Vector {
+    name: &'static str,
+    class: Class,
+    /// Where the expectation comes from.
+    source: &'static str,
+    request: Vec<u8>,
+    accept: Vec<Outcome>,
+    /// Byte strings that must never appear in anything the origin receives, in any outcome.
+    never: Vec<&'static [u8]>,
+    /// Requests the client sends (pipelined); at most this many responses and origin requests.
+    requests: usize,
+    /// Why the gateway does not conform yet, and what it does instead.
+    known_gap: Option<&'static str>,
+}
+
+fn v(class: Class, name: &'static str, source: &'static str, request: impl AsRef<[u8]>) -> Vector {
+    Vector {
+        name,
+        class,
+        source,
+        request: request.as_ref().to_vec(),
+        accept: Vec::new(),
+        never: Vec::new(),
+        requests: 1,
+        known_gap: None,
+    }
+}
+
+impl Vector {
+    fn or(mut self, o: Outcome) -> Self {
+        self.accept.push(o);
+        self
+    }
+    fn never(mut self, b: &'static [u8]) -> Self {
+        self.never.push(b);
+        self
+    }
+    fn pipelined(mut self, n: usize) -> Self {
+        self.requests = n;
+        self
+    }
+    fn gap(mut self, why: &'static str) -> Self {
+        self.known_gap = Some(why);
+        self
+    }
+}
+
+/// Refused as a framing/syntax error: one of `statuses`, connection closed, origin sees nothing.
+fn reject(statuses: &'static [u16]) -> Outcome {
+    Outcome {
+        statuses,
+        close: Close::Must,
+        origin: Origin::Nothing,
+        silent_close_ok: true,
+    }
+}
+
+/// Refused with exactly one of `statuses` (no silent close), connection closed.
+fn refuse(statuses: &'static [u16]) -> Outcome {
+    Outcome {
+        silent_close_ok: false,
+        ..reject(statuses)
+    }
+}
+
+/// A body-level error: like [`reject`], but a head the gateway streamed before it saw the bad
+/// body may have reached the origin, cut off.
+fn reject_body(statuses: &'static [u16]) -> Outcome {
+    Outcome {
+        origin: Origin::NothingComplete,
+        ..reject(statuses)
+    }
+}
+
+/// Answered by the gateway itself (unknown host, bad Host, refused method or path): one of
+/// `statuses`, nothing forwarded; the connection may stay open.
+fn local(statuses: &'static [u16]) -> Outcome {
+    Outcome {
+        statuses,
+        close: Close::Any,
+        origin: Origin::Nothing,
+        silent_close_ok: false,
+    }
+}
+
+/// Forwarded: 200 from the origin, which saw exactly one request passing `checks`.
+fn forward(checks: Vec<Check>) -> Outcome {
+    Outcome {
+        statuses: &[200],
+        close: Close::Any,
+        origin: Origin::One(checks),
+        silent_close_ok: false,
+    }
+}
+
+/// Forwarded, and the client connection closed after the response (CL+TE, RFC 9112 §6.1).
+fn forward_close(checks: Vec<Check>) -> Outcome {
+    Outcome {
+        close: Close::Must,
+        ..forward(checks)
+    }
+}
+
+fn body(b: &[u8]) -> Check {
+    Check::Body(b.to_vec())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request builders
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /f` to the site route with `extra` header lines (each ending in CRLF) and `body`.
+fn post(extra: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!("POST /f HTTP/1.1\r\nHost: a.test\r\n{extra}\r\n").into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// `GET target` with `extra` header lines (must include Host when wanted).
+fn get(target: &str, extra: &str) -> Vec<u8> {
+    format!("GET {target} HTTP/1.1\r\n{extra}\r\n").into_bytes()
+}
+
+/// `GET target` to host a.test.
+fn get_a(target: &str) -> Vec<u8> {
+    get(target, "Host: a.test\r\n")
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+const CHUNKED_HELLO: &[u8] = b"5\r\nhello\r\n0\r\n\r\n";
+const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n";
+
+// ---------------------------------------------------------------------------------------------
+// The catalogue
+// ---------------------------------------------------------------------------------------------
+
+fn catalogue() -> Vec<Vector> {
+    let mut all = Vec::new();
+    all.extend(framing());
+    all.extend(chunked());
+    all.extend(syntax());
+    all.extend(limits());
+    all.extend(host_target());
+    all.extend(paths());
+    all.extend(headers());
+    all
+}
+
+fn framing() -> Vec<Vector> {
+    use Class::Framing as F;
+    let cl = |v: &str| format!("Content-Length: {v}\r\n");
+    let te = |v: &str| format!("Transfer-Encoding: {v}\r\n");
+    // CL.TE: by CL the smuggled request is body; by TE it is the next request on the
+    // connection, which must never be processed (the connection closes, RFC 9112 §6.1).
+    let clte_tail = format!("0\r\n\r\n{SMUGGLED}");
+    let clte = post(
+        &format!(
+            "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+            clte_tail.len()
+        ),
+        clte_tail.as_bytes(),
+    );
+    // TE.CL: by TE the smuggled request is chunk data; by CL (4) it would start right after
+    // the chunk-size line.
+    let tecl_tail = format!("{:x}\r\n{SMUGGLED}\r\n0\r\n\r\n", SMUGGLED.len());
+    let tecl = post(
+        "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
+        tecl_tail.as_bytes(),
+    );
+    // A GET with a body: the CL must be forwarded (or the body dropped with it), else the
+    // origin reads the body as a second request (HTTP Garden: body stripped, CL kept / CL.0).
+    let get_body = format!(
+        "GET /f HTTP/1.1\r\nHost: a.test\r\nContent-Length: {}\r\n\r\n{SMUGGLED}",
+        SMUGGLED.len()
+    );
+    let hello = || vec![Check::Path("/f".into()), body(b"hello")];
+    // A request the gateway answers itself, with a body that is a request: the body must be
+    // read (drained) or the connection closed, never parsed as the next request (CVE-2025-4366).
+    let answered_locally = |target: &str, host: &str| {
+        format!(
+            "POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n{SMUGGLED}",
+            SMUGGLED.len()
+        )
+    };
+    let chunked_after_404 = format!(
+        "POST /f HTTP/1.1\r\nHost: evil.test\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{SMUGGLED}\r\n0\r\n\r\n",
+        SMUGGLED.len()
+    );
+    // An upgrade the origin does not accept (200, not 101), with a request pipelined behind
+    // it: that request must be parsed and processed as HTTP, never tunnelled raw
+    // (CVE-2026-2833; the universal check wants the gateway's x-request-id on every request).
+    let upgrade_pipelined = "GET /f HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\
+        GET /second HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    vec![
+        v(F, "cl-baseline", "RFC 9112 §6.2", post(&cl("5"), b"hello")).or(forward(vec![
+            Check::Path("/f".into()),
+            body(b"hello"),
+            Check::Header("content-length", "5"),
+        ])),
+        v(
+            F,
+            "te-chunked-baseline",
+            "RFC 9112 §7.1",
+            post(&te("chunked"), CHUNKED_HELLO),
+        )
+        .or(forward(hello())),
+        v(
+            F,
+            "te-case-insensitive",
+            "RFC 9110 §5.1, RFC 9112 §7 (coding names are case-insensitive)",
+            post("TRANSFER-ENCODING: CHUNKED\r\n", CHUNKED_HELLO),
+        )
+        .or(forward(hello())),
+        v(
+            F,
+            "te-ows-tab",
+            "RFC 9110 §5.6.3 (OWS is SP / HTAB)",
+            post("Transfer-Encoding:\tchunked\t\r\n", CHUNKED_HELLO),
+        )
+        .or(forward(hello()))
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-leading-zeros",
+            "RFC 9110 §8.6 (1*DIGIT)",
+            post(&cl("005"), b"hello"),
+        )
+        .or(forward(hello()))
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-plus-sign",
+            "RFC 9110 §8.6; Http11Probe SMUG-CLTE-SMUGGLED-GET-CL-PLUS",
+            post(&cl("+5"), b"hello"),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-negative-zero",
+            "RFC 9110 §8.6; Http11Probe SMUG-CL-NEGATIVE-ZERO",
+            post(&cl("-0"), b""),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-hex",
+            "RFC 9110 §8.6; HTTP Garden (0x-prefixed CL forwarded)",
+            post(&cl("0x5"), b"hello"),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-empty",
+            "RFC 9110 §8.6; HTTP Garden (empty CL forwarded)",
+            post(&cl(""), b"hello"),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-underscore",
+            "RFC 9110 §8.6",
+            post(&cl("1_0"), b"helloworld"),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-trailing-garbage",
+            "RFC 9110 §8.6",
+            post(&cl("5 x"), b"hello"),
+        )
+        .or(reject(&[400])),
+        v(F, "cl-decimal", "RFC 9110 §8.6", post(&cl("5.0"), b"hello")).or(reject(&[400])),
+        v(
+            F,
+            "cl-overflow",
+            "RFC 9110 §8.6 (guard integer overflow)",
+            post(&cl("99999999999999999999"), b"hello"),
+        )
+        .or(reject(&[400, 413])),
+        v(
+            F,
+            "cl-vertical-tab",
+            "RFC 9110 §5.5 (VT is no field-vchar); smuggler.py %c gadgets",
+            post("Content-Length: 5\x0b\r\n", b"hello"),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-obs-text",
+            "RFC 9110 §8.6 (NBSP is no DIGIT)",
+            cat(&[b"POST /f HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\xa0\r\n\r\nhello"]),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-space-before-colon",
+            "RFC 9112 §5.1 (MUST reject whitespace before colon)",
+            post("Content-Length : 5\r\n", b"hello"),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-obs-fold",
+            "RFC 9112 §5.2",
+            post("Content-Length:\r\n 5\r\n", b"hello"),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-duplicate-different",
+            "RFC 9112 §6.3 item 5",
+            post("Content-Length: 5\r\nContent-Length: 6\r\n", b"hello!"),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-list-different",
+            "RFC 9112 §6.3 item 5",
+            post(&cl("5, 6"), b"hello!"),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "cl-duplicate-same",
+            "RFC 9110 §8.6 (MAY collapse identical values; must forward one)",
+            post("Content-Length: 5\r\nContent-Length: 5\r\n", b"hello"),
+        )
+        .or(reject(&[400]))
+        .or(forward(vec![
+            body(b"hello"),
+            Check::Header("content-length", "5"),
+        ]))
+        .gap(
+            "Pingora collapses two equal `Content-Length: 5` lines for its own framing but \
+             forwards BOTH lines verbatim: the strict origin refuses the head (gateway \
+             answers 502, closes); an origin taking first/last still reads 5. Must 400, or \
+             forward one `Content-Length: 5`",
+        ),
+        v(
+            F,
+            "cl-list-same",
+            "RFC 9110 §8.6 (MAY collapse identical values; must forward one)",
+            post(&cl("5, 5"), b"hello"),
+        )
+        .or(reject(&[400]))
+        .or(forward(vec![
+            body(b"hello"),
+            Check::Header("content-length", "5"),
+        ]))
+        .gap(
+            "`Content-Length: 5, 5` is accepted (collapsed to 5 for Pingora's framing) and \
+             forwarded VERBATIM: the strict origin refuses it (gateway answers 502, \
+             closes). Must 400, or rewrite to `Content-Length: 5`",
+        ),
+        v(
+            F,
+            "clte-smuggle",
+            "RFC 9112 §6.1 (reject, or TE wins and close), §6.3 item 3; classic CL.TE",
+            clte,
+        )
+        .or(reject(&[400]))
+        .or(forward_close(vec![Check::Path("/f".into()), body(b"")]))
+        .never(b"GET /smuggled"),
+        v(
+            F,
+            "tecl-smuggle",
+            "RFC 9112 §6.1, §6.3 item 3; classic TE.CL",
+            tecl,
+        )
+        .or(reject(&[400]))
+        .or(forward_close(vec![
+            Check::Path("/f".into()),
+            Check::Body(SMUGGLED.as_bytes().to_vec()),
+        ])),
+        v(
+            F,
+            "get-body-cl-kept",
+            "RFC 9112 §6.3 item 5; HTTP Garden (CL.0: body stripped, CL kept)",
+            get_body,
+        )
+        .or(forward(vec![
+            Check::Path("/f".into()),
+            Check::Body(SMUGGLED.as_bytes().to_vec()),
+        ]))
+        .or(reject(&[400])),
+        v(
+            F,
+            "body-drained-after-404",
+            "RFC 9112 §9.3 / CVE-2025-4366 (drain or close after an early answer)",
+            answered_locally("/f", "evil.test"),
+        )
+        .or(local(&[404])),
+        v(
+            F,
+            "body-drained-after-path-refusal",
+            "RFC 9112 §9.3 / CVE-2025-4366",
+            answered_locally("/api/%2f", "a.test"),
+        )
+        .or(local(&[400])),
+        v(
+            F,
+            "chunked-body-drained-after-404",
+            "RFC 9112 §9.3 / CVE-2025-4366",
+            chunked_after_404,
+        )
+        .or(local(&[404])),
+        v(
+            F,
+            "upgrade-refused-then-pipelined",
+            "RFC 9110 §7.8 (tunnel only after 101); CVE-2026-2833",
+            upgrade_pipelined,
+        )
+        .or(forward(vec![Check::Path("/f".into())]))
+        .pipelined(2),
+        v(
+            F,
+            "te-chunked-chunked",
+            "RFC 9112 §6.1, §7 (chunked at most once); HAProxy http_transfer_encoding.vtc",
+            post(&te("chunked, chunked"), CHUNKED_HELLO),
+        )
+        .or(reject(&[400]))
+        .gap(
+            "accepted (Pingora only checks the last token): de-chunked once, forwarded as \
+             one canonical `Transfer-Encoding: chunked` with body `hello`, 200, keep-alive; \
+             issue #10 wants 400 + close",
+        ),
+        v(
+            F,
+            "te-two-lines",
+            "RFC 9112 §6.1; PortSwigger dualchunk",
+            post(
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+                CHUNKED_HELLO,
+            ),
+        )
+        .or(reject(&[400]))
+        .gap(
+            "two `Transfer-Encoding: chunked` lines accepted: de-chunked once, forwarded as \
+             one canonical `Transfer-Encoding: chunked`, 200, keep-alive; issue #10 wants \
+             400 + close",
+        ),
+        v(
+            F,
+            "te-space-before-colon",
+            "RFC 9112 §5.1 (MUST reject); PortSwigger spacejoin",
+            post("Transfer-Encoding : chunked\r\n", CHUNKED_HELLO),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "te-xchunked",
+            "RFC 9112 §6.3 item 4; PortSwigger nameprefix/valueprefix",
+            post(&te("xchunked"), CHUNKED_HELLO),
+        )
+        .or(reject(&[400, 501])),
+        v(
+            F,
+            "te-vertical-tab-suffix",
+            "RFC 9110 §5.5; PortSwigger suffix1 0x0b",
+            post(&te("chunked\x0b"), CHUNKED_HELLO),
+        )
+        .or(reject(&[400, 501])),
+        v(
+            F,
+            "te-vertical-tab-prefix",
+            "RFC 9110 §5.5; PortSwigger prefix1 0x0b",
+            post(&te("\x0bchunked"), CHUNKED_HELLO),
+        )
+        .or(reject(&[400, 501])),
+        v(
+            F,
+            "te-nul-suffix",
+            "RFC 9110 §5.5 (NUL MUST be rejected or replaced); PortSwigger suffix1 0x00",
+            post(&te("chunked\0"), CHUNKED_HELLO),
+        )
+        .or(reject(&[400, 501])),
+        v(
+            F,
+            "te-bare-cr-suffix",
+            "RFC 9112 §2.2 (bare CR); PortSwigger 0dsuffix",
+            post("Transfer-Encoding: chunked\r\r\n", CHUNKED_HELLO),
+        )
+        .or(reject(&[400, 501])),
+        v(
+            F,
+            "te-quoted",
+            "RFC 9112 §6.1; PortSwigger quoted",
+            post(&te("\"chunked\""), CHUNKED_HELLO),
+        )
+        .or(reject(&[400, 501])),
+        v(
+            F,
+            "te-truncated-name",
+            "RFC 9112 §6.3 item 4",
+            post(&te("chunk"), CHUNKED_HELLO),
+        )
+        .or(reject(&[400, 501])),
+        v(
+            F,
+            "te-leading-comma",
+            "RFC 9110 §5.6.1; HTTP Garden (`TE: ,chunked` forwarded)",
+            post(&te(",chunked"), CHUNKED_HELLO),
+        )
+        .or(reject(&[400]))
+        .gap(
+            "`Transfer-Encoding: ,chunked` accepted (last token wins): forwarded as a \
+             canonical `Transfer-Encoding: chunked`, 200, keep-alive; should be 400 + close",
+        ),
+        v(
+            F,
+            "te-gzip-chunked",
+            "RFC 9112 §6.1 (unknown coding: 501); HAProxy 422",
+            post(&te("gzip, chunked"), CHUNKED_HELLO),
+        )
+        .or(reject(&[400, 422, 501]))
+        .gap(
+            "`gzip, chunked` accepted and the `gzip` coding is DROPPED: forwarded as \
+             `Transfer-Encoding: chunked` carrying the still-gzip-coded bytes with nothing \
+             saying so (silent body corruption), 200, keep-alive; should be 400/501 + close",
+        ),
+        v(
+            F,
+            "te-chunked-gzip",
+            "RFC 9112 §6.3 item 4 (chunked not last)",
+            post(&te("chunked, gzip"), CHUNKED_HELLO),
+        )
+        .or(reject(&[400, 501])),
+        v(
+            F,
+            "te-identity-with-cl",
+            "RFC 9112 §6.3 item 4; identity is no transfer coding (RFC 9112 §7)",
+            post(
+                "Transfer-Encoding: identity\r\nContent-Length: 5\r\n",
+                b"hello",
+            ),
+        )
+        .or(reject(&[400, 501])),
+        v(
+            F,
+            "te-http10",
+            "RFC 9112 §6.1 (HTTP/1.0 + TE is faulty framing); CVE-2026-2835",
+            cat(&[
+                b"POST /f HTTP/1.0\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+                CHUNKED_HELLO,
+            ]),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "te-obs-fold-value",
+            "RFC 9112 §5.2; llhttp 'Invalid OBS fold after chunked value'",
+            post("Transfer-Encoding:\r\n chunked\r\n", CHUNKED_HELLO),
+        )
+        .or(reject(&[400])),
+        v(
+            F,
+            "te-underscore-name",
+            "issue #10 (underscores dropped); CGI/WSGI map `_` to `-` behind the proxy",
+            post(
+                "Transfer_Encoding: chunked\r\nContent-Length: 5\r\n",
+                b"hello",
+            ),
+        )
+        .or(reject(&[400]))
+        .or(forward(vec![
+            body(b"hello"),
+            Check::Absent("transfer_encoding"),
+        ]))
+        .gap(
+            "`Transfer_Encoding: chunked` is forwarded verbatim next to `Content-Length: 5` \
+             (200, keep-alive): a backend that maps `_` to `-` (CGI/WSGI-style) sees TE + \
+             CL. Underscore fields are not dropped",
+        ),
+    ]
+}
+
+fn chunked() -> Vec<Vector> {
+    use Class::Chunked as C;
+    let te = |b: &[u8]| post("Transfer-Encoding: chunked\r\n", b);
+    let overlong_ext = {
+        let mut b = b"5;".to_vec();
+        b.extend(std::iter::repeat_n(b'a', 20_000));
+        b.extend_from_slice(b"\r\nhello\r\n0\r\n\r\n");
+        b
+    };
+    let hello = || vec![Check::Path("/f".into()), body(b"hello")];
+    vec![
+        v(C, "chunk-hex-uppercase", "RFC 9112 §7.1 (HEXDIG is case-insensitive)", te(b"A\r\n0123456789\r\n0\r\n\r\n"))
+            .or(forward(vec![body(b"0123456789")])),
+        v(C, "chunk-several", "RFC 9112 §7.1", te(b"2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n"))
+            .or(forward(hello())),
+        v(C, "chunk-ext-valid-not-forwarded", "RFC 9112 §7.1.1 (extensions may be ignored; re-framed on output)",
+            te(b"5;name=value\r\nhello\r\n0\r\n\r\n"))
+            .or(forward(hello()))
+            .never(b"name=value"),
+        v(C, "chunk-size-overflow", "RFC 9112 §7.1 (guard overflow)", te(b"FFFFFFFFFFFFFFFFF\r\nhello\r\n0\r\n\r\n"))
+            .or(reject_body(&[400, 413])),
+        v(C, "chunk-size-0x-prefix", "RFC 9112 §7.1; HTTP Garden (invalid chunk sizes forwarded)", te(b"0x5\r\nhello\r\n0\r\n\r\n"))
+            .or(reject_body(&[400])),
+        v(C, "chunk-size-plus", "RFC 9112 §7.1", te(b"+5\r\nhello\r\n0\r\n\r\n"))
+            .or(reject_body(&[400])),
+        v(C, "chunk-size-minus", "RFC 9112 §7.1", te(b"-5\r\nhello\r\n0\r\n\r\n"))
+            .or(reject_body(&[400])),
+        v(C, "chunk-size-leading-space", "RFC 9112 §7.1", te(b" 5\r\nhello\r\n0\r\n\r\n"))
+            .or(reject_body(&[400])),
+        v(C, "chunk-size-empty", "RFC 9112 §7.1", te(b"\r\nhello\r\n0\r\n\r\n"))
+            .or(reject_body(&[400]))
+            .gap(
+                "an empty chunk-size line is taken as the last chunk (size 0): the following \
+                 `hello`, `0` lines are swallowed as trailer lines; 200, the origin gets the \
+                 request with an EMPTY body (the data is silently lost), connection kept open",
+            ),
+        v(C, "chunk-size-not-hex", "RFC 9112 §7.1; llhttp 'Invalid character in chunk size'", te(b"g\r\nhello\r\n0\r\n\r\n"))
+            .or(reject_body(&[400])),
+        v(C, "chunk-size-bare-lf", "RFC 9112 §7.1 (chunk lines end in CRLF); llhttp 'Expected LF after chunk size'",
+            te(b"5\nhello\r\n0\r\n\r\n"))
+            .or(reject_body(&[400])),
+        v(C, "chunk-ext-bare-lf", "RFC 9112 §7.1.1; HTTP Garden / TERM.EXT class", te(b"5;a\nb\r\nhello\r\n0\r\n\r\n"))
+            .or(reject_body(&[400]))
+            .gap(
+                "httparse accepts any byte but CR in a chunk extension: `5;a<LF>b` gives 200, \
+                 the body is forwarded re-framed (`5 CRLF hello`, extension dropped), \
+                 connection kept open; contained by Pingora's re-framing, not rejected",
+            ),
+        v(C, "chunk-ext-bare-cr", "RFC 9112 §7.1.1, §2.2; HTTP Garden (`\\r` in chunk-ext)", te(b"5;a\rb\r\nhello\r\n0\r\n\r\n"))
+            .or(reject_body(&[400])),
+        v(C, "chunk-ext-nul", "RFC 9112 §7.1.1", te(b"5;a\0\r\nhello\r\n0\r\n\r\n"))
+            .or(reject_body(&[400]))
+            .gap(
+                "a NUL in a chunk extension is accepted (httparse): 200, body forwarded \
+                 re-framed without the extension, connection kept open; not rejected",
+            ),
+        v(C, "chunk-ext-overlong", "RFC 9112 §7.1.1 (limit extension length)", te(&overlong_ext))
+            .or(reject_body(&[400, 413, 431])),
+        v(C, "chunk-data-no-crlf", "RFC 9112 §7.1 (chunk-data CRLF)", te(b"5\r\nhelloXX0\r\n\r\n"))
+            .or(reject_body(&[400])),
+        v(C, "chunk-data-bare-lf", "RFC 9112 §7.1; llhttp 'Expected LF after chunk data'", te(b"5\r\nhello\n0\r\n\r\n"))
+            .or(reject_body(&[400])),
+        v(C, "chunk-data-longer-than-size", "RFC 9112 §7.1", te(b"3\r\nhello\r\n0\r\n\r\n"))
+            .or(reject_body(&[400])),
+        v(C, "last-chunk-bare-lf", "RFC 9112 §7.1", te(b"5\r\nhello\r\n0\n\r\n"))
+            .or(reject_body(&[400])),
+        v(C, "trailer-content-length", "RFC 9110 §6.5.1 (framing fields are not allowed in trailers)",
+            te(b"5\r\nhello\r\n0\r\nContent-Length: 50\r\n\r\n"))
+            .or(forward(hello()))
+            .or(reject_body(&[400]))
+            .never(b"Content-Length: 50"),
+        v(C, "trailer-host", "RFC 9110 §6.5.1 (Host is not allowed in trailers)", te(b"5\r\nhello\r\n0\r\nHost: evil.test\r\n\r\n"))
+            .or(forward(vec![Check::Path("/f".into()), body(b"hello"), Check::Host("a.test")]))
+            .or(reject_body(&[400]))
+            .never(b"evil.test"),
+        v(C, "trailer-not-a-field", "RFC 9112 §7.1.2 (trailer-section is field lines); a request line in the trailer section",
+            cat(&[b"POST /f HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n", SMUGGLED.as_bytes()]))
+            .or(reject_body(&[400]))
+            .or(forward(hello()))
+            .never(b"/smuggled"),
+    ]
+}
+
+fn syntax() -> Vec<Vector> {
+    use Class::Syntax as S;
+    let hdr = |line: &[u8]| cat(&[b"GET /f HTTP/1.1\r\nHost: a.test\r\n", line, b"\r\n\r\n"]);
+    vec![
+        v(
+            S,
+            "bare-cr-in-value",
+            "RFC 9112 §2.2 (bare CR: reject or replace by SP)",
+            hdr(b"X-A: a\rb"),
+        )
+        .or(reject(&[400]))
+        .or(forward(vec![Check::Header("x-a", "a b")])),
+        v(
+            S,
+            "bare-cr-ends-field",
+            "RFC 9112 §2.2",
+            hdr(b"X-A: a\rX-B: b"),
+        )
+        .or(reject(&[400]))
+        .or(forward(vec![Check::Header("x-a", "a X-B: b")])),
+        v(
+            S,
+            "bare-cr-in-request-line",
+            "RFC 9112 §2.2, §3",
+            b"GET /f\r HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400]))
+        .or(local(&[400])),
+        v(
+            S,
+            "bare-lf-head",
+            "RFC 9112 §2.2 (MAY accept bare LF; forward CRLF)",
+            b"GET /f HTTP/1.1\nHost: a.test\n\n",
+        )
+        .or(reject(&[400]))
+        .or(forward(vec![Check::Path("/f".into())])),
+        v(
+            S,
+            "bare-lf-mixed",
+            "RFC 9112 §2.2; HTTP Garden (`\\n` not normalised to CRLF)",
+            b"GET /f HTTP/1.1\r\nHost: a.test\nX-A: b\r\n\r\n",
+        )
+        .or(reject(&[400]))
+        .or(forward(vec![Check::Header("x-a", "b")])),
+        v(
+            S,
+            "lf-injects-host",
+            "RFC 9112 §2.2, §3.2 (a bare LF may start a second Host)",
+            hdr(b"X-A: a\nHost: b.test"),
+        )
+        .or(reject(&[400])),
+        v(
+            S,
+            "obs-fold",
+            "RFC 9112 §5.2 (400 or replace by SP); issue #10: 400",
+            hdr(b"X-A: a\r\n b"),
+        )
+        .or(reject(&[400])),
+        v(S, "obs-fold-tab", "RFC 9112 §5.2", hdr(b"X-A: a\r\n\tb")).or(reject(&[400])),
+        v(
+            S,
+            "whitespace-before-first-field",
+            "RFC 9112 §2.2 (reject, or consume the line)",
+            b"GET /f HTTP/1.1\r\n X-A: b\r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400])),
+        v(
+            S,
+            "space-before-colon",
+            "RFC 9112 §5.1 (MUST 400)",
+            b"GET /f HTTP/1.1\r\nHost : a.test\r\n\r\n",
+        )
+        .or(reject(&[400])),
+        v(S, "tab-before-colon", "RFC 9112 §5.1", hdr(b"X-A\t: b")).or(reject(&[400])),
+        v(
+            S,
+            "nul-in-value",
+            "RFC 9110 §5.5 (NUL: reject or replace)",
+            hdr(b"X-A: a\0b"),
+        )
+        .or(reject(&[400])),
+        v(S, "ctl-in-value", "RFC 9110 §5.5", hdr(b"X-A: a\x01b")).or(reject(&[400])),
+        v(
+            S,
+            "del-in-value",
+            "RFC 9110 §5.5 (DEL is no field-vchar)",
+            hdr(b"X-A: a\x7fb"),
+        )
+        .or(reject(&[400])),
+        v(
+            S,
+            "obs-text-in-value",
+            "RFC 9110 §5.5 (obs-text MAY be accepted)",
+            hdr(b"X-A: caf\xc3\xa9"),
+        )
+        .or(reject(&[400]))
+        .or(forward(vec![Check::Path("/f".into())])),
+        v(
+            S,
+            "invalid-name-char",
+            "RFC 9110 §5.1 (field-name = token)",
+            hdr(b"X<A>: b"),
+        )
+        .or(reject(&[400])),
+        v(
+            S,
+            "empty-name",
+            "RFC 9110 §5.1; HTTP Garden (empty names)",
+            hdr(b": b"),
+        )
+        .or(reject(&[400])),
+        v(S, "line-without-colon", "RFC 9112 §5", hdr(b"NoColonHere")).or(reject(&[400])),
+        v(S, "space-in-name", "RFC 9110 §5.1", hdr(b"X A: b")).or(reject(&[400])),
+        v(S, "non-ascii-name", "RFC 9110 §5.1", hdr(b"X-\xc3\xa9: b")).or(reject(&[400])),
+        v(
+            S,
+            "request-line-double-space",
+            "RFC 9112 §3 (single SP; MAY parse on whitespace)",
+            b"GET  /f HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400]))
+        .or(forward(vec![Check::Path("/f".into())]))
+        .gap(
+            "`GET  /f HTTP/1.1` is escaped and accepted by Pingora, whose target then has \
+             no leading `/` and becomes Uri `/`: the gateway routes and forwards `GET /` \
+             (the target is replaced by `/`), 200. Should be 400 (or parse `/f`)",
+        ),
+        v(
+            S,
+            "request-line-trailing-space",
+            "RFC 9112 §3",
+            b"GET /f HTTP/1.1 \r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400])),
+        v(
+            S,
+            "request-line-missing-target",
+            "RFC 9112 §3",
+            b"GET  HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400])),
+        v(
+            S,
+            "version-lowercase",
+            "RFC 9112 §2.3 (HTTP-name is case-sensitive)",
+            b"GET /f http/1.1\r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400, 505])),
+        v(
+            S,
+            "version-two-digits",
+            "RFC 9112 §2.3 (DIGIT \".\" DIGIT)",
+            b"GET /f HTTP/1.10\r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400, 505])),
+        v(
+            S,
+            "version-2-over-h1",
+            "RFC 9112 §2.3; RFC 9110 §15.6.6",
+            b"GET /f HTTP/2.0\r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400, 505])),
+        v(
+            S,
+            "http09-request",
+            "RFC 9112 §2.3 (no HTTP/0.9)",
+            b"GET /f\r\n\r\n",
+        )
+        .or(reject(&[400, 505])),
+        v(
+            S,
+            "method-not-token",
+            "RFC 9110 §9.1 (method = token)",
+            b"G(T /f HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400, 501])),
+        v(
+            S,
+            "nul-in-request-line",
+            "RFC 9112 §3",
+            b"GET /f\0 HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400]))
+        .or(local(&[400])),
+        v(
+            S,
+            "leading-empty-line",
+            "RFC 9112 §2.2 (SHOULD ignore one leading CRLF)",
+            b"\r\nGET /f HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        )
+        .or(forward(vec![Check::Path("/f".into())]))
+        .or(reject(&[400])),
+    ]
+}
+
+fn limits() -> Vec<Vector> {
+    use Class::Limits as L;
+    let long_target = |n: usize| {
+        let mut t = String::from("/f?q=");
+        t.push_str(&"a".repeat(n - t.len()));
+        t
+    };
+    let t8000 = long_target(8000);
+    let many = |count: usize, size: usize| {
+        let mut h = String::new();
+        for i in 0..count {
+            let name = format!("X-H{i}: ");
+            let fill = size.saturating_sub(name.len() + 2).max(1);
+            let _ = write!(h, "{name}{}\r\n", "v".repeat(fill));
+        }
+        h
+    };
+    vec![
+        v(
+            L,
+            "request-line-8000-accepted",
+            "RFC 9112 §3 (SHOULD support ≥ 8000 octets)",
+            get_a(&t8000),
+        )
+        .or(forward(vec![Check::Path(t8000.clone())])),
+        v(
+            L,
+            "request-line-32k",
+            "RFC 9110 §15.5.15 (414); nginx 8k, Envoy 60k head",
+            get_a(&long_target(32 * 1024)),
+        )
+        .or(refuse(&[414]))
+        .gap(
+            "a 32 KiB request line is forwarded (200): no request-line limit below the http \
+             crate's 65534-byte Uri limit; no 414",
+        ),
+        v(
+            L,
+            "request-line-64k",
+            "RFC 9110 §15.5.15 (414)",
+            get_a(&long_target(64 * 1024)),
+        )
+        .or(refuse(&[414]))
+        .gap(
+            "400 + close (the http crate's Uri length limit fails RequestHeader::build, \
+             Pingora answers InvalidHTTPHeader), not 414",
+        ),
+        v(
+            L,
+            "request-line-200k",
+            "RFC 9110 §15.5.15 (414)",
+            get_a(&long_target(200 * 1024)),
+        )
+        .or(refuse(&[414]))
+        .gap("400 + close (http crate Uri length limit), not 414"),
+        v(
+            L,
+            "method-10k",
+            "RFC 9112 §3 (overlong method: 501, or 414/400)",
+            format!(
+                "{} /f HTTP/1.1\r\nHost: a.test\r\n\r\n",
+                "M".repeat(10 * 1024)
+            ),
+        )
+        .or(refuse(&[400, 414, 501]))
+        .gap("a 10 KiB method token is forwarded to the origin (200): no method length limit"),
+        v(
+            L,
+            "header-7k-accepted",
+            "bearer tokens / cookies of a few KiB must pass",
+            get(
+                "/f",
+                &format!("Host: a.test\r\nX-Big: {}\r\n", "b".repeat(7 * 1024)),
+            ),
+        )
+        .or(forward(vec![Check::Path("/f".into())])),
+        v(
+            L,
+            "header-count-100-accepted",
+            "Envoy max_headers_count default 100",
+            get("/f", &format!("Host: a.test\r\n{}", many(99, 40))),
+        )
+        .or(forward(vec![Check::Path("/f".into())])),
+        v(
+            L,
+            "header-single-128k",
+            "RFC 6585 §5 (431)",
+            get(
+                "/f",
+                &format!("Host: a.test\r\nX-Big: {}\r\n", "b".repeat(128 * 1024)),
+            ),
+        )
+        .or(refuse(&[431]))
+        .gap(
+            "a 128 KiB header is forwarded (200, keep-alive): Pingora accepts heads up to \
+             MAX_HEADER_SIZE = 1 MiB, no 431",
+        ),
+        v(
+            L,
+            "header-section-200k",
+            "RFC 6585 §5 (431)",
+            get("/f", &format!("Host: a.test\r\n{}", many(200, 1024))),
+        )
+        .or(refuse(&[431]))
+        .gap(
+            "a 200 KiB header section (200 fields of 1 KiB) is forwarded (200): no \
+             header-section limit below Pingora's 1 MiB, no 431",
+        ),
+        v(
+            L,
+            "header-count-1000",
+            "RFC 6585 §5 (431)",
+            get("/f", &format!("Host: a.test\r\n{}", many(1000, 12))),
+        )
+        .or(refuse(&[431]))
+        .gap(
+            "400 + close (httparse TooManyHeaders above Pingora's MAX_HEADERS = 256), not \
+             431",
+        ),
+    ]
+}
+
+fn host_target() -> Vec<Vector> {
+    use Class::HostTarget as T;
+    let host = |h: &[u8]| cat(&[b"GET /f HTTP/1.1\r\nHost: ", h, b"\r\n\r\n"]);
+    vec![
+        v(T, "host-missing", "RFC 9112 §3.2 (MUST 400)", get("/f", ""))
+            .or(local(&[400]))
+            .gap(
+                "HTTP/1.1 without Host is accepted and routed on an empty host: 404 (no route), \
+                 keep-alive; RFC 9112 §3.2 MUST 400",
+            ),
+        v(T, "host-duplicate-same", "RFC 9112 §3.2 (MUST 400)", get("/f", "Host: a.test\r\nHost: a.test\r\n"))
+            .or(local(&[400])),
+        v(T, "host-duplicate-different", "RFC 9112 §3.2 (MUST 400)", get("/f", "Host: a.test\r\nHost: b.test\r\n"))
+            .or(local(&[400])),
+        v(T, "host-empty", "RFC 9112 §3.2 (empty Host: no authority, nothing to route)", host(b""))
+            .or(local(&[400, 404])),
+        v(T, "host-with-path", "RFC 9110 §7.2 (Host = uri-host [\":\" port]); nginx http_host.t", host(b"a.test/x"))
+            .or(local(&[400]))
+            .gap(
+                "`Host: a.test/x` is not validated: routed on the raw value, 404 (no route), \
+                 keep-alive; should be 400",
+            ),
+        v(T, "host-userinfo", "RFC 9110 §7.2; nginx http_host.t", host(b"u@a.test"))
+            .or(local(&[400])),
+        v(T, "host-port-overflow", "RFC 9110 §7.2; nginx http_host.t (port > 65535)", host(b"a.test:99999"))
+            .or(local(&[400]))
+            .gap(
+                "`Host: a.test:99999` is not validated: the port is dropped for routing and the \
+                 request is FORWARDED to the site route with `Host: a.test:99999` (200); should \
+                 be 400",
+            ),
+        v(T, "host-two-ports", "RFC 9110 §7.2; nginx http_host.t (`a:1:2`)", host(b"a.test:1:2"))
+            .or(local(&[400]))
+            .gap("`Host: a.test:1:2` not validated: 404 (no route), keep-alive; should be 400"),
+        v(T, "host-inner-space", "RFC 9110 §7.2", host(b"a .test"))
+            .or(local(&[400]))
+            .gap("`Host: a .test` not validated: 404, keep-alive; should be 400"),
+        v(T, "host-backslash", "RFC 9110 §7.2; nginx http_host.t", host(b"a.test\\"))
+            .or(local(&[400]))
+            .gap("`Host: a.test\\` not validated: 404, keep-alive; should be 400"),
+        v(T, "host-list", "RFC 9112 §3.2 (one Host value)", host(b"a.test, b.test"))
+            .or(local(&[400]))
+            .gap("`Host: a.test, b.test` not validated: 404, keep-alive; should be 400"),
+        v(T, "host-trailing-dot-routes", "docs/routing.md (trailing dot stripped); nginx http_host.t", host(b"a.test."))
+            .or(forward(vec![Check::Path("/f".into())])),
+        v(T, "host-case-and-port-route", "RFC 9110 §4.2.3 (host is case-insensitive); docs/routing.md (port ignored)", host(b"A.Test:8080"))
+            .or(forward(vec![Check::Path("/f".into()), Check::Host("A.Test:8080")])),
+        v(T, "host-unknown", "security notes §2.4 (unknown vhost: 404/421, never forwarded)", host(b"evil.test"))
+            .or(local(&[404, 421])),
+        v(T, "host-ip-literal-unknown", "security notes §2.4", host(b"127.0.0.1"))
+            .or(local(&[404, 421])),
+        v(T, "absolute-form-routes-by-authority", "RFC 9112 §3.2.2 (MUST accept; authority is the target host)",
+            get("http://b.test/f", "Host: b.test\r\n"))
+            .or(forward(vec![Check::Path("/f".into()), Check::Host("b.internal")])),
+        v(T, "absolute-form-host-mismatch", "RFC 9112 §3.2.2 (authority replaces Host); Http11Probe SMUG-ABSOLUTE-URI-HOST-MISMATCH",
+            get("http://b.test/f", "Host: a.test\r\n"))
+            .or(local(&[400]))
+            .or(forward(vec![Check::Path("/f".into()), Check::Host("b.internal")])),
+        v(T, "absolute-form-unknown-authority-known-host", "RFC 9112 §3.2.2; security notes §2.4",
+            get("http://evil.test/f", "Host: a.test\r\n"))
+            .or(local(&[400, 404, 421])),
+        v(T, "absolute-form-without-host", "RFC 9112 §3.2 (HTTP/1.1 without Host: MUST 400)", get("http://b.test/f", ""))
+            .or(local(&[400]))
+            .gap(
+                "`GET http://b.test/f` without Host: Pingora keeps the target origin-form and \
+                 the gateway routes on the (absent) Host: 404, keep-alive; MUST 400",
+            ),
+        v(T, "absolute-form-unknown", "security notes §2.4 (upstreams come only from config)",
+            get("http://evil.test/", "Host: evil.test\r\n"))
+            .or(local(&[404, 421])),
+        v(T, "absolute-form-userinfo", "RFC 9110 §4.2.4 (userinfo is deprecated; reject)", get("http://u@b.test/f", "Host: b.test\r\n"))
+            .or(local(&[400])),
+        v(T, "absolute-form-non-http-scheme", "RFC 9112 §3.2.2", get("ftp://b.test/f", "Host: b.test\r\n"))
+            .or(local(&[400]))
+            .gap(
+                "`GET ftp://b.test/f` is accepted: routed on Host b.test and forwarded as `GET \
+                 /f` (200); should be 400",
+            ),
+        v(T, "absolute-form-uppercase", "RFC 3986 §6.2.2.1 (scheme and host are case-insensitive)",
+            get("HTTP://B.TEST/f", "Host: b.test\r\n"))
+            .or(local(&[400]))
+            .or(forward(vec![Check::Path("/f".into()), Check::Host("b.internal")])),
+        v(T, "connect-refused", "RFC 9110 §9.3.6; security notes §2.4 (CONNECT refused by default)",
+            b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n")
+            .or(local(&[400, 405, 501])),
+        v(T, "trace-refused", "RFC 9110 §9.3.8; issue #10 (TRACE refused by default)", b"TRACE /f HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .or(local(&[400, 403, 405, 501]))
+            .gap(
+                "TRACE is forwarded to the origin (200); issue #10 wants it refused by default \
+                 (405)",
+            ),
+        v(T, "asterisk-form-on-get", "RFC 9112 §3.2.4 (only OPTIONS *); HAProxy h1_request_target_validation.vtc",
+            get("*", "Host: a.test\r\n"))
+            .or(local(&[400]))
+            .gap(
+                "`GET *` is accepted (normalize_path lets `*` through) and forwarded as `GET *` \
+                 to the site route (200); should be 400",
+            ),
+        v(T, "authority-form-on-get", "RFC 9112 §3.2.3 (only CONNECT)", get("a.test:80", "Host: a.test\r\n"))
+            .or(local(&[400]))
+            .gap(
+                "`GET a.test:80` is accepted: Pingora anchors the non-origin-form target to \
+                 `/`, the gateway routes and forwards `GET /` (200); should be 400",
+            ),
+        v(T, "http10-without-host", "RFC 9112 §3.2 (HTTP/1.0 may omit Host; nothing to route)", b"GET /f HTTP/1.0\r\n\r\n")
+            .or(local(&[400, 404])),
+    ]
+}
+
+fn paths() -> Vec<Vector> {
+    use Class::Paths as P;
+    // Routes: `site` = host a.test (forwards Host a.test), `api` = a.test + prefix /api,
+    // stripped, forwards Host api.internal.
+    let site = |p: &str| forward(vec![Check::Host("a.test"), Check::Path(p.into())]);
+    let api = |p: &str| forward(vec![Check::Host("api.internal"), Check::Path(p.into())]);
+    let refused = || local(&[400]);
+    vec![
+        v(
+            P,
+            "dotdot-encoded-mixed-case",
+            "RFC 3986 §6.2.2.2, §5.2.4; traefik#11746",
+            get_a("/api/%2E%2e/admin"),
+        )
+        .or(site("/admin")),
+        v(
+            P,
+            "dotdot-half-encoded-first",
+            "RFC 3986 §6.2.2.2, §5.2.4",
+            get_a("/api/.%2e/admin"),
+        )
+        .or(site("/admin")),
+        v(
+            P,
+            "dotdot-half-encoded-second",
+            "RFC 3986 §6.2.2.2, §5.2.4",
+            get_a("/api/%2e./admin"),
+        )
+        .or(site("/admin")),
+        v(P, "dot-encoded", "RFC 3986 §5.2.4", get_a("/api/%2e/x")).or(api("/x")),
+        v(P, "dotdot-trailing", "RFC 3986 §5.2.4", get_a("/api/x/..")).or(api("/")),
+        v(
+            P,
+            "dotdot-encoded-trailing",
+            "RFC 3986 §5.2.4",
+            get_a("/api/%2e%2e"),
+        )
+        .or(site("/")),
+        v(
+            P,
+            "dotdot-above-root",
+            "RFC 3986 §5.2.4 (cannot climb above /)",
+            get_a("/../../api/x"),
+        )
+        .or(api("/x")),
+        v(
+            P,
+            "slashes-around-dotdot",
+            "Envoy merge_slashes + normalize_path; routed and forwarded alike",
+            get_a("/api//..//admin"),
+        )
+        .or(site("/admin"))
+        .or(api("/admin")),
+        v(
+            P,
+            "dotdot-after-semicolon-segment",
+            "RFC 3986 §3.3 (`;` is part of the segment)",
+            get_a("/api;x=y/../admin"),
+        )
+        .or(site("/admin")),
+        v(
+            P,
+            "prefix-lookalike-not-dot-segment",
+            "RFC 3986 §5.2.4 (`api..` is no dot segment)",
+            get_a("/api.."),
+        )
+        .or(site("/api..")),
+        v(
+            P,
+            "unreserved-escape-decoded",
+            "RFC 3986 §6.2.2.2",
+            get_a("/%61pi/x"),
+        )
+        .or(api("/x")),
+        v(
+            P,
+            "double-encoded-dots-kept",
+            "RFC 3986 §2.4 (decode once only)",
+            get_a("/api/%252e%252e/admin"),
+        )
+        .or(api("/%252e%252e/admin")),
+        v(
+            P,
+            "overlong-utf8-dots-kept",
+            "RFC 3629 (overlong UTF-8 is no `.`)",
+            get_a("/api/%c0%ae%c0%ae/admin"),
+        )
+        .or(api("/%C0%AE%C0%AE/admin")),
+        v(
+            P,
+            "case-sensitive",
+            "docs/routing.md (matching is case-sensitive)",
+            get_a("/API/x"),
+        )
+        .or(site("/API/x")),
+        v(
+            P,
+            "query-kept",
+            "RFC 3986 §3.4",
+            get_a("/api/x?p=../../%2f"),
+        )
+        .or(api("/x?p=../../%2f")),
+        v(
+            P,
+            "absolute-form-dotdot",
+            "RFC 9112 §3.2.2 + RFC 3986 §5.2.4",
+            get("http://a.test/api/../admin", "Host: a.test\r\n"),
+        )
+        .or(site("/admin")),
+        v(
+            P,
+            "encoded-slash-traversal",
+            "issue #10 (encoded / refused); traefik GHSA-gm3x-23wp-hc2c",
+            get_a("/api/..%2fadmin"),
+        )
+        .or(refused()),
+        v(
+            P,
+            "encoded-slash-uppercase",
+            "issue #10",
+            get_a("/api/a%2Fb"),
+        )
+        .or(refused()),
+        v(
+            P,
+            "encoded-backslash-traversal",
+            "issue #10 (encoded \\ refused)",
+            get_a("/api/..%5Cadmin"),
+        )
+        .or(refused()),
+        v(
+            P,
+            "raw-backslash-traversal",
+            "issue #10; Envoy/IIS `\\` as separator",
+            get_a("/api\\..\\admin"),
+        )
+        .or(refused()),
+        v(
+            P,
+            "encoded-hash",
+            "issue #10 (encoded # refused)",
+            get_a("/api/x%23y"),
+        )
+        .or(refused()),
+        v(
+            P,
+            "raw-hash",
+            "RFC 9112 §3.2 (no fragment in request-target); Envoy CVE-2021-32779",
+            get_a("/api/x#frag"),
+        )
+        .or(refused())
+        .gap(
+            "Pingora strips the fragment: `/api/x#frag` is routed and forwarded as `/x` \
+             (200); consistent, but RFC 9112 §3.2 has no fragment in a request-target: 400 \
+             expected",
+        ),
+        v(
+            P,
+            "encoded-lf",
+            "issue #10 (encoded controls refused)",
+            get_a("/api/x%0a"),
+        )
+        .or(refused()),
+        v(P, "encoded-cr", "issue #10", get_a("/api/x%0D")).or(refused()),
+        v(
+            P,
+            "encoded-del",
+            "docs/routing.md (%7F refused)",
+            get_a("/api/x%7f"),
+        )
+        .or(refused()),
+        v(P, "escape-truncated", "RFC 3986 §2.1", get_a("/api/x%2")).or(refused()),
+        v(
+            P,
+            "raw-tab-in-target",
+            "RFC 9112 §3.2",
+            b"GET /api/\tx HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400]))
+        .or(refused()),
+        v(
+            P,
+            "raw-space-in-target",
+            "RFC 9112 §3 (SHOULD NOT autocorrect: 400 or 301)",
+            b"GET /api/a b HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400]))
+        .or(refused())
+        .or(api("/a%20b")),
+        v(
+            P,
+            "raw-quote-in-target",
+            "RFC 3986 §2 (`\"` is no URI character)",
+            b"GET /api/a\"b HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        )
+        .or(reject(&[400]))
+        .or(refused())
+        .or(api("/a%22b"))
+        .gap(
+            "a raw `\"` in the target is forwarded verbatim (`GET /a\"b`, 200): neither \
+             refused nor percent-encoded",
+        ),
+        v(
+            P,
+            "not-origin-form",
+            "RFC 9112 §3.2.1",
+            get("api/x", "Host: a.test\r\n"),
+        )
+        .or(reject(&[400]))
+        .or(refused())
+        .gap(
+            "`GET api/x` is accepted: Pingora anchors the target to `/`, the gateway routes \
+             and forwards `GET /` (200); should be 400",
+        ),
+    ]
+}
+
+fn headers() -> Vec<Vector> {
+    use Class::Headers as H;
+    let g = |extra: &str| get("/f", &format!("Host: a.test\r\n{extra}"));
+    vec![
+        v(
+            H,
+            "connection-names-host",
+            "RFC 9110 §7.6.1 vs §7.2: routing must not lose Host",
+            g("Connection: host\r\n"),
+        )
+        .or(forward(vec![
+            Check::Host("a.test"),
+            Check::Path("/f".into()),
+        ]))
+        .or(local(&[400]))
+        .gap(
+            "`Connection: host` makes hop-by-hop stripping REMOVE Host before routing: the \
+             request leaves its host's route for the host-less catch-all and reaches the \
+             origin with `Host: any.internal` (200), a route-confusion bypass of \
+             host-specific routes and their filters. With a catch-all without \
+             upstream_host the origin gets an HTTP/1.1 request with NO Host at all; \
+             without a catch-all it is 404. Host must survive (or 400)",
+        ),
+        v(
+            H,
+            "connection-names-request-id",
+            "security notes §2.6 (CVE-2024-45410: gateway-set fields survive)",
+            g("Connection: x-request-id\r\nX-Request-Id: spoofed\r\n"),
+        )
+        .or(forward(vec![Check::GeneratedRequestId])),
+        v(
+            H,
+            "connection-names-forwarded-host-proto",
+            "security notes §2.6 (CVE-2024-45410)",
+            g("Connection: X-Forwarded-Host, X-Forwarded-Proto\r\n"),
+        )
+        .or(forward(vec![
+            Check::Header("x-forwarded-host", "a.test"),
+            Check::Header("x-forwarded-proto", "http"),
+        ])),
+        v(
+            H,
+            "connection-sparse-list",
+            "RFC 9110 §5.6.1 (empty list elements), §7.6.1",
+            g("Connection: ,, X-A ,\r\nx-a: 1\r\n"),
+        )
+        .or(forward(vec![Check::Absent("x-a")])),
+        v(
+            H,
+            "connection-names-transfer-encoding",
+            "RFC 9110 §7.6.1 (framing stays with the proxy)",
+            post(
+                "Connection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n",
+                CHUNKED_HELLO,
+            ),
+        )
+        .or(forward(vec![body(b"hello")])),
+        v(
+            H,
+            "connection-names-content-length",
+            "RFC 9110 §7.6.1 (framing stays with the proxy)",
+            post(
+                "Connection: content-length\r\nContent-Length: 5\r\n",
+                b"hello",
+            ),
+        )
+        .or(forward(vec![
+            body(b"hello"),
+            Check::Header("content-length", "5"),
+        ])),
+        v(
+            H,
+            "upgrade-without-connection",
+            "RFC 9110 §7.8 (Upgrade is hop-by-hop)",
+            g("Upgrade: websocket\r\n"),
+        )
+        .or(forward(vec![Check::Absent("upgrade")])),
+        v(
+            H,
+            "xff-several-lines",
+            "RFC 7239 §5.2 / security notes §2.7 (untrusted: replaced)",
+            g("X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7\r\n"),
+        )
+        .or(forward(vec![Check::Header("x-forwarded-for", "127.0.0.1")])),
+        v(
+            H,
+            "xff-garbage",
+            "security notes §2.7",
+            g("X-Forwarded-For: 1.2.3.4, <script>\r\n"),
+        )
+        .or(forward(vec![Check::Header("x-forwarded-for", "127.0.0.1")])),
+        v(
+            H,
+            "xff-odd-case",
+            "RFC 9110 §5.1 (names are case-insensitive)",
+            g("x-FORWARDED-for: 6.6.6.6\r\n"),
+        )
+        .or(forward(vec![Check::Header("x-forwarded-for", "127.0.0.1")])),
+        v(
+            H,
+            "forwarded-rfc7239",
+            "RFC 7239; security notes §2.7",
+            g("Forwarded: for=\"[::1]\";proto=https\r\n"),
+        )
+        .or(forward(vec![Check::Absent("forwarded")])),
+        v(
+            H,
+            "x-real-ip-odd-case",
+            "security notes §2.7",
+            g("X-REAL-IP: 6.6.6.6\r\n"),
+        )
+        .or(forward(vec![Check::Absent("x-real-ip")])),
+        v(
+            H,
+            "x-forwarded-prefix",
+            "issue #10 (client X-Forwarded-* replaced); traefik#11267",
+            g("X-Forwarded-Prefix: /admin\r\n"),
+        )
+        .or(forward(vec![Check::Absent("x-forwarded-prefix")]))
+        .gap(
+            "client `X-Forwarded-Prefix: /admin` from an untrusted peer is forwarded (200): \
+             only X-Forwarded-For/Proto/Host, Forwarded and X-Real-IP are dropped",
+        ),
+        v(
+            H,
+            "x-forwarded-port",
+            "issue #10 (client X-Forwarded-* replaced)",
+            g("X-Forwarded-Port: 443\r\n"),
+        )
+        .or(forward(vec![Check::Absent("x-forwarded-port")]))
+        .gap("client `X-Forwarded-Port: 443` from an untrusted peer is forwarded (200)"),
+        v(
+            H,
+            "x-forwarded-scheme-ssl",
+            "issue #10 (client X-Forwarded-* replaced); Rack/Rails honour these",
+            g("X-Forwarded-Scheme: https\r\nX-Forwarded-Ssl: on\r\n"),
+        )
+        .or(forward(vec![
+            Check::Absent("x-forwarded-scheme"),
+            Check::Absent("x-forwarded-ssl"),
+        ]))
+        .gap(
+            "client `X-Forwarded-Scheme: https` and `X-Forwarded-Ssl: on` are forwarded \
+             (200)",
+        ),
+        v(
+            H,
+            "x-forwarded-host-does-not-route",
+            "security notes §2.4 (X-Forwarded-Host untrusted)",
+            g("X-Forwarded-Host: b.test\r\n"),
+        )
+        .or(forward(vec![
+            Check::Host("a.test"),
+            Check::Header("x-forwarded-host", "a.test"),
+        ])),
+        v(
+            H,
+            "underscore-header-dropped",
+            "issue #10 (underscores dropped by default); Envoy headers_with_underscores_action",
+            g("X_Custom: v\r\n"),
+        )
+        .or(forward(vec![Check::Absent("x_custom")]))
+        .or(local(&[400]))
+        .gap("`X_Custom: v` is forwarded (200): headers with underscores are not dropped"),
+        v(
+            H,
+            "underscore-xff-dropped",
+            "issue #10; a backend mapping `_` to `-` would trust it",
+            g("X_Forwarded_For: 6.6.6.6\r\n"),
+        )
+        .or(forward(vec![
+            Check::Absent("x_forwarded_for"),
+            Check::Header("x-forwarded-for", "127.0.0.1"),
+        ]))
+        .or(local(&[400]))
+        .gap(
+            "`X_Forwarded_For: 6.6.6.6` is forwarded next to the gateway's \
+             `x-forwarded-for: 127.0.0.1` (200): a backend mapping `_` to `-` (CGI \
+             `HTTP_X_FORWARDED_FOR`) can take the spoofed one",
+        ),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running a vector
+// ---------------------------------------------------------------------------------------------
+
+/// How long the client waits for the first response byte sequence to complete.
+const FIRST_RESPONSE: Duration = Duration::from_secs(2);
+/// After the first response: how long to keep reading (a second response, the close), and the
+/// least time the origin gets before its log is cut (a smuggled request arrives late).
+const SETTLE: Duration = Duration::from_millis(200);
+
+#[derive(Debug)]
+struct Response {
+    status: u16,
+}
+
+struct Observation {
+    responses: Vec<Response>,
+    /// Bytes after the last complete response.
+    leftover: Vec<u8>,
+    /// EOF or reset seen.
+    closed: bool,
+    reset: bool,
+    write_failed: bool,
+    elapsed: Duration,
+    origin: Vec<Event>,
+}
+
+impl Observation {
+    fn requests(&self) -> Vec<&OriginRequest> {
+        self.origin
+            .iter()
+            .filter_map(|e| match e {
+                Event::Request(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn origin_bytes(&self) -> Vec<u8> {
+        self.origin
+            .iter()
+            .filter_map(|e| match e {
+                Event::Bytes { data, .. } => Some(data.as_slice()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .concat()
+    }
+
+    fn origin_errors(&self) -> Vec<&str> {
+        self.origin
+            .iter()
+            .filter_map(|e| match e {
+                Event::Error { message, .. } => Some(message.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn summary(&self) -> String {
+        let mut s = String::new();
+        let statuses: Vec<u16> = self.responses.iter().map(|r| r.status).collect();
+        let _ = write!(
+            s,
+            "client: responses {statuses:?}, closed {}{}{} after {} ms",
+            self.closed,
+            if self.reset { " (reset)" } else { "" },
+            if self.write_failed {
+                ", write failed"
+            } else {
+                ""
+            },
+            self.elapsed.as_millis()
+        );
+        if !self.leftover.is_empty() {
+            let _ = write!(s, ", unparsed bytes {}", show(&self.leftover, 120));
+        }
+        let reqs = self.requests();
+        let bytes = self.origin_bytes();
+        if reqs.is_empty() && bytes.is_empty() {
+            s.push_str("; origin: nothing");
+        } else {
+            let _ = write!(
+                s,
+                "; origin: {} request(s), {} byte(s)",
+                reqs.len(),
+                bytes.len()
+            );
+            for r in &reqs {
+                let _ = write!(
+                    s,
+                    "\n        {} {} {} body {} head {}",
+                    show(r.method.as_bytes(), 40),
+                    show(r.target.as_bytes(), 120),
+                    if r.complete { "complete" } else { "CUT OFF" },
+                    show(&r.body, 60),
+                    show(&r.head, 400)
+                );
+            }
+            if reqs.is_empty() {
+                let _ = write!(s, "\n        raw {}", show(&bytes, 300));
+            }
+            for e in self.origin_errors() {
+                let _ = write!(s, "\n        origin error: {e}");
+            }
+        }
+        s
+    }
+}
+
+fn run(gw: SocketAddr, origin: &RawOrigin, request: &[u8]) -> Observation {
+    let mark = origin.mark();
+    let start = Instant::now();
+    let mut s = TcpStream::connect(gw).unwrap();
+    let _ = s.set_nodelay(true);
+    let mut w = s.try_clone().unwrap();
+    let data = request.to_vec();
+    // Write from another thread: a gateway that refuses early stops reading, and a blocked
+    // write must not keep us from reading its answer.
+    let writer = std::thread::spawn(move || w.write_all(&data).is_err());
+    let mut buf = Vec::new();
+    let mut tmp = vec![0u8; 64 * 1024];
+    let (mut closed, mut reset) = (false, false);
+    let mut responses = Vec::new();
+    let mut settle_until: Option<Instant> = None;
+    let mut first_response_at: Option<Instant> = None;
+    loop {
+        let deadline = settle_until.unwrap_or(start + FIRST_RESPONSE);
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        s.set_read_timeout(Some(deadline - now)).unwrap();
+        match s.read(&mut tmp) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(n) => {
+                buf.extend_from_slice(&tmp[..n]);
+                while let Some((resp, used)) = parse_response(&buf) {
+                    responses.push(resp);
+                    buf.drain(..used);
+                }
+                if !responses.is_empty() && settle_until.is_none() {
+                    first_response_at = Some(Instant::now());
+                    settle_until = Some(Instant::now() + SETTLE);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(_) => {
+                closed = true;
+                reset = true;
+                break;
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    let _ = s.shutdown(Shutdown::Both);
+    let write_failed = writer.join().unwrap_or(true);
+    // Give the origin at least SETTLE after the first response (or after the client side
+    // ended without one) before cutting its log: a smuggled request arrives late.
+    let since = first_response_at.map_or(Duration::ZERO, |t| t.elapsed());
+    std::thread::sleep(SETTLE.saturating_sub(since));
+    Observation {
+        responses,
+        leftover: buf,
+        closed,
+        reset,
+        write_failed,
+        elapsed,
+        origin: origin.since(mark),
+    }
+}
+
+/// One complete response at the start of `buf`, and its length.
+fn parse_response(buf: &[u8]) -> Option<(Response, usize)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let mut hs = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Response::new(&mut hs);
+    let status = match r.parse(&buf[..end]) {
+        Ok(httparse::Status::Complete(_)) => r.code.unwrap_or(0),
+        _ => return None,
+    };
+    let get = |n: &str| {
+        r.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(n))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+    };
+    let len = if (100..200).contains(&status) || status == 204 || status == 304 {
+        0
+    } else if get("transfer-encoding").is_some_and(|v| v.ends_with("chunked")) {
+        // Walk the chunks.
+        let mut p = end;
+        loop {
+            let eol = buf[p..].windows(2).position(|w| w == b"\r\n")? + p;
+            let size_txt = String::from_utf8_lossy(&buf[p..eol]);
+            let size = usize::from_str_radix(size_txt.split(';').next()?.trim(), 16).ok()?;
+            p = eol + 2;
+            if size == 0 {
+                let t = buf[p..].windows(4).position(|w| w == b"\r\n\r\n");
+                // No trailers: just CRLF.
+                if buf[p..].starts_with(b"\r\n") {
+                    break p + 2 - end;
+                }
+                break t? + p + 4 - end;
+            }
+            if buf.len() < p + size + 2 {
+                return None;
+            }
+            p += size + 2;
+        }
+    } else if let Some(cl) = get("content-length") {
+        cl.parse().ok()?
+    } else {
+        // Close-delimited: complete only at EOF; take what is there.
+        buf.len() - end
+    };
+    if buf.len() < end + len {
+        return None;
+    }
+    Some((Response { status }, end + len))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Judging
+// ---------------------------------------------------------------------------------------------
+
+const HOP_BY_HOP: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+];
+
+/// Invariants for every vector, whatever the outcome.
+fn universal(v: &Vector, o: &Observation) -> Vec<String> {
+    let mut p = Vec::new();
+    if o.responses.len() > v.requests {
+        p.push(format!(
+            "the gateway answered {} responses to {} request(s): it processed bytes of a \
+             request as another request",
+            o.responses.len(),
+            v.requests
+        ));
+    }
+    let reqs = o.requests();
+    if reqs.len() > v.requests {
+        p.push(format!(
+            "SMUGGLING: the origin received {} requests from {} client request(s)",
+            reqs.len(),
+            v.requests
+        ));
+    }
+    for r in &reqs {
+        if r.target.contains("smuggled") {
+            p.push(format!(
+                "SMUGGLING: the origin received a request for {}",
+                r.target
+            ));
+        }
+        // Every request the gateway forwards carries the id it generated (clients here are
+        // untrusted); one without is bytes that bypassed the gateway's request processing.
+        if check(&Check::GeneratedRequestId, r).is_some() {
+            p.push(format!(
+                "the origin received a request the gateway did not process (no generated \
+                 x-request-id): {}",
+                show(&r.head, 120)
+            ));
+        }
+        for c in canonical(&r.head) {
+            p.push(format!("forwarded head not canonical: {c}"));
+        }
+    }
+    for e in o.origin_errors() {
+        p.push(format!("the origin could not frame what it received: {e}"));
+    }
+    let bytes = o.origin_bytes();
+    for n in &v.never {
+        if bytes.windows(n.len()).any(|w| w == *n) {
+            p.push(format!("the origin received the bytes {}", show(n, 60)));
+        }
+    }
+    p
+}
+
+/// Why a forwarded head is not canonical (empty: it is).
+fn canonical(head: &[u8]) -> Vec<String> {
+    let mut p = Vec::new();
+    let Some(body) = head.strip_suffix(b"\r\n\r\n") else {
+        return vec!["does not end with CRLF CRLF".into()];
+    };
+    let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
+    for (i, l) in lines.iter().enumerate() {
+        if i + 1 < lines.len() && !l.ends_with(b"\r") {
+            p.push(format!("bare LF after {}", show(l, 60)));
+        }
+    }
+    let lines: Vec<&[u8]> = lines
+        .iter()
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .collect();
+    for l in &lines {
+        if l.contains(&b'\r') {
+            p.push(format!("bare CR in {}", show(l, 60)));
+        }
+    }
+    let rl = lines[0];
+    let parts: Vec<&[u8]> = rl.split(|&b| b == b' ').collect();
+    if parts.len() != 3 {
+        p.push(format!(
+            "request line is not `method SP target SP version`: {}",
+            show(rl, 80)
+        ));
+    } else {
+        if parts[0].is_empty() || !parts[0].iter().all(|&c| is_tchar(c)) {
+            p.push(format!("method is not a token: {}", show(parts[0], 40)));
+        }
+        let t = parts[1];
+        if !(t.starts_with(b"/") || t == b"*") {
+            p.push(format!("target is not origin-form: {}", show(t, 80)));
+        }
+        if let Some(&c) = t.iter().find(|&&c| c <= 0x20 || c >= 0x7f || c == b'#') {
+            p.push(format!("target carries byte {c:#04x}: {}", show(t, 80)));
+        }
+        if parts[2] != b"HTTP/1.1" && parts[2] != b"HTTP/1.0" {
+            p.push(format!("version {}", show(parts[2], 20)));
+        }
+    }
+    let (mut hosts, mut cl, mut te) = (0, Vec::new(), Vec::new());
+    // A WebSocket handshake keeps exactly `Connection: upgrade` and `Upgrade: websocket`
+    // (docs/architecture.md): those two are not stray hop-by-hop fields.
+    let field = |n: &str| -> Vec<Vec<u8>> {
+        lines[1..]
+            .iter()
+            .filter_map(|l| {
+                let c = l.iter().position(|&c| c == b':')?;
+                l[..c]
+                    .eq_ignore_ascii_case(n.as_bytes())
+                    .then(|| l[c + 1..].trim_ascii().to_ascii_lowercase())
+            })
+            .collect()
+    };
+    let websocket =
+        field("upgrade") == [b"websocket".to_vec()] && field("connection") == [b"upgrade".to_vec()];
+    for l in &lines[1..] {
+        if l.first().is_some_and(|&c| c == b' ' || c == b'\t') {
+            p.push(format!("obs-fold line {}", show(l, 60)));
+            continue;
+        }
+        let Some(colon) = l.iter().position(|&c| c == b':') else {
+            p.push(format!("field line without colon: {}", show(l, 60)));
+            continue;
+        };
+        let (name, value) = (&l[..colon], &l[colon + 1..]);
+        if name.is_empty() || !name.iter().all(|&c| is_tchar(c)) {
+            p.push(format!("field name is not a token: {}", show(name, 60)));
+        }
+        if value.iter().any(|&c| (c < 0x20 && c != b'\t') || c == 0x7f) {
+            p.push(format!("control byte in the value of {}", show(l, 80)));
+        }
+        let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+        let value = value.trim_ascii();
+        match name.as_str() {
+            "host" => hosts += 1,
+            "content-length" => cl.push(value.to_vec()),
+            "transfer-encoding" => te.push(value.to_vec()),
+            "connection" | "upgrade" if websocket => {}
+            n if HOP_BY_HOP.contains(&n) => {
+                p.push(format!("hop-by-hop field forwarded: {}", show(l, 80)))
+            }
+            _ => {}
+        }
+    }
+    if hosts != 1 {
+        p.push(format!("{hosts} Host fields"));
+    }
+    if cl.len() + te.len() > 1 {
+        p.push(format!(
+            "{} framing fields (Content-Length {:?}, Transfer-Encoding {:?})",
+            cl.len() + te.len(),
+            cl.iter().map(|v| show(v, 30)).collect::<Vec<_>>(),
+            te.iter().map(|v| show(v, 30)).collect::<Vec<_>>()
+        ));
+    }
+    for v in &cl {
+        if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+            p.push(format!("Content-Length is not 1*DIGIT: {}", show(v, 30)));
+        }
+    }
+    for v in &te {
+        if !v.eq_ignore_ascii_case(b"chunked") {
+            p.push(format!(
+                "Transfer-Encoding is not exactly chunked: {}",
+                show(v, 30)
+            ));
+        }
+    }
+    p
+}
+
+fn is_tchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
+}
+
+/// Why `o` does not match outcome `want` (empty: it does).
+fn mismatch(want: &Outcome, o: &Observation, requests: usize) -> Vec<String> {
+    let mut p = Vec::new();
+    match o.responses.first() {
+        None if want.silent_close_ok && o.closed => {}
+        None => p.push(format!("no response (closed: {})", o.closed)),
+        Some(r) if !want.statuses.contains(&r.status) => {
+            p.push(format!("status {} not in {:?}", r.status, want.statuses))
+        }
+        Some(_) => {}
+    }
+    if want.close == Close::Must && !o.closed {
+        p.push("the connection stayed open after the response".into());
+    }
+    let reqs = o.requests();
+    match &want.origin {
+        Origin::Nothing => {
+            if !reqs.is_empty() || !o.origin_bytes().is_empty() {
+                p.push(format!(
+                    "the origin received {} request(s) ({} bytes); expected nothing",
+                    reqs.len(),
+                    o.origin_bytes().len()
+                ));
+            }
+        }
+        Origin::NothingComplete => {
+            let complete = reqs.iter().filter(|r| r.complete).count();
+            if complete > 0 {
+                p.push(format!(
+                    "the origin received {complete} complete request(s); expected none"
+                ));
+            }
+        }
+        Origin::One(checks) => {
+            let complete: Vec<&&OriginRequest> = reqs.iter().filter(|r| r.complete).collect();
+            // Pipelined requests are each served, or the connection closes after the first
+            // and the rest are dropped, never lost on a connection that stays open.
+            if complete.is_empty()
+                || complete.len() > requests
+                || (complete.len() < requests && !o.closed)
+            {
+                p.push(format!(
+                    "the origin received {} complete request(s); expected {requests} (or \
+                     fewer and a close)",
+                    complete.len()
+                ));
+            } else {
+                let r = complete[0];
+                for c in checks {
+                    if let Some(why) = check(c, r) {
+                        p.push(why);
+                    }
+                }
+            }
+        }
+    }
+    p
+}
+
+fn check(c: &Check, r: &OriginRequest) -> Option<String> {
+    match c {
+        Check::Path(want) => (r.target != *want)
+            .then(|| format!("forwarded target {:?}, expected {want:?}", r.target)),
+        Check::Host(want) => {
+            let got = r.header_all("host");
+            (got.len() != 1 || got[0] != want.as_bytes()).then(|| {
+                format!(
+                    "forwarded Host {:?}, expected {want:?}",
+                    got.iter().map(|v| show(v, 40)).collect::<Vec<_>>()
+                )
+            })
+        }
+        Check::Body(want) => (r.body != *want).then(|| {
+            format!(
+                "forwarded body {}, expected {}",
+                show(&r.body, 80),
+                show(want, 80)
+            )
+        }),
+        Check::Header(name, want) => {
+            let got = r.header_all(name);
+            (got.len() != 1 || got[0] != want.as_bytes()).then(|| {
+                format!(
+                    "forwarded {name} {:?}, expected exactly {want:?}",
+                    got.iter().map(|v| show(v, 40)).collect::<Vec<_>>()
+                )
+            })
+        }
+        Check::Absent(name) => {
+            let got = r.header_all(name);
+            (!got.is_empty()).then(|| {
+                format!(
+                    "{name} was forwarded: {:?}",
+                    got.iter().map(|v| show(v, 40)).collect::<Vec<_>>()
+                )
+            })
+        }
+        Check::GeneratedRequestId => {
+            let got = r.header_all("x-request-id");
+            let ok =
+                got.len() == 1 && got[0].len() == 32 && got[0].iter().all(u8::is_ascii_hexdigit);
+            (!ok).then(|| {
+                format!(
+                    "x-request-id {:?} is not one generated by the gateway",
+                    got.iter().map(|v| show(v, 40)).collect::<Vec<_>>()
+                )
+            })
+        }
+    }
+}
+
+fn describe(o: &Outcome) -> String {
+    let origin = match &o.origin {
+        Origin::Nothing => "origin sees nothing".to_string(),
+        Origin::NothingComplete => "origin sees no complete request".to_string(),
+        Origin::One(checks) => format!("origin sees one request {checks:?}"),
+    };
+    format!(
+        "{:?}{}{}, {origin}",
+        o.statuses,
+        if o.silent_close_ok {
+            " or silent close"
+        } else {
+            ""
+        },
+        if o.close == Close::Must {
+            " + close"
+        } else {
+            ""
+        },
+    )
+}
+
+/// The verdict on one vector: `Ok(None)` passes, `Ok(Some(report))` is a known gap still
+/// present, `Err(report)` fails.
+fn judge(v: &Vector, o: &Observation) -> Result<Option<String>, String> {
+    let uni = universal(v, o);
+    let alts: Vec<Vec<String>> = v
+        .accept
+        .iter()
+        .map(|a| mismatch(a, o, v.requests))
+        .collect();
+    let passes = uni.is_empty() && alts.iter().any(Vec::is_empty);
+    let mut report = format!(
+        "{}/{} [{}]\n    expected: ",
+        v.class.name(),
+        v.name,
+        v.source
+    );
+    report.push_str(
+        &v.accept
+            .iter()
+            .map(describe)
+            .collect::<Vec<_>>()
+            .join("\n           or: "),
+    );
+    let _ = write!(report, "\n    observed: {}", o.summary());
+    if !passes {
+        for u in &uni {
+            let _ = write!(report, "\n    ✗ {u}");
+        }
+        if !alts.iter().any(Vec::is_empty) {
+            for (a, why) in v.accept.iter().zip(&alts) {
+                let _ = write!(report, "\n    ✗ not {}: {}", describe(a), why.join("; "));
+            }
+        }
+    }
+    match (passes, v.known_gap) {
+        (true, None) => Ok(None),
+        (true, Some(gap)) => Err(format!(
+            "{report}\n    ✗ this vector passes now: remove known_gap ({gap})"
+        )),
+        (false, Some(gap)) => Ok(Some(format!("{report}\n    known gap: {gap}"))),
+        (false, None) => Err(report),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driving a class
+// ---------------------------------------------------------------------------------------------
+
+fn gateway_config(origin: SocketAddr, class: Class) -> String {
+    // The header class adds a host-less catch-all, to show where a request goes that lost its
+    // Host (another route than its host's is a route-confusion bypass of that route's filters).
+    let catch_all = if class == Class::Headers {
+        "  - { name: any, upstream: o, upstream_host: any.internal }\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"upstreams:
+  o:
+    backends: [{{ address: "{origin}" }}]
+    timeouts: {{ read: 3s }}
+    retries: {{ attempts: 0 }}
+    circuit_breaker: {{ enabled: false }}
+routes:
+  - {{ name: site, upstream: o, match: {{ hosts: [a.test] }} }}
+  - {{ name: api, upstream: o, match: {{ hosts: [a.test], path_prefix: /api }}, strip_prefix: true, upstream_host: api.internal }}
+  - {{ name: b, upstream: o, match: {{ hosts: [b.test] }}, upstream_host: b.internal }}
+{catch_all}"#
+    )
+}
+
+fn run_class(class: Class) {
+    let started = Instant::now();
+    let vectors: Vec<Vector> = catalogue()
+        .into_iter()
+        .filter(|v| v.class == class)
+        .collect();
+    assert!(!vectors.is_empty());
+    let origin = RawOrigin::start();
+    let gw = TestGateway::start(&gateway_config(origin.addr, class));
+    let (mut failures, mut gaps, mut passed) = (Vec::new(), Vec::new(), 0);
+    let verbose = std::env::var_os("CONFORMANCE_VERBOSE").is_some();
+    for v in &vectors {
+        let o = run(gw.addr, &origin, &v.request);
+        if verbose {
+            eprintln!("--- {}/{}: {}", class.name(), v.name, o.summary());
+        }
+        match judge(v, &o) {
+            Ok(None) => passed += 1,
+            Ok(Some(gap)) => gaps.push(gap),
+            Err(f) => failures.push(f),
+        }
+    }
+    let mut out = format!(
+        "\n=== conformance/{}: {} vectors, {passed} pass, {} known gaps, {} failures ({:.1} s)\n",
+        class.name(),
+        vectors.len(),
+        gaps.len(),
+        failures.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for g in &gaps {
+        let _ = writeln!(out, "KNOWN GAP {g}\n");
+    }
+    eprintln!("{out}");
+    assert!(
+        failures.is_empty(),
+        "{} of {} {} vectors fail:\n\n{}\n\ngateway log (tail):\n{}",
+        failures.len(),
+        vectors.len(),
+        class.name(),
+        failures.join("\n\n"),
+        tail(&gw.log(), 40)
+    );
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The judge, without a gateway: bytes sent straight to the raw origin must trip the universal
+/// checks (two requests, a `/smuggled` target, no gateway request id), and `canonical` must
+/// flag each kind of unclean head.
+#[test]
+fn the_judge_catches_smuggling_and_unclean_heads() {
+    let origin = RawOrigin::start();
+    let smuggle = v(
+        Class::Framing,
+        "self-test",
+        "-",
+        cat(&[
+            b"GET /a HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            SMUGGLED.as_bytes(),
+        ]),
+    )
+    .or(forward(vec![Check::Path("/a".into())]));
+    let o = run(origin.addr, &origin, &smuggle.request);
+    let problems = universal(&smuggle, &o).join("\n");
+    for want in [
+        "answered 2 responses",
+        "origin received 2 requests",
+        "request for /smuggled",
+        "did not process",
+    ] {
+        assert!(problems.contains(want), "{want:?} not in:\n{problems}");
+    }
+    assert!(judge(&smuggle, &o).is_err());
+
+    let ok = "GET / HTTP/1.1\r\nHost: a\r\nx-request-id: 0123456789abcdef0123456789abcdef\r\n\r\n";
+    assert_eq!(canonical(ok.as_bytes()), Vec::<String>::new());
+    for (head, want) in [
+        ("GET / HTTP/1.1\nHost: a\r\n\r\n", "bare LF"),
+        ("GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n", "bare CR"),
+        (
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+            "obs-fold",
+        ),
+        ("GET / HTTP/1.1\r\nHost: a\r\nX\0: b\r\n\r\n", "not a token"),
+        (
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\x01\r\n\r\n",
+            "control byte",
+        ),
+        ("GET / HTTP/1.1\r\n\r\n", "0 Host"),
+        ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "2 Host"),
+        (
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "2 framing",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n",
+            "not 1*DIGIT",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "not exactly chunked",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: x\r\n\r\n",
+            "hop-by-hop",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\n\r\n",
+            "hop-by-hop",
+        ),
+        ("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", "origin-form"),
+        ("GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n", "carries byte"),
+    ] {
+        let got = canonical(head.as_bytes()).join("; ");
+        assert!(got.contains(want), "{head:?}: {want:?} not in {got:?}");
+    }
+    // A WebSocket handshake keeps exactly `Connection: upgrade` and `Upgrade: websocket`.
+    let ws = "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    assert_eq!(canonical(ws.as_bytes()), Vec::<String>::new());
+}
+
+#[test]
+fn catalogue_is_well_formed() {
+    let all = catalogue();
+    let mut names: Vec<&str> = all.iter().map(|v| v.name).collect();
+    names.sort_unstable();
+    let before = names.len();
+    names.dedup();
+    assert_eq!(before, names.len(), "vector names must be unique");
+    assert!(all.len() >= 60, "only {} vectors", all.len());
+    for v in &all {
+        assert!(!v.accept.is_empty(), "{}: no acceptable outcome", v.name);
+        assert!(!v.source.is_empty(), "{}: no source", v.name);
+        assert!(v.known_gap.is_none_or(|g| !g.is_empty()), "{}", v.name);
+    }
+    let mut counts = String::new();
+    for c in [
+        Class::Framing,
+        Class::Chunked,
+        Class::Syntax,
+        Class::Limits,
+        Class::HostTarget,
+        Class::Paths,
+        Class::Headers,
+    ] {
+        let n = all.iter().filter(|v| v.class == c).count();
+        let g = all
+            .iter()
+            .filter(|v| v.class == c && v.known_gap.is_some())
+            .count();
+        let _ = write!(counts, " {}={n} ({g} known gaps)", c.name());
+    }
+    eprintln!("conformance catalogue: {} vectors:{counts}", all.len());
+}
+
+#[test]
+fn framing_content_length_and_transfer_encoding() {
+    run_class(Class::Framing);
+}
+
+#[test]
+fn framing_chunked_bodies() {
+    run_class(Class::Chunked);
+}
+
+#[test]
+fn head_syntax() {
+    run_class(Class::Syntax);
+}
+
+#[test]
+fn head_limits() {
+    run_class(Class::Limits);
+}
+
+#[test]
+fn host_and_target() {
+    run_class(Class::HostTarget);
+}
+
+#[test]
+fn path_normalisation() {
+    run_class(Class::Paths);
+}
+
+#[test]
+fn header_hygiene() {
+    run_class(Class::Headers);
+}
