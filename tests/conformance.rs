@@ -456,13 +456,7 @@ fn framing() -> Vec<Vector> {
         .or(forward(vec![
             body(b"hello"),
             Check::Header("content-length", "5"),
-        ]))
-        .gap(
-            "Pingora collapses two equal `Content-Length: 5` lines for its own framing but \
-             forwards BOTH lines verbatim: the strict origin refuses the head (gateway \
-             answers 502, closes); an origin taking first/last still reads 5. Must 400, or \
-             forward one `Content-Length: 5`",
-        ),
+        ])),
         v(
             F,
             "cl-list-same",
@@ -473,12 +467,7 @@ fn framing() -> Vec<Vector> {
         .or(forward(vec![
             body(b"hello"),
             Check::Header("content-length", "5"),
-        ]))
-        .gap(
-            "`Content-Length: 5, 5` is accepted (collapsed to 5 for Pingora's framing) and \
-             forwarded VERBATIM: the strict origin refuses it (gateway answers 502, \
-             closes). Must 400, or rewrite to `Content-Length: 5`",
-        ),
+        ])),
         v(
             F,
             "clte-smuggle",
@@ -545,12 +534,7 @@ fn framing() -> Vec<Vector> {
             "RFC 9112 §6.1, §7 (chunked at most once); HAProxy http_transfer_encoding.vtc",
             post(&te("chunked, chunked"), CHUNKED_HELLO),
         )
-        .or(reject(&[400]))
-        .gap(
-            "accepted (Pingora only checks the last token): de-chunked once, forwarded as \
-             one canonical `Transfer-Encoding: chunked` with body `hello`, 200, keep-alive; \
-             issue #10 wants 400 + close",
-        ),
+        .or(reject(&[400])),
         v(
             F,
             "te-two-lines",
@@ -560,12 +544,7 @@ fn framing() -> Vec<Vector> {
                 CHUNKED_HELLO,
             ),
         )
-        .or(reject(&[400]))
-        .gap(
-            "two `Transfer-Encoding: chunked` lines accepted: de-chunked once, forwarded as \
-             one canonical `Transfer-Encoding: chunked`, 200, keep-alive; issue #10 wants \
-             400 + close",
-        ),
+        .or(reject(&[400])),
         v(
             F,
             "te-space-before-colon",
@@ -628,23 +607,14 @@ fn framing() -> Vec<Vector> {
             "RFC 9110 §5.6.1; HTTP Garden (`TE: ,chunked` forwarded)",
             post(&te(",chunked"), CHUNKED_HELLO),
         )
-        .or(reject(&[400]))
-        .gap(
-            "`Transfer-Encoding: ,chunked` accepted (last token wins): forwarded as a \
-             canonical `Transfer-Encoding: chunked`, 200, keep-alive; should be 400 + close",
-        ),
+        .or(reject(&[400])),
         v(
             F,
             "te-gzip-chunked",
             "RFC 9112 §6.1 (unknown coding: 501); HAProxy 422",
             post(&te("gzip, chunked"), CHUNKED_HELLO),
         )
-        .or(reject(&[400, 422, 501]))
-        .gap(
-            "`gzip, chunked` accepted and the `gzip` coding is DROPPED: forwarded as \
-             `Transfer-Encoding: chunked` carrying the still-gzip-coded bytes with nothing \
-             saying so (silent body corruption), 200, keep-alive; should be 400/501 + close",
-        ),
+        .or(reject(&[400, 422, 501])),
         v(
             F,
             "te-chunked-gzip",
@@ -692,12 +662,7 @@ fn framing() -> Vec<Vector> {
         .or(forward(vec![
             body(b"hello"),
             Check::Absent("transfer_encoding"),
-        ]))
-        .gap(
-            "`Transfer_Encoding: chunked` is forwarded verbatim next to `Content-Length: 5` \
-             (200, keep-alive): a backend that maps `_` to `-` (CGI/WSGI-style) sees TE + \
-             CL. Underscore fields are not dropped",
-        ),
+        ])),
     ]
 }
 
@@ -1010,11 +975,7 @@ fn limits() -> Vec<Vector> {
             "RFC 9110 §15.5.15 (414); nginx 8k, Envoy 60k head",
             get_a(&long_target(32 * 1024)),
         )
-        .or(refuse(&[414]))
-        .gap(
-            "a 32 KiB request line is forwarded (200): no request-line limit below the http \
-             crate's 65534-byte Uri limit; no 414",
-        ),
+        .or(refuse(&[414])),
         v(
             L,
             "request-line-64k",
@@ -1043,8 +1004,7 @@ fn limits() -> Vec<Vector> {
                 "M".repeat(10 * 1024)
             ),
         )
-        .or(refuse(&[400, 414, 501]))
-        .gap("a 10 KiB method token is forwarded to the origin (200): no method length limit"),
+        .or(refuse(&[400, 414, 501])),
         v(
             L,
             "header-7k-accepted",
@@ -1071,22 +1031,14 @@ fn limits() -> Vec<Vector> {
                 &format!("Host: a.test\r\nX-Big: {}\r\n", "b".repeat(128 * 1024)),
             ),
         )
-        .or(refuse(&[431]))
-        .gap(
-            "a 128 KiB header is forwarded (200, keep-alive): Pingora accepts heads up to \
-             MAX_HEADER_SIZE = 1 MiB, no 431",
-        ),
+        .or(refuse(&[431])),
         v(
             L,
             "header-section-200k",
             "RFC 6585 §5 (431)",
             get("/f", &format!("Host: a.test\r\n{}", many(200, 1024))),
         )
-        .or(refuse(&[431]))
-        .gap(
-            "a 200 KiB header section (200 fields of 1 KiB) is forwarded (200): no \
-             header-section limit below Pingora's 1 MiB, no 431",
-        ),
+        .or(refuse(&[431])),
         v(
             L,
             "header-count-1000",
@@ -1106,11 +1058,7 @@ fn host_target() -> Vec<Vector> {
     let host = |h: &[u8]| cat(&[b"GET /f HTTP/1.1\r\nHost: ", h, b"\r\n\r\n"]);
     vec![
         v(T, "host-missing", "RFC 9112 §3.2 (MUST 400)", get("/f", ""))
-            .or(local(&[400]))
-            .gap(
-                "HTTP/1.1 without Host is accepted and routed on an empty host: 404 (no route), \
-                 keep-alive; RFC 9112 §3.2 MUST 400",
-            ),
+            .or(local(&[400])),
         v(T, "host-duplicate-same", "RFC 9112 §3.2 (MUST 400)", get("/f", "Host: a.test\r\nHost: a.test\r\n"))
             .or(local(&[400])),
         v(T, "host-duplicate-different", "RFC 9112 §3.2 (MUST 400)", get("/f", "Host: a.test\r\nHost: b.test\r\n"))
@@ -1118,32 +1066,19 @@ fn host_target() -> Vec<Vector> {
         v(T, "host-empty", "RFC 9112 §3.2 (empty Host: no authority, nothing to route)", host(b""))
             .or(local(&[400, 404])),
         v(T, "host-with-path", "RFC 9110 §7.2 (Host = uri-host [\":\" port]); nginx http_host.t", host(b"a.test/x"))
-            .or(local(&[400]))
-            .gap(
-                "`Host: a.test/x` is not validated: routed on the raw value, 404 (no route), \
-                 keep-alive; should be 400",
-            ),
+            .or(local(&[400])),
         v(T, "host-userinfo", "RFC 9110 §7.2; nginx http_host.t", host(b"u@a.test"))
             .or(local(&[400])),
         v(T, "host-port-overflow", "RFC 9110 §7.2; nginx http_host.t (port > 65535)", host(b"a.test:99999"))
-            .or(local(&[400]))
-            .gap(
-                "`Host: a.test:99999` is not validated: the port is dropped for routing and the \
-                 request is FORWARDED to the site route with `Host: a.test:99999` (200); should \
-                 be 400",
-            ),
+            .or(local(&[400])),
         v(T, "host-two-ports", "RFC 9110 §7.2; nginx http_host.t (`a:1:2`)", host(b"a.test:1:2"))
-            .or(local(&[400]))
-            .gap("`Host: a.test:1:2` not validated: 404 (no route), keep-alive; should be 400"),
+            .or(local(&[400])),
         v(T, "host-inner-space", "RFC 9110 §7.2", host(b"a .test"))
-            .or(local(&[400]))
-            .gap("`Host: a .test` not validated: 404, keep-alive; should be 400"),
+            .or(local(&[400])),
         v(T, "host-backslash", "RFC 9110 §7.2; nginx http_host.t", host(b"a.test\\"))
-            .or(local(&[400]))
-            .gap("`Host: a.test\\` not validated: 404, keep-alive; should be 400"),
+            .or(local(&[400])),
         v(T, "host-list", "RFC 9112 §3.2 (one Host value)", host(b"a.test, b.test"))
-            .or(local(&[400]))
-            .gap("`Host: a.test, b.test` not validated: 404, keep-alive; should be 400"),
+            .or(local(&[400])),
         v(T, "host-trailing-dot-routes", "docs/routing.md (trailing dot stripped); nginx http_host.t", host(b"a.test."))
             .or(forward(vec![Check::Path("/f".into())])),
         v(T, "host-case-and-port-route", "RFC 9110 §4.2.3 (host is case-insensitive); docs/routing.md (port ignored)", host(b"A.Test:8080"))
@@ -1163,22 +1098,14 @@ fn host_target() -> Vec<Vector> {
             get("http://evil.test/f", "Host: a.test\r\n"))
             .or(local(&[400, 404, 421])),
         v(T, "absolute-form-without-host", "RFC 9112 §3.2 (HTTP/1.1 without Host: MUST 400)", get("http://b.test/f", ""))
-            .or(local(&[400]))
-            .gap(
-                "`GET http://b.test/f` without Host: Pingora keeps the target origin-form and \
-                 the gateway routes on the (absent) Host: 404, keep-alive; MUST 400",
-            ),
+            .or(local(&[400])),
         v(T, "absolute-form-unknown", "security notes §2.4 (upstreams come only from config)",
             get("http://evil.test/", "Host: evil.test\r\n"))
             .or(local(&[404, 421])),
         v(T, "absolute-form-userinfo", "RFC 9110 §4.2.4 (userinfo is deprecated; reject)", get("http://u@b.test/f", "Host: b.test\r\n"))
             .or(local(&[400])),
         v(T, "absolute-form-non-http-scheme", "RFC 9112 §3.2.2", get("ftp://b.test/f", "Host: b.test\r\n"))
-            .or(local(&[400]))
-            .gap(
-                "`GET ftp://b.test/f` is accepted: routed on Host b.test and forwarded as `GET \
-                 /f` (200); should be 400",
-            ),
+            .or(local(&[400])),
         v(T, "absolute-form-uppercase", "RFC 3986 §6.2.2.1 (scheme and host are case-insensitive)",
             get("HTTP://B.TEST/f", "Host: b.test\r\n"))
             .or(local(&[400]))
@@ -1187,24 +1114,12 @@ fn host_target() -> Vec<Vector> {
             b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n")
             .or(local(&[400, 405, 501])),
         v(T, "trace-refused", "RFC 9110 §9.3.8; issue #10 (TRACE refused by default)", b"TRACE /f HTTP/1.1\r\nHost: a.test\r\n\r\n")
-            .or(local(&[400, 403, 405, 501]))
-            .gap(
-                "TRACE is forwarded to the origin (200); issue #10 wants it refused by default \
-                 (405)",
-            ),
+            .or(local(&[400, 403, 405, 501])),
         v(T, "asterisk-form-on-get", "RFC 9112 §3.2.4 (only OPTIONS *); HAProxy h1_request_target_validation.vtc",
             get("*", "Host: a.test\r\n"))
-            .or(local(&[400]))
-            .gap(
-                "`GET *` is accepted (normalize_path lets `*` through) and forwarded as `GET *` \
-                 to the site route (200); should be 400",
-            ),
+            .or(local(&[400])),
         v(T, "authority-form-on-get", "RFC 9112 §3.2.3 (only CONNECT)", get("a.test:80", "Host: a.test\r\n"))
-            .or(local(&[400]))
-            .gap(
-                "`GET a.test:80` is accepted: Pingora anchors the non-origin-form target to \
-                 `/`, the gateway routes and forwards `GET /` (200); should be 400",
-            ),
+            .or(local(&[400])),
         v(T, "http10-without-host", "RFC 9112 §3.2 (HTTP/1.0 may omit Host; nothing to route)", b"GET /f HTTP/1.0\r\n\r\n")
             .or(local(&[400, 404])),
     ]
@@ -1407,11 +1322,7 @@ fn paths() -> Vec<Vector> {
         )
         .or(reject(&[400]))
         .or(refused())
-        .or(api("/a%22b"))
-        .gap(
-            "a raw `\"` in the target is forwarded verbatim (`GET /a\"b`, 200): neither \
-             refused nor percent-encoded",
-        ),
+        .or(api("/a%22b")),
         v(
             P,
             "not-origin-form",
@@ -1419,11 +1330,7 @@ fn paths() -> Vec<Vector> {
             get("api/x", "Host: a.test\r\n"),
         )
         .or(reject(&[400]))
-        .or(refused())
-        .gap(
-            "`GET api/x` is accepted: Pingora anchors the target to `/`, the gateway routes \
-             and forwards `GET /` (200); should be 400",
-        ),
+        .or(refused()),
     ]
 }
 
@@ -1441,15 +1348,7 @@ fn headers() -> Vec<Vector> {
             Check::Host("a.test"),
             Check::Path("/f".into()),
         ]))
-        .or(local(&[400]))
-        .gap(
-            "`Connection: host` makes hop-by-hop stripping REMOVE Host before routing: the \
-             request leaves its host's route for the host-less catch-all and reaches the \
-             origin with `Host: any.internal` (200), a route-confusion bypass of \
-             host-specific routes and their filters. With a catch-all without \
-             upstream_host the origin gets an HTTP/1.1 request with NO Host at all; \
-             without a catch-all it is 404. Host must survive (or 400)",
-        ),
+        .or(local(&[400])),
         v(
             H,
             "connection-names-request-id",
@@ -1545,19 +1444,14 @@ fn headers() -> Vec<Vector> {
             "issue #10 (client X-Forwarded-* replaced); traefik#11267",
             g("X-Forwarded-Prefix: /admin\r\n"),
         )
-        .or(forward(vec![Check::Absent("x-forwarded-prefix")]))
-        .gap(
-            "client `X-Forwarded-Prefix: /admin` from an untrusted peer is forwarded (200): \
-             only X-Forwarded-For/Proto/Host, Forwarded and X-Real-IP are dropped",
-        ),
+        .or(forward(vec![Check::Absent("x-forwarded-prefix")])),
         v(
             H,
             "x-forwarded-port",
             "issue #10 (client X-Forwarded-* replaced)",
             g("X-Forwarded-Port: 443\r\n"),
         )
-        .or(forward(vec![Check::Absent("x-forwarded-port")]))
-        .gap("client `X-Forwarded-Port: 443` from an untrusted peer is forwarded (200)"),
+        .or(forward(vec![Check::Absent("x-forwarded-port")])),
         v(
             H,
             "x-forwarded-scheme-ssl",
@@ -1567,11 +1461,7 @@ fn headers() -> Vec<Vector> {
         .or(forward(vec![
             Check::Absent("x-forwarded-scheme"),
             Check::Absent("x-forwarded-ssl"),
-        ]))
-        .gap(
-            "client `X-Forwarded-Scheme: https` and `X-Forwarded-Ssl: on` are forwarded \
-             (200)",
-        ),
+        ])),
         v(
             H,
             "x-forwarded-host-does-not-route",
@@ -1589,8 +1479,7 @@ fn headers() -> Vec<Vector> {
             g("X_Custom: v\r\n"),
         )
         .or(forward(vec![Check::Absent("x_custom")]))
-        .or(local(&[400]))
-        .gap("`X_Custom: v` is forwarded (200): headers with underscores are not dropped"),
+        .or(local(&[400])),
         v(
             H,
             "underscore-xff-dropped",
@@ -1601,12 +1490,7 @@ fn headers() -> Vec<Vector> {
             Check::Absent("x_forwarded_for"),
             Check::Header("x-forwarded-for", "127.0.0.1"),
         ]))
-        .or(local(&[400]))
-        .gap(
-            "`X_Forwarded_For: 6.6.6.6` is forwarded next to the gateway's \
-             `x-forwarded-for: 127.0.0.1` (200): a backend mapping `_` to `-` (CGI \
-             `HTTP_X_FORWARDED_FOR`) can take the spoofed one",
-        ),
+        .or(local(&[400])),
     ]
 }
 

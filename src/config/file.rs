@@ -159,6 +159,29 @@ pub struct ServerSection {
     /// changed (a Kubernetes ConfigMap or Secret update). Default: off.
     #[serde(deserialize_with = "de_opt_duration")]
     pub reload_on_change: Option<Duration>,
+    /// Longest request line (method, target, version) before 414. Default 8KiB.
+    #[serde(deserialize_with = "de_size")]
+    pub max_request_line: u64,
+    /// Largest header section (names and values) before 431. Default 64KiB.
+    #[serde(deserialize_with = "de_size")]
+    pub max_header_size: u64,
+    /// Most header fields before 431. Default 100.
+    pub max_header_count: usize,
+    /// Header fields with `_` in their name. Default `drop`.
+    pub underscore_headers: UnderscoreHeaders,
+}
+
+/// `server.underscore_headers`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoreHeaders {
+    /// Remove them before anything sees the request.
+    #[default]
+    Drop,
+    /// Forward them.
+    Keep,
+    /// Answer 400.
+    Reject,
 }
 
 impl Default for ServerSection {
@@ -174,6 +197,10 @@ impl Default for ServerSection {
             log_level: "info".into(),
             http2: Http2Section::default(),
             reload_on_change: None,
+            max_request_line: 8 << 10,
+            max_header_size: 64 << 10,
+            max_header_count: 100,
+            underscore_headers: UnderscoreHeaders::Drop,
         }
     }
 }

@@ -21,7 +21,9 @@ use regex::Regex;
 use crate::filters::{Filter, FilterRegistry};
 pub use crate::upstream::breaker::BreakerSettings;
 pub use error::{ConfigError, ConfigErrors};
-pub use file::{AccessLogFormat, Balance, FailureKind, HealthCheckKind, UpstreamProtocol};
+pub use file::{
+    AccessLogFormat, Balance, FailureKind, HealthCheckKind, UnderscoreHeaders, UpstreamProtocol,
+};
 pub use validate::{MAX_POOL_SIZE, MAX_RETRIES, MAX_WEIGHT};
 
 /// One client-facing listener.
@@ -189,6 +191,21 @@ pub struct ServerSettings {
     pub http2: Http2Settings,
     /// Poll the configuration's files and reload on a change.
     pub reload_on_change: Option<Duration>,
+    /// Request head limits (414/431).
+    pub head: HeadLimits,
+    /// Header fields with `_` in their name.
+    pub underscore_headers: UnderscoreHeaders,
+}
+
+/// Request head limits, checked before routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// Request line bytes (414 above).
+    pub max_request_line: usize,
+    /// Header section bytes (431 above).
+    pub max_header_size: usize,
+    /// Header fields (431 above).
+    pub max_header_count: usize,
 }
 
 /// One upstream group after validation.

@@ -19,8 +19,9 @@ use super::file::{
 };
 use super::{
     AccessLogConfig, AdminConfig, BackendConfig, BreakerSettings, CacheConfig, Config, ConfigError,
-    Discovery, FailurePolicy, HashKey, HealthCheck, HostPattern, Http2Settings, ListenerConfig,
-    ListenerTls, PathMatch, RetryPolicy, RouteCache, RouteConfig, ServerSettings, UpstreamConfig,
+    Discovery, FailurePolicy, HashKey, HeadLimits, HealthCheck, HostPattern, Http2Settings,
+    ListenerConfig, ListenerTls, PathMatch, RetryPolicy, RouteCache, RouteConfig, ServerSettings,
+    UpstreamConfig,
 };
 
 /// Highest accepted backend weight.
@@ -247,6 +248,34 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
         downstream_keepalive_timeout: s.downstream_keepalive_timeout,
         log_level: s.log_level.clone(),
         http2: http2_settings(&s.http2, errs),
+        head: {
+            let mut size = |key: &str, v: u64, min: u64, max: u64| {
+                if !(min..=max).contains(&v) {
+                    errs.push(
+                        format!("server.{key}"),
+                        format!("{v} bytes is outside {min}..={max}"),
+                    );
+                }
+                v.clamp(min, max) as usize
+            };
+            HeadLimits {
+                max_request_line: size("max_request_line", s.max_request_line, 256, 64 << 10),
+                max_header_size: size("max_header_size", s.max_header_size, 1 << 10, 1 << 20),
+                max_header_count: if (1..=256).contains(&s.max_header_count) {
+                    s.max_header_count
+                } else {
+                    errs.push(
+                        "server.max_header_count",
+                        format!(
+                            "{} is outside 1..=256 (Pingora refuses more than 256 fields)",
+                            s.max_header_count
+                        ),
+                    );
+                    100
+                },
+            }
+        },
+        underscore_headers: s.underscore_headers,
         reload_on_change: match s.reload_on_change {
             Some(d) if d < std::time::Duration::from_millis(100) => {
                 errs.push(

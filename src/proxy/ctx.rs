@@ -31,6 +31,8 @@ pub struct RequestCtx {
     pub tls: bool,
     /// The client sent `TE: trailers` (forwarded to HTTP/2 upstreams, as gRPC needs).
     pub te_trailers: bool,
+    /// A header name had an underscore and `server.underscore_headers` is `reject`.
+    pub underscore_refused: bool,
     /// Upstream attempts so far (connects, and Pingora's retries of stale pooled connections).
     pub attempts: usize,
     /// Retries on another backend so far (counted against `retries.attempts`).

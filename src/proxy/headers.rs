@@ -14,13 +14,19 @@ const HOP_BY_HOP: [&str; 5] = [
     "upgrade",
 ];
 
-/// Forwarding fields a client must not be able to forge: dropped from untrusted peers.
-pub const FORWARDING: [&str; 5] = [
+/// Forwarding fields a client must not be able to forge: dropped from untrusted peers
+/// (the last five are read by common frameworks to build URLs and decide on HTTPS).
+pub const FORWARDING: [&str; 10] = [
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
     "forwarded",
     "x-real-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-forwarded-server",
 ];
 
 /// Is this a WebSocket handshake that may be tunnelled (HTTP/1.1, `Upgrade: websocket`,
@@ -98,8 +104,13 @@ pub fn strip_response(resp: &mut ResponseHeader) {
 fn nominated<'a>(values: impl Iterator<Item = &'a http::HeaderValue>) -> Vec<HeaderName> {
     connection_tokens(values)
         .filter_map(|t| HeaderName::from_bytes(t.to_ascii_lowercase().as_bytes()).ok())
-        // Framing belongs to Pingora: a client naming it in `Connection` changes nothing.
-        .filter(|n| n != http::header::CONTENT_LENGTH && n != http::header::TRANSFER_ENCODING)
+        // Framing belongs to Pingora, and Host to routing: a client naming them in
+        // `Connection` changes nothing (`Connection: host` would route past host rules).
+        .filter(|n| {
+            n != http::header::CONTENT_LENGTH
+                && n != http::header::TRANSFER_ENCODING
+                && n != http::header::HOST
+        })
         .collect()
 }
 

@@ -21,6 +21,7 @@ mod ctx;
 pub mod error;
 mod filter_chain;
 pub mod headers;
+mod hygiene;
 mod observe;
 pub mod request_id;
 mod resilience;
@@ -109,6 +110,7 @@ impl ProxyHttp for Gateway {
         if !client.trusted {
             headers::drop_forwarding(req);
         }
+        ctx.underscore_refused = !hygiene::underscores(req, state.config.server.underscore_headers);
         ctx.client = Some(client);
         ctx.state = Some(state);
         Ok(())
@@ -116,6 +118,20 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let state = Arc::clone(ctx.state());
+        // What Pingora's parser lets through but a gateway must not (tests/conformance.rs).
+        let refused = hygiene::check(session.req_header(), &state.config.server.head).err();
+        let refused = refused.or(ctx.underscore_refused.then_some(hygiene::Refusal {
+            status: 400,
+            message: "header field name with an underscore",
+            close: false,
+        }));
+        if let Some(r) = refused {
+            if r.close {
+                session.set_keepalive(None);
+            }
+            error::respond_with(session, r.status, r.message, &ctx.request_id, &[]).await?;
+            return Ok(true);
+        }
         // One normalised path for routing, filters and the upstream (see routing::normalize).
         let normalized = match normalize_path(session.req_header().uri.path()) {
             Ok(Cow::Borrowed(_)) => None,

@@ -168,8 +168,11 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.admin != new.admin {
         out.push("admin");
     }
+    // Settings read per request (or by the logger) reload like the rest.
     let comparable = |s: &ServerSettings| ServerSettings {
         log_level: String::new(),
+        head: new.server.head,
+        underscore_headers: new.server.underscore_headers,
         ..s.clone()
     };
     if comparable(&old.server) != comparable(&new.server) {
