@@ -44,8 +44,8 @@ RUN apt-get update \
 COPY --from=builder /build/target/release/tollgate /usr/local/bin/tollgate
 COPY conf/container.yaml /etc/tollgate/tollgate.yaml
 USER ${UID}:${UID}
-# 8080: traffic; 9901: admin (health, readiness, metrics).
-EXPOSE 8080 9901
+# 8080: traffic; 9901: admin (health, readiness, metrics); 8443: TLS, when configured.
+EXPOSE 8080 8443 9901
 # SIGTERM drains (readiness off, grace_period, then graceful_shutdown_timeout).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/tollgate"]

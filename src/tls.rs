@@ -177,12 +177,19 @@ fn private_key(key: &'static str, path: &str) -> Result<PrivateKeyDer<'static>, 
 /// The chain and key as a rustls signing identity, the key checked against the leaf.
 fn certified_key(
     files: (&'static str, &str, &'static str, &str),
-) -> Result<(CertifiedKey, Vec<CertificateDer<'static>>), FileError> {
+) -> Result<
+    (
+        CertifiedKey,
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+    ),
+    FileError,
+> {
     let (cert_key, cert, key_key, key) = files;
     let chain = certificates(cert_key, cert)?;
     let private = private_key(key_key, key)?;
-    CertifiedKey::from_der(chain.clone(), private, &provider())
-        .map(|c| (c, chain))
+    CertifiedKey::from_der(chain.clone(), private.clone_key(), &provider())
+        .map(|c| (c, chain, private))
         .map_err(|e| match e {
             RusTlsError::InconsistentKeys(_) => err(
                 key_key,
@@ -243,7 +250,7 @@ pub fn cert_store(
     let mut default = None;
     let mut summary = Vec::new();
     for (i, e) in entries.iter().enumerate() {
-        let (certified, chain) = match certified_key(("cert", e.cert, "key", e.key)) {
+        let (certified, chain, _) = match certified_key(("cert", e.cert, "key", e.key)) {
             Ok(c) => c,
             Err(fe) => {
                 errors.push((i, fe));
@@ -381,27 +388,25 @@ pub fn upstream_tls(f: &UpstreamTlsFiles<'_>) -> Result<UpstreamTls, Vec<FileErr
     let mut errors = Vec::new();
     let mut h = DefaultHasher::new();
     (f.sni, f.verify, f.verify_hostname).hash(&mut h);
-    let ca = match f.ca_file {
+    // Every file is read once: traffic, health checks and the fingerprint see the same bytes.
+    let ca_certs = match f.ca_file.map(|path| certificates("ca_file", path)) {
+        Some(Ok(certs)) => Some(certs),
+        Some(Err(e)) => {
+            errors.push(e);
+            None
+        }
         None => None,
-        Some(path) => match certificates("ca_file", path) {
-            Ok(certs) => {
-                for c in &certs {
-                    c.as_ref().hash(&mut h);
-                }
-                Some(
-                    certs
-                        .into_iter()
-                        .map(|c| WrappedX509::new(c.to_vec(), parse_x509))
-                        .collect::<Vec<_>>()
-                        .into(),
-                )
-            }
-            Err(e) => {
-                errors.push(e);
-                None
-            }
-        },
     };
+    let ca: Option<Arc<[WrappedX509]>> = ca_certs.as_ref().map(|certs| {
+        for c in certs {
+            c.as_ref().hash(&mut h);
+        }
+        certs
+            .iter()
+            .map(|c| WrappedX509::new(c.to_vec(), parse_x509))
+            .collect::<Vec<_>>()
+            .into()
+    });
     let mut identity = None;
     let client = match (f.client_cert, f.client_key) {
         (None, None) => None,
@@ -414,19 +419,15 @@ pub fn upstream_tls(f: &UpstreamTlsFiles<'_>) -> Result<UpstreamTls, Vec<FileErr
             None
         }
         (Some(cert), Some(key)) => match certified_key(("client_cert", cert, "client_key", key)) {
-            Ok((_, chain)) => {
-                let key_der = private_key("client_key", key)
-                    .map(|k| k.secret_der().to_vec())
-                    .unwrap_or_default();
-                identity = Some(chain.clone());
+            Ok((_, chain, private)) => {
+                let key_der = private.secret_der().to_vec();
                 for c in &chain {
                     c.as_ref().hash(&mut h);
                 }
                 key_der.hash(&mut h);
-                Some(Arc::new(CertKey::new(
-                    chain.iter().map(|c| c.to_vec()).collect(),
-                    key_der,
-                )))
+                let certkey = CertKey::new(chain.iter().map(|c| c.to_vec()).collect(), key_der);
+                identity = Some((chain, private));
+                Some(Arc::new(certkey))
             }
             Err(e) => {
                 errors.push(e);
@@ -437,7 +438,7 @@ pub fn upstream_tls(f: &UpstreamTlsFiles<'_>) -> Result<UpstreamTls, Vec<FileErr
     if !errors.is_empty() {
         return Err(errors);
     }
-    let client_config = client_config(f, identity).map_err(|e| vec![e])?;
+    let client_config = client_config(f, ca_certs, identity).map_err(|e| vec![e])?;
     Ok(UpstreamTls {
         client_config,
         sni: f.sni.map(str::to_string),
@@ -455,16 +456,20 @@ pub fn upstream_tls(f: &UpstreamTlsFiles<'_>) -> Result<UpstreamTls, Vec<FileErr
 /// A rustls client configuration with an upstream's trust settings and client identity.
 fn client_config(
     f: &UpstreamTlsFiles<'_>,
-    identity: Option<Vec<CertificateDer<'static>>>,
+    ca: Option<Vec<CertificateDer<'static>>>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<Arc<rustls::ClientConfig>, FileError> {
     let provider = provider();
     let mut roots = rustls::RootCertStore::empty();
-    match f.ca_file {
-        Some(path) => {
-            for c in certificates("ca_file", path)? {
-                roots
-                    .add(c)
-                    .map_err(|e| err("ca_file", format!("{path}: unusable CA ({e})")))?;
+    match ca {
+        Some(certs) => {
+            for c in certs {
+                roots.add(c).map_err(|e| {
+                    err(
+                        "ca_file",
+                        format!("{}: unusable CA ({e})", f.ca_file.unwrap_or_default()),
+                    )
+                })?;
             }
         }
         None => {
@@ -506,14 +511,11 @@ fn client_config(
                 .with_custom_certificate_verifier(Arc::new(lenient(Some(webpki))))
         }
     };
-    let config = match (identity, f.client_key) {
-        (Some(chain), Some(key)) => {
-            let key = private_key("client_key", key)?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| err("client_key", e.to_string()))?
-        }
-        _ => builder.with_no_client_auth(),
+    let config = match identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| err("client_key", e.to_string()))?,
+        None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
 }

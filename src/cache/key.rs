@@ -48,11 +48,17 @@ fn normalise_authority(host: &str, default_port: u16) -> String {
 }
 
 /// The key for a request on a caching route; `host` is the client's Host (or target authority).
-pub fn for_request(req: &RequestHeader, host: &str) -> CacheKey {
+pub fn for_request(req: &RequestHeader, host: &str, tls: bool) -> CacheKey {
+    let scheme = if tls { "https" } else { "http" };
     CacheKey::new(
-        primary("http", host, req.uri.path(), req.uri.query()),
+        primary(scheme, host, req.uri.path(), req.uri.query()),
         String::new(),
     )
+}
+
+/// The keys of one URL under both schemes (purge and invalidation remove both).
+pub fn both_schemes(host: &str, path: &str, query: Option<&str>) -> [CacheKey; 2] {
+    ["http", "https"].map(|scheme| CacheKey::new(primary(scheme, host, path, query), String::new()))
 }
 
 /// The variance of a request: the route's key headers plus the headers `vary` names.
@@ -135,6 +141,7 @@ pub fn vary_names(headers: &http::HeaderMap) -> Option<Vec<HeaderName>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora::cache::key::CacheHashKey;
 
     #[test]
     fn primary_keys_frame_their_parts_and_normalise_the_host() {
@@ -152,6 +159,23 @@ mod tests {
         assert_ne!(k("h", "/a", Some("b")), k("h", "/a?", Some("b")));
         assert_ne!(k("h", "/a", Some("")), k("h", "/a", None));
         assert_eq!(k("[::1]", "/", None), k("[::1]:80", "/", None));
+    }
+
+    #[test]
+    fn plain_and_tls_requests_never_share_a_key() {
+        // A backend may answer http with a redirect to https: that must not be served on TLS.
+        let req = RequestHeader::build("GET", b"/p?q=1", None).unwrap();
+        let plain = for_request(&req, "a.test", false);
+        let tls = for_request(&req, "a.test", true);
+        assert_ne!(plain.primary_bin(), tls.primary_bin());
+        // Default ports follow the scheme: https://a.test is https://a.test:443.
+        assert_eq!(
+            tls.primary_bin(),
+            for_request(&req, "a.test:443", true).primary_bin()
+        );
+        let both = both_schemes("a.test", "/p", Some("q=1"));
+        assert_eq!(both[0].primary_bin(), plain.primary_bin());
+        assert_eq!(both[1].primary_bin(), tls.primary_bin());
     }
 
     #[test]

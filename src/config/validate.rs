@@ -13,9 +13,9 @@ use crate::tls::{CertificateFiles, UpstreamTls, UpstreamTlsFiles};
 
 use super::file::{
     AdminSection, Balance, BreakerSection, CacheSection, DEFAULT_READ_BUFFER, DiscoverySection,
-    FileConfig, HealthCheckSection, Http2Section, ListenerTlsSection, RetriesSection, RetryMethods,
-    RouteCacheSection, RouteSection, UnknownSni, UpstreamProtocol, UpstreamSection,
-    UpstreamTlsSection,
+    FileConfig, HealthCheckKind, HealthCheckSection, Http2Section, ListenerTlsSection,
+    RetriesSection, RetryMethods, RouteCacheSection, RouteSection, UnknownSni, UpstreamProtocol,
+    UpstreamSection, UpstreamTlsSection,
 };
 use super::{
     AccessLogConfig, AdminConfig, BackendConfig, BreakerSettings, CacheConfig, Config, ConfigError,
@@ -550,6 +550,17 @@ fn upstream(name: &str, u: &UpstreamSection, errs: &mut Errors) -> Option<Upstre
             format!("{path}.protocol"),
             "auto negotiates HTTP/2 through TLS ALPN: add tls:, or use http2 (prior knowledge) or http1",
         ),
+        (UpstreamProtocol::Http2, _)
+            if u
+                .health_check
+                .as_ref()
+                .is_some_and(|h| h.kind == HealthCheckKind::Http) =>
+        {
+            errs.push(
+                format!("{path}.health_check.kind"),
+                "http health checks speak HTTP/1.1, which an HTTP/2-only backend refuses: use kind: tcp, or protocol: auto",
+            )
+        }
         _ if u.h2_max_streams == 0 => errs.push(
             format!("{path}.h2_max_streams"),
             "must be at least 1",

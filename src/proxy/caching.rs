@@ -10,7 +10,6 @@ use pingora::prelude::*;
 use super::RequestCtx;
 use crate::cache::{self, key, policy};
 use crate::config::RouteCache;
-use crate::upstream::breaker::Outcome;
 
 /// The name of the response header saying what the cache did.
 pub const STATUS_HEADER: &str = "x-cache-status";
@@ -110,13 +109,18 @@ pub fn enable(session: &mut Session, ctx: &mut RequestCtx) {
         method,
         http::Method::POST | http::Method::PUT | http::Method::PATCH | http::Method::DELETE
     ) {
-        ctx.invalidate = Some(key::for_request(session.req_header(), host(session, ctx)));
+        let req = session.req_header();
+        ctx.invalidate = Some(key::both_schemes(
+            host(session, ctx),
+            req.uri.path(),
+            req.uri.query(),
+        ));
     }
 }
 
 /// `cache_key_callback`.
 pub fn key(session: &Session, ctx: &RequestCtx) -> CacheKey {
-    key::for_request(session.req_header(), host(session, ctx))
+    key::for_request(session.req_header(), host(session, ctx), ctx.tls)
 }
 
 /// `response_cache_filter`.
@@ -142,14 +146,8 @@ pub fn serve_stale(ctx: &mut RequestCtx, error: Option<&Error>) -> bool {
     // (the attempt ignores a second record).
     if let Some(e) = error
         && let ErrorType::HTTPStatus(status) = e.etype()
-        && let (Some(upstream), Some(attempt)) = (ctx.upstream.as_ref(), ctx.attempt.as_mut())
     {
-        let failed = upstream.config.failure.statuses.contains(status);
-        attempt.finish(if failed {
-            Outcome::Failure
-        } else {
-            Outcome::Success
-        });
+        super::resilience::record_status(ctx, *status);
     }
     error.is_none_or(|e| *e.esource() != ErrorSource::Downstream)
 }
@@ -166,13 +164,15 @@ pub fn status(session: &Session, ctx: &mut RequestCtx, resp: &mut ResponseHeader
 
 /// `logging`: an unsafe request that succeeded invalidates its URL.
 pub fn finish(session: &Session, ctx: &mut RequestCtx) {
-    let Some(key) = ctx.invalidate.take() else {
+    let Some(keys) = ctx.invalidate.take() else {
         return;
     };
     let ok = session
         .response_written()
         .is_some_and(|r| r.status.is_success() || r.status.is_redirection());
     if ok && let Some(cache) = cache::get() {
-        cache.purge(&key);
+        for key in &keys {
+            cache.purge(key);
+        }
     }
 }

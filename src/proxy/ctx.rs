@@ -33,6 +33,8 @@ pub struct RequestCtx {
     pub te_trailers: bool,
     /// A header name had an underscore and `server.underscore_headers` is `reject`.
     pub underscore_refused: bool,
+    /// Why the head is refused, if it is (`proxy::hygiene`).
+    pub refusal: Option<super::hygiene::Refusal>,
     /// Upstream attempts so far (connects, and Pingora's retries of stale pooled connections).
     pub attempts: usize,
     /// Retries on another backend so far (counted against `retries.attempts`).
@@ -61,8 +63,9 @@ pub struct RequestCtx {
     pub filter_state: http::Extensions,
     /// `X-Cache-Status` of a caching route's response (`HIT`, `MISS`, …).
     pub cache_status: Option<super::caching::CacheStatus>,
-    /// An unsafe request on a caching route: the key to invalidate if it succeeds.
-    pub invalidate: Option<pingora::cache::CacheKey>,
+    /// An unsafe request on a caching route: the keys (both schemes) to invalidate if it
+    /// succeeds.
+    pub invalidate: Option<[pingora::cache::CacheKey; 2]>,
 }
 
 impl RequestCtx {

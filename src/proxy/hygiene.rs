@@ -28,16 +28,16 @@ const fn refuse(status: u16, message: &'static str, close: bool) -> Refusal {
     }
 }
 
-/// Check a request head; `Ok` if it may be routed.
+/// Check a request head as the client sent it (before any header is removed); `Ok` if it may
+/// be routed.
 pub fn check(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Refusal> {
     head_size(req, limits)?;
     framing(&req.headers)?;
-    host(req)?;
-    target(req)?;
     if req.method == Method::TRACE || req.method == Method::CONNECT {
         return Err(refuse(405, "method not allowed", false));
     }
-    Ok(())
+    host(req)?;
+    target(req)
 }
 
 fn head_size(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Refusal> {
@@ -174,6 +174,31 @@ fn target(req: &RequestHeader) -> Result<(), Refusal> {
         return Err(refuse(400, "invalid request target", false));
     }
     Ok(())
+}
+
+/// HTTP/2 clients may send `Cookie` as one field per cookie (RFC 9113 §8.2.3): join them into
+/// one `; `-separated field, as an HTTP/1 upstream must receive it. Allocates only then.
+pub fn join_cookie_crumbs(req: &mut RequestHeader) {
+    if req.version != Version::HTTP_2
+        || req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .nth(1)
+            .is_none()
+    {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in req.headers.get_all(http::header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = http::HeaderValue::from_bytes(&joined) {
+        let _ = req.insert_header(http::header::COOKIE, v);
+    }
 }
 
 /// What to do with header fields whose name has an underscore (`X_Forwarded_For`): backends
@@ -313,6 +338,23 @@ mod tests {
         assert_eq!(status(&req("OPTIONS", b"*", &[("host", "a")])), None);
         assert_eq!(status(&req("GET", b"http://a/x", &[("host", "a")])), None);
         assert_eq!(status(&req("TRACE", b"/", &[("host", "a")])), Some(405));
+        assert_eq!(
+            status(&req("CONNECT", b"a.test:443", &[("host", "a")])),
+            Some(405)
+        );
+    }
+
+    #[test]
+    fn cookie_crumbs_are_joined_for_http2_only() {
+        let crumbs = [("host", "a"), ("cookie", "a=1"), ("cookie", "b=2")];
+        let mut h2 = req("GET", b"/", &crumbs);
+        h2.set_version(Version::HTTP_2);
+        join_cookie_crumbs(&mut h2);
+        let got: Vec<_> = h2.headers.get_all("cookie").iter().collect();
+        assert_eq!(got, ["a=1; b=2"]);
+        let mut h1 = req("GET", b"/", &crumbs);
+        join_cookie_crumbs(&mut h1);
+        assert_eq!(h1.headers.get_all("cookie").iter().count(), 2);
     }
 
     #[test]

@@ -105,6 +105,10 @@ impl ProxyHttp for Gateway {
         {
             req.insert_header(http::header::HOST, host)?;
         }
+        // The head as sent is what the limits and framing checks judge (answered in
+        // request_filter): stripping must not make an oversized head fit.
+        ctx.refusal = hygiene::check(req, &state.config.server.head).err();
+        hygiene::join_cookie_crumbs(req);
         ctx.te_trailers = headers::wants_trailers(req);
         headers::strip_request(req);
         if !client.trusted {
@@ -118,13 +122,15 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let state = Arc::clone(ctx.state());
-        // What Pingora's parser lets through but a gateway must not (tests/conformance.rs).
-        let refused = hygiene::check(session.req_header(), &state.config.server.head).err();
-        let refused = refused.or(ctx.underscore_refused.then_some(hygiene::Refusal {
-            status: 400,
-            message: "header field name with an underscore",
-            close: false,
-        }));
+        // What Pingora's parser lets through but a gateway must not (tests/conformance.rs),
+        // judged in early_request_filter.
+        let refused = ctx
+            .refusal
+            .or(ctx.underscore_refused.then_some(hygiene::Refusal {
+                status: 400,
+                message: "header field name with an underscore",
+                close: false,
+            }));
         if let Some(r) = refused {
             if r.close {
                 session.set_keepalive(None);

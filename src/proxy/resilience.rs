@@ -172,19 +172,11 @@ pub fn response_received(
     ctx: &mut RequestCtx,
     resp: &ResponseHeader,
 ) -> Result<()> {
-    let (Some(upstream), Some(attempt)) = (ctx.upstream.clone(), ctx.attempt.as_mut()) else {
+    let status = resp.status.as_u16();
+    record_status(ctx, status);
+    let (Some(upstream), Some(attempt)) = (ctx.upstream.clone(), ctx.attempt.as_ref()) else {
         return Ok(());
     };
-    let status = resp.status.as_u16();
-    let f = &upstream.config.failure;
-    let took = attempt.started.elapsed();
-    ctx.upstream_time = Some(took);
-    let slow = f.slow_call.is_some_and(|t| took > t);
-    attempt.finish(if f.statuses.contains(&status) || slow {
-        Outcome::Failure
-    } else {
-        Outcome::Success
-    });
     let policy = &upstream.config.retry;
     let mut excluded = ctx.excluded.clone();
     excluded.push(attempt.backend().addr);
@@ -204,6 +196,23 @@ pub fn response_received(
         return Err(e);
     }
     Ok(())
+}
+
+/// The attempt's outcome from the backend's status (and how long it took), for the breaker;
+/// also the request's upstream time. Recorded once per attempt.
+pub fn record_status(ctx: &mut RequestCtx, status: u16) {
+    let (Some(upstream), Some(attempt)) = (ctx.upstream.as_ref(), ctx.attempt.as_mut()) else {
+        return;
+    };
+    let f = &upstream.config.failure;
+    let took = attempt.started.elapsed();
+    ctx.upstream_time = Some(took);
+    let slow = f.slow_call.is_some_and(|t| took > t);
+    attempt.finish(if f.statuses.contains(&status) || slow {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    });
 }
 
 /// May this request be sent again? Idempotent (or all methods allowed), and the body fit the

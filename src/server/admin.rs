@@ -221,19 +221,17 @@ async fn purge(session: &mut ServerSession) -> Response<Vec<u8>> {
     let Ok(uri) = url.parse::<http::Uri>() else {
         return bad("url is not a URL");
     };
-    let (Some(authority), Some("http")) = (uri.authority(), uri.scheme_str()) else {
-        return bad("url needs http:// and a host");
+    let (Some(authority), Some("http" | "https")) = (uri.authority(), uri.scheme_str()) else {
+        return bad("url needs http:// or https:// and a host");
     };
     // The cache keys the normalised path, as routing sees it.
     let path = match crate::routing::normalize_path(uri.path()) {
         Ok(p) => p.into_owned(),
         Err(e) => return bad(e.as_str()),
     };
-    let key = pingora::cache::CacheKey::new(
-        crate::cache::key::primary("http", authority.as_str(), &path, uri.query()),
-        String::new(),
-    );
-    let purged = crate::cache::get().map_or(0, |c| c.purge(&key));
+    // Both schemes: the same URL served on a plain and a TLS listener is one resource.
+    let keys = crate::cache::key::both_schemes(authority.as_str(), &path, uri.query());
+    let purged = crate::cache::get().map_or(0, |c| keys.iter().map(|k| c.purge(k)).sum());
     json_response(200, &json!({"purged": purged}))
 }
 

@@ -102,10 +102,12 @@ impl Reloader {
     pub fn reload(&self) -> Result<(), String> {
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let m = metrics();
+        // Taken before the attempt, so a file that changes while it runs is a change for the
+        // next check (a new configuration naming other files costs one more, idle, reload).
+        // After a failure a bad file is reported once and retried when the files change again.
+        let before = self.files_fingerprint();
         let outcome = self.try_reload();
-        // What the attempt read (or, if it failed, what is still in force): a bad file is
-        // reported once and retried when the files change again.
-        self.seen.store(self.files_fingerprint(), Ordering::Relaxed);
+        self.seen.store(before, Ordering::Relaxed);
         match outcome {
             Ok(()) => {
                 m.reloads.with_label_values(&["success"]).inc();

@@ -132,7 +132,7 @@ def test_image_metadata(image):
     info = json.loads(podman("image", "inspect", image).stdout)[0]
     cfg = info["Config"]
     assert cfg["User"] == "10001:10001"
-    assert set(cfg["ExposedPorts"]) == {"8080/tcp", "9901/tcp"}
+    assert set(cfg["ExposedPorts"]) == {"8080/tcp", "8443/tcp", "9901/tcp"}
     assert cfg["Entrypoint"] == ["/usr/local/bin/tollgate"]
     assert cfg["Cmd"] == ["-c", "/etc/tollgate/tollgate.yaml"]
     size = info["Size"]
