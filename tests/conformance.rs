@@ -2305,3 +2305,63 @@ fn path_normalisation() {
 fn header_hygiene() {
     run_class(Class::Headers);
 }
+
+/// Hundreds of slow clients (slowloris: a head trickled a few bytes at a time, and bodies that
+/// stall) hold connections open, but a normal client is still served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_do_not_starve_a_normal_one() {
+    use tokio::io::AsyncWriteExt;
+    let up = common::Upstream::start().await;
+    let gw = common::TestGateway::start(&format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes: [{{ name: r, upstream: u }}]\n",
+        up.addr
+    ));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut slow = Vec::new();
+    for i in 0..300u32 {
+        let addr = gw.addr;
+        let stop = std::sync::Arc::clone(&stop);
+        slow.push(tokio::spawn(async move {
+            let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+                return;
+            };
+            // Half trickle a head, half send a head promising a body that never comes.
+            let head: &[u8] = if i % 2 == 0 {
+                b"GET /slow HTTP/1.1\r\nHost: a.test\r\nX-Slow: "
+            } else {
+                b"POST /slow HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100000\r\n\r\nab"
+            };
+            let _ = s.write_all(head).await;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if i % 2 == 0 && s.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Normal requests, each on a new connection, while the 300 slow ones are open.
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let (status, _) = common::get(&gw.url("/fast")).await;
+        assert_eq!(status, 200);
+        worst = worst.max(t.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in slow {
+        let _ = h.await;
+    }
+    eprintln!("slowest of 20 normal requests beside 300 slow clients: {worst:?}");
+    assert!(
+        worst < Duration::from_secs(1),
+        "a normal request took {worst:?} beside 300 slow clients"
+    );
+    let fast = up
+        .received()
+        .iter()
+        .filter(|r| r.head.starts_with(b"GET /fast "))
+        .count();
+    assert_eq!(fast, 20);
+}
