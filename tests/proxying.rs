@@ -463,3 +463,42 @@ async fn websocket_works_without_connection_reuse() {
         Message::Text("ping".into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscore_headers_are_dropped_kept_or_refused_as_configured() {
+    let up = Upstream::start().await;
+    let send = |gw: &TestGateway| {
+        let url = gw.url("/u");
+        async move {
+            client()
+                .get(url)
+                .header("x_user", "mallory")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let drop = TestGateway::start(&one_route(&up.addr, "", ""));
+    assert_eq!(send(&drop).await, 200);
+    assert!(
+        !head_text(&up.last()).contains("x_user"),
+        "dropped by default"
+    );
+    let keep = GatewayConfig::new(one_route(&up.addr, "", ""))
+        .server("underscore_headers: keep")
+        .start();
+    assert_eq!(send(&keep).await, 200);
+    assert!(head_text(&up.last()).contains("x_user: mallory"));
+    let before = up.count();
+    let reject = GatewayConfig::new(one_route(&up.addr, "", ""))
+        .server("underscore_headers: reject")
+        .start();
+    assert_eq!(send(&reject).await, 400);
+    assert_eq!(
+        up.count(),
+        before,
+        "a refused request never reaches the upstream"
+    );
+}

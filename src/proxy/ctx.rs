@@ -31,8 +31,6 @@ pub struct RequestCtx {
     pub tls: bool,
     /// The client sent `TE: trailers` (forwarded to HTTP/2 upstreams, as gRPC needs).
     pub te_trailers: bool,
-    /// A header name had an underscore and `server.underscore_headers` is `reject`.
-    pub underscore_refused: bool,
     /// Why the head is refused, if it is (`proxy::hygiene`).
     pub refusal: Option<super::hygiene::Refusal>,
     /// Upstream attempts so far (connects, and Pingora's retries of stale pooled connections).

@@ -20,6 +20,9 @@ pub struct Refusal {
     pub close: bool,
 }
 
+/// A header name with an underscore under `server.underscore_headers: reject`.
+pub const UNDERSCORE_REFUSED: Refusal = refuse(400, "header field name with an underscore", false);
+
 const fn refuse(status: u16, message: &'static str, close: bool) -> Refusal {
     Refusal {
         status,

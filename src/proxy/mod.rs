@@ -114,7 +114,9 @@ impl ProxyHttp for Gateway {
         if !client.trusted {
             headers::drop_forwarding(req);
         }
-        ctx.underscore_refused = !hygiene::underscores(req, state.config.server.underscore_headers);
+        if !hygiene::underscores(req, state.config.server.underscore_headers) {
+            ctx.refusal = ctx.refusal.or(Some(hygiene::UNDERSCORE_REFUSED));
+        }
         ctx.client = Some(client);
         ctx.state = Some(state);
         Ok(())
@@ -124,14 +126,7 @@ impl ProxyHttp for Gateway {
         let state = Arc::clone(ctx.state());
         // What Pingora's parser lets through but a gateway must not (tests/conformance.rs),
         // judged in early_request_filter.
-        let refused = ctx
-            .refusal
-            .or(ctx.underscore_refused.then_some(hygiene::Refusal {
-                status: 400,
-                message: "header field name with an underscore",
-                close: false,
-            }));
-        if let Some(r) = refused {
+        if let Some(r) = ctx.refusal {
             if r.close {
                 session.set_keepalive(None);
             }
@@ -330,10 +325,16 @@ impl ProxyHttp for Gateway {
         // Cloned, not taken: a retry runs this filter again on a fresh copy of the request.
         let path = match &ctx.forwarded_path {
             Some(p) => Some(p.clone()),
-            None if absolute => upstream_request
-                .uri
-                .path_and_query()
-                .map(|pq| pq.as_str().to_string()),
+            None if absolute => {
+                // Every HTTP/2 request comes here: reuse the parsed path and query (a cheap
+                // clone of shared bytes) instead of formatting and parsing it again.
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = upstream_request.uri.path_and_query().cloned();
+                if let Ok(uri) = http::Uri::from_parts(parts) {
+                    upstream_request.set_uri(uri);
+                }
+                None
+            }
             None => None,
         };
         if let Some(path) = path {
