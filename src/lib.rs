@@ -33,6 +33,7 @@ pub mod runtime;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod wire;
 
 pub use config::Config;
 pub use proxy::Gateway;

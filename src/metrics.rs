@@ -60,6 +60,12 @@ pub struct Metrics {
     pub cache_lookups: IntCounterVec,
     /// `tollgate_rate_limit_backend_errors_total`: Redis failures (request let through or 503).
     pub rate_limit_backend_errors: IntCounter,
+    /// `tollgate_protocol_refusals_total{status}`: requests refused by the connection guard
+    /// before Pingora parsed them (malformed framing, head limits, the head deadline).
+    pub protocol_refusals: IntCounterVec,
+    /// `tollgate_connections_refused_total{limit}`: connections closed at accept by
+    /// `server.max_connections` (`global`) or `server.max_connections_per_ip` (`per_ip`).
+    pub connections_refused: IntCounterVec,
 }
 
 /// The process-wide metrics, registered on first use.
@@ -196,6 +202,26 @@ pub fn metrics() -> &'static Metrics {
                     "Rate-limit backend (Redis) failures.",
                 ),
             ),
+            protocol_refusals: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tollgate_protocol_refusals_total",
+                        "Requests refused by the connection guard before parsing, by status.",
+                    ),
+                    &["status"],
+                ),
+            ),
+            connections_refused: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tollgate_connections_refused_total",
+                        "Connections closed at accept by a connection limit.",
+                    ),
+                    &["limit"],
+                ),
+            ),
         };
         let build = reg(
             r,
@@ -239,6 +265,18 @@ pub fn method_label(m: &http::Method) -> &'static str {
         "CONNECT" => "CONNECT",
         "TRACE" => "TRACE",
         _ => "OTHER",
+    }
+}
+
+/// A status code as a label value (the codes the connection guard answers; others `other`).
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        400 => "400",
+        408 => "408",
+        414 => "414",
+        431 => "431",
+        505 => "505",
+        _ => "other",
     }
 }
 

@@ -162,6 +162,10 @@ impl Vector {
         self.requests = n;
         self
     }
+    #[expect(
+        dead_code,
+        reason = "every gap found so far is closed; kept for the next one (see the module docs)"
+    )]
     fn gap(mut self, why: &'static str) -> Self {
         self.known_gap = Some(why);
         self
@@ -696,32 +700,18 @@ fn chunked() -> Vec<Vector> {
         v(C, "chunk-size-leading-space", "RFC 9112 §7.1", te(b" 5\r\nhello\r\n0\r\n\r\n"))
             .or(reject_body(&[400])),
         v(C, "chunk-size-empty", "RFC 9112 §7.1", te(b"\r\nhello\r\n0\r\n\r\n"))
-            .or(reject_body(&[400]))
-            .gap(
-                "an empty chunk-size line is taken as the last chunk (size 0): the following \
-                 `hello`, `0` lines are swallowed as trailer lines; 200, the origin gets the \
-                 request with an EMPTY body (the data is silently lost), connection kept open",
-            ),
+            .or(reject_body(&[400])),
         v(C, "chunk-size-not-hex", "RFC 9112 §7.1; llhttp 'Invalid character in chunk size'", te(b"g\r\nhello\r\n0\r\n\r\n"))
             .or(reject_body(&[400])),
         v(C, "chunk-size-bare-lf", "RFC 9112 §7.1 (chunk lines end in CRLF); llhttp 'Expected LF after chunk size'",
             te(b"5\nhello\r\n0\r\n\r\n"))
             .or(reject_body(&[400])),
         v(C, "chunk-ext-bare-lf", "RFC 9112 §7.1.1; HTTP Garden / TERM.EXT class", te(b"5;a\nb\r\nhello\r\n0\r\n\r\n"))
-            .or(reject_body(&[400]))
-            .gap(
-                "httparse accepts any byte but CR in a chunk extension: `5;a<LF>b` gives 200, \
-                 the body is forwarded re-framed (`5 CRLF hello`, extension dropped), \
-                 connection kept open; contained by Pingora's re-framing, not rejected",
-            ),
+            .or(reject_body(&[400])),
         v(C, "chunk-ext-bare-cr", "RFC 9112 §7.1.1, §2.2; HTTP Garden (`\\r` in chunk-ext)", te(b"5;a\rb\r\nhello\r\n0\r\n\r\n"))
             .or(reject_body(&[400])),
         v(C, "chunk-ext-nul", "RFC 9112 §7.1.1", te(b"5;a\0\r\nhello\r\n0\r\n\r\n"))
-            .or(reject_body(&[400]))
-            .gap(
-                "a NUL in a chunk extension is accepted (httparse): 200, body forwarded \
-                 re-framed without the extension, connection kept open; not rejected",
-            ),
+            .or(reject_body(&[400])),
         v(C, "chunk-ext-overlong", "RFC 9112 §7.1.1 (limit extension length)", te(&overlong_ext))
             .or(reject_body(&[400, 413, 431])),
         v(C, "chunk-data-no-crlf", "RFC 9112 §7.1 (chunk-data CRLF)", te(b"5\r\nhelloXX0\r\n\r\n"))
@@ -870,12 +860,7 @@ fn syntax() -> Vec<Vector> {
             b"GET  /f HTTP/1.1\r\nHost: a.test\r\n\r\n",
         )
         .or(reject(&[400]))
-        .or(forward(vec![Check::Path("/f".into())]))
-        .gap(
-            "`GET  /f HTTP/1.1` is escaped and accepted by Pingora, whose target then has \
-             no leading `/` and becomes Uri `/`: the gateway routes and forwards `GET /` \
-             (the target is replaced by `/`), 200. Should be 400 (or parse `/f`)",
-        ),
+        .or(forward(vec![Check::Path("/f".into())])),
         v(
             S,
             "request-line-trailing-space",
@@ -982,19 +967,14 @@ fn limits() -> Vec<Vector> {
             "RFC 9110 §15.5.15 (414)",
             get_a(&long_target(64 * 1024)),
         )
-        .or(refuse(&[414]))
-        .gap(
-            "400 + close (the http crate's Uri length limit fails RequestHeader::build, \
-             Pingora answers InvalidHTTPHeader), not 414",
-        ),
+        .or(refuse(&[414])),
         v(
             L,
             "request-line-200k",
             "RFC 9110 §15.5.15 (414)",
             get_a(&long_target(200 * 1024)),
         )
-        .or(refuse(&[414]))
-        .gap("400 + close (http crate Uri length limit), not 414"),
+        .or(refuse(&[414])),
         v(
             L,
             "method-10k",
@@ -1045,11 +1025,7 @@ fn limits() -> Vec<Vector> {
             "RFC 6585 §5 (431)",
             get("/f", &format!("Host: a.test\r\n{}", many(1000, 12))),
         )
-        .or(refuse(&[431]))
-        .gap(
-            "400 + close (httparse TooManyHeaders above Pingora's MAX_HEADERS = 256), not \
-             431",
-        ),
+        .or(refuse(&[431])),
     ]
 }
 
@@ -1275,12 +1251,7 @@ fn paths() -> Vec<Vector> {
             "RFC 9112 §3.2 (no fragment in request-target); Envoy CVE-2021-32779",
             get_a("/api/x#frag"),
         )
-        .or(refused())
-        .gap(
-            "Pingora strips the fragment: `/api/x#frag` is routed and forwarded as `/x` \
-             (200); consistent, but RFC 9112 §3.2 has no fragment in a request-target: 400 \
-             expected",
-        ),
+        .or(refused()),
         v(
             P,
             "encoded-lf",

@@ -169,6 +169,19 @@ pub struct ServerSection {
     pub max_header_count: usize,
     /// Header fields with `_` in their name. Default `drop`.
     pub underscore_headers: UnderscoreHeaders,
+    /// A request head (request line and fields) must arrive within this long of its first
+    /// byte (of the connection, for its first request), else 408 and close. Default 15s.
+    #[serde(deserialize_with = "de_duration")]
+    pub request_head_timeout: Duration,
+    /// Close a request whose body sends nothing for this long. Default 60s.
+    #[serde(deserialize_with = "de_duration")]
+    pub body_idle_timeout: Duration,
+    /// Most open client connections; more are answered 503 and closed. Default: half the
+    /// process's file-descriptor limit, less 256.
+    pub max_connections: Option<usize>,
+    /// Most open client connections from one address (`trusted_proxies` are exempt).
+    /// Default 4096.
+    pub max_connections_per_ip: usize,
 }
 
 /// `server.underscore_headers`.
@@ -201,6 +214,10 @@ impl Default for ServerSection {
             max_header_size: 64 << 10,
             max_header_count: 100,
             underscore_headers: UnderscoreHeaders::Drop,
+            request_head_timeout: Duration::from_secs(15),
+            body_idle_timeout: Duration::from_secs(60),
+            max_connections: None,
+            max_connections_per_ip: 4096,
         }
     }
 }

@@ -195,6 +195,21 @@ pub struct ServerSettings {
     pub head: HeadLimits,
     /// Header fields with `_` in their name.
     pub underscore_headers: UnderscoreHeaders,
+    /// Client connection caps and timeouts.
+    pub connections: ConnectionLimits,
+}
+
+/// Client connection caps and timeouts (`server.max_connections…`, `…_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Time for a request head to arrive (408 after).
+    pub request_head_timeout: Duration,
+    /// Longest silence inside a request body.
+    pub body_idle_timeout: Duration,
+    /// Most open connections; `None`: from the file-descriptor limit.
+    pub max: Option<usize>,
+    /// Most open connections from one address.
+    pub max_per_ip: usize,
 }
 
 /// Request head limits, checked before routing.

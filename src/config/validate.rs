@@ -14,14 +14,14 @@ use crate::tls::{CertificateFiles, UpstreamTls, UpstreamTlsFiles};
 use super::file::{
     AdminSection, Balance, BreakerSection, CacheSection, DEFAULT_READ_BUFFER, DiscoverySection,
     FileConfig, HealthCheckKind, HealthCheckSection, Http2Section, ListenerTlsSection,
-    RetriesSection, RetryMethods, RouteCacheSection, RouteSection, UnknownSni, UpstreamProtocol,
-    UpstreamSection, UpstreamTlsSection,
+    RetriesSection, RetryMethods, RouteCacheSection, RouteSection, ServerSection, UnknownSni,
+    UpstreamProtocol, UpstreamSection, UpstreamTlsSection,
 };
 use super::{
     AccessLogConfig, AdminConfig, BackendConfig, BreakerSettings, CacheConfig, Config, ConfigError,
-    Discovery, FailurePolicy, HashKey, HeadLimits, HealthCheck, HostPattern, Http2Settings,
-    ListenerConfig, ListenerTls, PathMatch, RetryPolicy, RouteCache, RouteConfig, ServerSettings,
-    UpstreamConfig,
+    ConnectionLimits, Discovery, FailurePolicy, HashKey, HeadLimits, HealthCheck, HostPattern,
+    Http2Settings, ListenerConfig, ListenerTls, PathMatch, RetryPolicy, RouteCache, RouteConfig,
+    ServerSettings, UpstreamConfig,
 };
 
 /// Highest accepted backend weight.
@@ -276,6 +276,7 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
             }
         },
         underscore_headers: s.underscore_headers,
+        connections: connection_limits(s, errs),
         reload_on_change: match s.reload_on_change {
             Some(d) if d < std::time::Duration::from_millis(100) => {
                 errs.push(
@@ -286,6 +287,33 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
             }
             other => other,
         },
+    }
+}
+
+/// `server.request_head_timeout`, `body_idle_timeout`, `max_connections`, `…_per_ip`.
+fn connection_limits(s: &ServerSection, errs: &mut Errors) -> ConnectionLimits {
+    for (key, d) in [
+        ("request_head_timeout", s.request_head_timeout),
+        ("body_idle_timeout", s.body_idle_timeout),
+    ] {
+        if d.is_zero() {
+            errs.push(format!("server.{key}"), "must be greater than 0s");
+        }
+    }
+    if s.max_connections == Some(0) {
+        errs.push(
+            "server.max_connections",
+            "must be at least 1 (omit it for the default)",
+        );
+    }
+    if s.max_connections_per_ip == 0 {
+        errs.push("server.max_connections_per_ip", "must be at least 1");
+    }
+    ConnectionLimits {
+        request_head_timeout: s.request_head_timeout,
+        body_idle_timeout: s.body_idle_timeout,
+        max: s.max_connections,
+        max_per_ip: s.max_connections_per_ip,
     }
 }
 

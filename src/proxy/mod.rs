@@ -40,6 +40,7 @@ use pingora::upstreams::peer::HttpPeer;
 use crate::config::{HashKey, UpstreamProtocol};
 use crate::routing::{RouteMatch, forwarded_path, normalize_host, normalize_path};
 use crate::runtime::RuntimeState;
+use crate::wire::GuardedStream;
 pub use ctx::RequestCtx;
 
 /// The gateway: one per process, reading the current [`RuntimeState`].
@@ -95,6 +96,9 @@ impl ProxyHttp for Gateway {
                 .max(1);
             session.set_keepalive(Some(secs));
         }
+        // Per read: a body that sends nothing this long ends the request (and the head
+        // deadline of the next one is the connection guard's).
+        session.set_read_timeout(Some(state.config.server.connections.body_idle_timeout));
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let req = session.req_header_mut();
         // HTTP/2 has no Host, only `:authority` (the URI's): make it the Host the rest of the
@@ -404,6 +408,11 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         caching::finish(session, ctx);
         observe::finish(session, e, ctx);
+        // The connection guard may answer a refusal of the next head only once this response
+        // is complete.
+        if let Some(guard) = session.as_downstream().stream().and_then(GuardedStream::of) {
+            guard.response_done();
+        }
     }
 
     fn persist_connection_context(

@@ -20,9 +20,11 @@ use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{DEFAULT_L4_WRITE_BUFFER_SIZE, L4BufferSettings, ListenerConfig};
 use pingora::prelude::*;
 use pingora::protocols::http::v2::server::{H2Options, default_h2_options};
+use pingora::proxy::HttpProxy;
 use pingora::server::RunArgs;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::services::background::background_service;
+use pingora::services::listening::Service;
 use pingora::tls::ResolvesServerCert;
 
 use crate::config::MAX_RETRIES;
@@ -30,6 +32,7 @@ use crate::config::{Config, Http2Settings};
 use crate::filters::FilterRegistry;
 use crate::proxy::Gateway;
 use crate::runtime::RuntimeState;
+use crate::wire::{Admission, Guarded};
 use admin::Admin;
 use background::Background;
 use control::{Control, Lifecycle};
@@ -107,7 +110,10 @@ pub fn build(
     let lifecycle = Arc::new(Lifecycle::default());
 
     // h2c is a setting of the whole proxy service in Pingora, so h2c listeners get a service
-    // of their own (with its own upstream connection pool) when there are any.
+    // of their own (with its own upstream connection pool) when there are any. Both count
+    // against the same connection caps.
+    let admission = Arc::new(Admission::default());
+    let auto_max = crate::wire::admission::fd_budget();
     for h2c in [false, true] {
         let mine: Vec<_> = listeners
             .iter()
@@ -122,16 +128,21 @@ pub fn build(
         } else {
             "tollgate proxy"
         };
-        let mut proxy = pingora::proxy::http_proxy_service_with_name(
-            &server.configuration,
+        let mut app = HttpProxy::new(
             Gateway::new(Arc::clone(&state)),
-            name,
+            Arc::clone(&server.configuration),
         );
-        let app = proxy
-            .app_logic_mut()
-            .expect("a new service has its application");
+        app.handle_init_modules();
         app.server_options = Some(server_options(&http2, h2c));
         app.h2_options = Some(h2_options(&http2));
+        let guarded = Guarded::new(
+            app,
+            Arc::clone(&state),
+            Arc::clone(&admission),
+            auto_max,
+            h2c,
+        );
+        let mut proxy = Service::new(name.to_string(), guarded);
         for (l, resolver) in mine {
             proxy.add_listener(listener_endpoint(l, resolver.as_ref()));
         }

@@ -1,0 +1,334 @@
+//! The connection guard through the real gateway: the head deadline (slowloris → 408), the body
+//! idle timeout, the connection caps, and what must keep working behind it (keep-alive idling,
+//! WebSockets).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{GatewayConfig, Upstream};
+
+fn one_route(up: SocketAddr) -> String {
+    format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{up}\" }}] }} }}\nroutes: [{{ name: r, upstream: u }}]\n"
+    )
+}
+
+/// Everything the gateway sends on `s` until it closes (or `limit` passes: then `None`).
+fn read_to_close(s: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(out),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// One complete response on a kept-alive connection (a `Content-Length` body).
+fn read_response(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).expect("a response");
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if out.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+fn status(response: &[u8]) -> &str {
+    std::str::from_utf8(&response[..response.len().min(12)]).unwrap_or("?")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_head_is_answered_408_and_closed() {
+    let up = Upstream::start().await;
+    let gw = GatewayConfig::new(one_route(up.addr))
+        .server("request_head_timeout: 1s")
+        .start();
+    let addr = gw.addr;
+    let (trickled, silent) = tokio::task::spawn_blocking(move || {
+        // Slowloris: a byte every 150 ms never completes the head.
+        let mut s = TcpStream::connect(addr).unwrap();
+        let t = Instant::now();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: a.test\r\nX-Slow: ")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(150)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while t.elapsed() < Duration::from_secs(5) {
+            if s.write_all(b"x").is_err() {
+                break;
+            }
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => break,
+            }
+        }
+        let trickled = (got, t.elapsed());
+        // A connection that sends nothing at all.
+        let mut s = TcpStream::connect(addr).unwrap();
+        let t = Instant::now();
+        let silent = (read_to_close(&mut s, Duration::from_secs(5)), t.elapsed());
+        (trickled, silent)
+    })
+    .await
+    .unwrap();
+
+    let (got, took) = trickled;
+    assert_eq!(
+        status(&got),
+        "HTTP/1.1 408",
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(String::from_utf8_lossy(&got).contains("connection: close"));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let (got, took) = silent;
+    let got = got.expect("closed");
+    assert_eq!(
+        status(&got),
+        "HTTP/1.1 408",
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(up.received().is_empty(), "the origin saw a request");
+    let m = gw.metrics().await;
+    assert_eq!(
+        common::metric(&m, "tollgate_protocol_refusals_total{status=\"408\"}"),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_keep_alive_connection_is_not_a_slow_head() {
+    let up = Upstream::start().await;
+    let gw = GatewayConfig::new(one_route(up.addr))
+        .server("request_head_timeout: 500ms\ndownstream_keepalive_timeout: 10s")
+        .start();
+    let addr = gw.addr;
+    let (first, second) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .unwrap();
+        let first = read_response(&mut s);
+        // Idle past the head deadline; an empty line between requests is not a head either.
+        std::thread::sleep(Duration::from_millis(700));
+        s.write_all(b"\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        s.write_all(b"GET /two HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .unwrap();
+        (first, read_response(&mut s))
+    })
+    .await
+    .unwrap();
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert_eq!(up.received().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_body_ends_the_request() {
+    let up = Upstream::start().await;
+    let gw = GatewayConfig::new(one_route(up.addr))
+        .server("body_idle_timeout: 1s")
+        .start();
+    let addr = gw.addr;
+    let (got, took) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100\r\n\r\nab")
+            .unwrap();
+        let t = Instant::now();
+        (read_to_close(&mut s, Duration::from_secs(10)), t.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(got.is_some(), "still open after 10 s");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // Whatever the origin saw, it never saw a complete body.
+    assert!(up.received().iter().all(|r| r.body_len < 100));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_over_the_per_address_cap_get_503() {
+    let up = Upstream::start().await;
+    let gw = GatewayConfig::new(one_route(up.addr))
+        .server("max_connections_per_ip: 3")
+        .start();
+    let addr = gw.addr;
+    let (statuses, refused, after, retries_refused) = tokio::task::spawn_blocking(move || {
+        let mut open: Vec<TcpStream> = (0..3)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                    .unwrap();
+                s
+            })
+            .collect();
+        let statuses: Vec<String> = open
+            .iter_mut()
+            .map(|s| read_response(s)[..12].to_string())
+            .collect();
+        let mut fourth = TcpStream::connect(addr).unwrap();
+        let refused = read_to_close(&mut fourth, Duration::from_secs(5)).expect("closed");
+        // A freed place is taken again.
+        drop(open.pop());
+        // (The gateway notices the close a moment later: until then, 503 again.)
+        let t = Instant::now();
+        let mut retries_refused = 0;
+        let after = loop {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let r = read_to_close(&mut s, Duration::from_secs(5)).unwrap_or_default();
+            if status(&r) == "HTTP/1.1 200" || t.elapsed() > Duration::from_secs(5) {
+                break r;
+            }
+            retries_refused += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (statuses, refused, after, retries_refused)
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, vec!["HTTP/1.1 200"; 3]);
+    let text = String::from_utf8_lossy(&refused);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(
+        text.contains("retry-after: 1") && text.contains("too many connections from this address"),
+        "{text}"
+    );
+    assert_eq!(status(&after), "HTTP/1.1 200");
+    let m = gw.metrics().await;
+    assert_eq!(
+        common::metric(&m, "tollgate_connections_refused_total{limit=\"per_ip\"}"),
+        1.0 + f64::from(retries_refused)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trusted_proxies_are_exempt_from_the_address_cap_not_the_global_one() {
+    let up = Upstream::start().await;
+    let body = format!(
+        "trusted_proxies: [\"127.0.0.1/32\"]\n{}",
+        one_route(up.addr)
+    );
+    let gw = GatewayConfig::new(body)
+        .server("max_connections_per_ip: 1\nmax_connections: 2")
+        .start();
+    let addr = gw.addr;
+    let (statuses, refused) = tokio::task::spawn_blocking(move || {
+        let mut open: Vec<TcpStream> = (0..2)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                    .unwrap();
+                s
+            })
+            .collect();
+        let statuses: Vec<String> = open
+            .iter_mut()
+            .map(|s| read_response(s)[..12].to_string())
+            .collect();
+        let mut third = TcpStream::connect(addr).unwrap();
+        (
+            statuses,
+            read_to_close(&mut third, Duration::from_secs(5)).expect("closed"),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, vec!["HTTP/1.1 200"; 2]);
+    let text = String::from_utf8_lossy(&refused);
+    assert!(
+        text.starts_with("HTTP/1.1 503") && text.contains("\"too many connections\""),
+        "{text}"
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        common::metric(&m, "tollgate_connections_refused_total{limit=\"global\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_head_never_reaches_pingora_or_the_origin() {
+    // One refusal per class the guard owns; each is answered by the guard itself and closed.
+    let up = Upstream::start().await;
+    let gw = GatewayConfig::new(one_route(up.addr)).start();
+    let addr = gw.addr;
+    let cases: Vec<(&[u8], &str)> = vec![
+        (b"GET  /f HTTP/1.1\r\nHost: a.test\r\n\r\n", "HTTP/1.1 400"),
+        (b"GET /f HTTP/2.0\r\nHost: a.test\r\n\r\n", "HTTP/1.1 505"),
+        (b"POST /f HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n5;a\x00\r\nhello\r\n0\r\n\r\n", "HTTP/1.1 400"),
+    ];
+    let results = tokio::task::spawn_blocking(move || {
+        cases
+            .into_iter()
+            .map(|(req, want)| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(req).unwrap();
+                (
+                    read_to_close(&mut s, Duration::from_secs(5)).expect("closed"),
+                    want,
+                )
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for (got, want) in results {
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(status(&got), want, "{text}");
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        let json = common::error_json(body);
+        assert!(
+            json["error"].is_string()
+                && json["request_id"].as_str().is_some_and(|id| id.len() == 32),
+            "{body}"
+        );
+    }
+    assert!(up.received().iter().all(|r| r.body_len == 0));
+    let m = gw.metrics().await;
+    assert!(common::metric(&m, "tollgate_protocol_refusals_total{status=\"400\"}") >= 2.0);
+    assert_eq!(
+        common::metric(&m, "tollgate_protocol_refusals_total{status=\"505\"}"),
+        1.0
+    );
+}
