@@ -280,6 +280,11 @@ impl Framing {
                     }
                 }
                 _ => {
+                    let run = self.plain_run(&data[i..])?;
+                    if run > 0 {
+                        i += run;
+                        continue;
+                    }
                     let b = data[i];
                     i += 1;
                     if self.phase() == Phase::Head {
@@ -298,6 +303,37 @@ impl Framing {
             used: i,
             complete: false,
         })
+    }
+
+    /// The fast path: a run of plain bytes in a target or in a value that decides nothing,
+    /// taken at once. Returns how many (0: judge the next byte alone).
+    fn plain_run(&mut self, data: &[u8]) -> Result<usize, Violation> {
+        let run = match self.state {
+            State::Target if self.target_len > 0 || data[0] != b'*' => {
+                let run = run_of(data, TARGET);
+                if run == 0 {
+                    return Ok(0);
+                }
+                self.line += run;
+                if self.line > self.limits.max_request_line {
+                    return Err(Violation {
+                        status: 414,
+                        reason: "request line too long",
+                    });
+                }
+                self.target_len += run;
+                self.target_star = false;
+                run
+            }
+            State::Value if self.field == Field::Other => {
+                let run = run_of(data, FIELD);
+                self.grow_section(run)?;
+                run
+            }
+            _ => 0,
+        };
+        self.head += run;
+        Ok(run)
     }
 
     /// One byte of a head, a chunk line or a trailer; `true` when the message ended with it.
@@ -734,14 +770,57 @@ impl Framing {
     }
 }
 
+/// Byte classes, looked up per byte of a head.
+const TCHAR: u8 = 1;
+const FIELD: u8 = 2;
+const TARGET: u8 = 4;
+
+const CLASSES: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        let mut class = 0;
+        if c.is_ascii_alphanumeric() {
+            class |= TCHAR;
+        }
+        let mut i = 0;
+        let specials = b"!#$%&'*+-.^_`|~";
+        while i < specials.len() {
+            if specials[i] == c {
+                class |= TCHAR;
+            }
+            i += 1;
+        }
+        // field-vchar, SP and HTAB (obs-text allowed, no CTL, no DEL).
+        if c == b'\t' || (c >= 0x20 && c <= 0x7e) || c >= 0x80 {
+            class |= FIELD;
+        }
+        // What a request target may hold as is: visible ASCII but `#`.
+        if c >= 0x21 && c <= 0x7e && c != b'#' {
+            class |= TARGET;
+        }
+        t[b] = class;
+        b += 1;
+    }
+    t
+};
+
 /// RFC 9110 `tchar`.
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    CLASSES[usize::from(b)] & TCHAR != 0
 }
 
 /// `field-vchar`, SP and HTAB (obs-text allowed, no CTL, no DEL).
 fn is_field_byte(b: u8) -> bool {
-    b == b'\t' || (0x20..=0x7e).contains(&b) || b >= 0x80
+    CLASSES[usize::from(b)] & FIELD != 0
+}
+
+/// The length of the run at the start of `data` whose bytes are all of `class`.
+fn run_of(data: &[u8], class: u8) -> usize {
+    data.iter()
+        .position(|&b| CLASSES[usize::from(b)] & class == 0)
+        .unwrap_or(data.len())
 }
 
 fn hex(b: u8) -> Option<u8> {
