@@ -57,6 +57,23 @@ fn read_response(s: &mut TcpStream) -> String {
     }
 }
 
+/// `n` connections, each with one answered request and kept open; their status lines.
+fn kept_open(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, Vec<String>) {
+    let mut open: Vec<TcpStream> = (0..n)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    let statuses = open
+        .iter_mut()
+        .map(|s| read_response(s)[..12].to_string())
+        .collect();
+    (open, statuses)
+}
+
 fn status(response: &[u8]) -> &str {
     std::str::from_utf8(&response[..response.len().min(12)]).unwrap_or("?")
 }
@@ -193,18 +210,7 @@ async fn connections_over_the_per_address_cap_get_503() {
         .start();
     let addr = gw.addr;
     let (statuses, refused, after, retries_refused) = tokio::task::spawn_blocking(move || {
-        let mut open: Vec<TcpStream> = (0..3)
-            .map(|_| {
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
-                    .unwrap();
-                s
-            })
-            .collect();
-        let statuses: Vec<String> = open
-            .iter_mut()
-            .map(|s| read_response(s)[..12].to_string())
-            .collect();
+        let (mut open, statuses) = kept_open(addr, 3);
         let mut fourth = TcpStream::connect(addr).unwrap();
         let refused = read_to_close(&mut fourth, Duration::from_secs(5)).expect("closed");
         // A freed place is taken again.
@@ -254,18 +260,7 @@ async fn trusted_proxies_are_exempt_from_the_address_cap_not_the_global_one() {
         .start();
     let addr = gw.addr;
     let (statuses, refused) = tokio::task::spawn_blocking(move || {
-        let mut open: Vec<TcpStream> = (0..2)
-            .map(|_| {
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
-                    .unwrap();
-                s
-            })
-            .collect();
-        let statuses: Vec<String> = open
-            .iter_mut()
-            .map(|s| read_response(s)[..12].to_string())
-            .collect();
+        let (_open, statuses) = kept_open(addr, 2);
         let mut third = TcpStream::connect(addr).unwrap();
         (
             statuses,
