@@ -300,6 +300,14 @@ fn connection_limits(s: &ServerSection, errs: &mut Errors) -> ConnectionLimits {
             errs.push(format!("server.{key}"), "must be greater than 0s");
         }
     }
+    // Pingora reads a connection's first head under its fixed 60 s read timeout, which would
+    // close it silently before a longer deadline could answer 408.
+    if s.request_head_timeout >= std::time::Duration::from_secs(60) {
+        errs.push(
+            "server.request_head_timeout",
+            "must be below 60s (Pingora's first-read timeout)",
+        );
+    }
     if s.max_connections == Some(0) {
         errs.push(
             "server.max_connections",

@@ -52,12 +52,24 @@ struct Compiled {
     remove: Vec<HeaderName>,
 }
 
+/// A name the filter may edit: not a framing field (the gateway frames messages itself, and
+/// a request's framing is fixed by what the client sent).
+fn editable(n: &str) -> Result<HeaderName, String> {
+    let name = header_name(n)?;
+    if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+        return Err(format!(
+            "{name} is the gateway's to set (message framing), not a filter's"
+        ));
+    }
+    Ok(name)
+}
+
 fn compile(e: &Edits, side: &str) -> Result<Compiled, String> {
     let values =
         |m: &BTreeMap<String, String>, op: &str| -> Result<Vec<(HeaderName, Value)>, String> {
             m.iter()
                 .map(|(n, v)| {
-                    let name = header_name(n).map_err(|e| format!("{side}.{op}: {e}"))?;
+                    let name = editable(n).map_err(|e| format!("{side}.{op}: {e}"))?;
                     let t = Template::parse(v).map_err(|e| format!("{side}.{op}.{n}: {e}"))?;
                     let value = match t.literal() {
                         Some(lit) => Value::Fixed(
@@ -78,7 +90,7 @@ fn compile(e: &Edits, side: &str) -> Result<Compiled, String> {
         remove: e
             .remove
             .iter()
-            .map(|n| header_name(n).map_err(|e| format!("{side}.remove: {e}")))
+            .map(|n| editable(n).map_err(|e| format!("{side}.remove: {e}")))
             .collect::<Result<_, _>>()?,
     })
 }
@@ -180,5 +192,60 @@ struct RenderedResponse(std::collections::HashMap<usize, Vec<Option<HeaderValue>
 impl Headers {
     fn id(&self) -> usize {
         self as *const Headers as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edits(side: &str, op: &str, name: &str) -> HeadersConfig {
+        let one = |n: &str| Edits {
+            set: if op == "set" {
+                [(n.to_string(), "1".to_string())].into()
+            } else {
+                BTreeMap::new()
+            },
+            add: if op == "add" {
+                [(n.to_string(), "1".to_string())].into()
+            } else {
+                BTreeMap::new()
+            },
+            remove: if op == "remove" {
+                vec![n.to_string()]
+            } else {
+                Vec::new()
+            },
+        };
+        HeadersConfig {
+            request: if side == "request" {
+                one(name)
+            } else {
+                Edits::default()
+            },
+            response: if side == "response" {
+                one(name)
+            } else {
+                Edits::default()
+            },
+        }
+    }
+
+    #[test]
+    fn framing_fields_are_not_a_filters_to_edit() {
+        // A request filter changing them would make Pingora frame the body differently from
+        // what the client sent (and the connection guard judged): smuggling.
+        for side in ["request", "response"] {
+            for op in ["set", "add", "remove"] {
+                for name in ["content-length", "Transfer-Encoding"] {
+                    let e = Headers::new(edits(side, op, name)).unwrap_err();
+                    assert!(
+                        e.starts_with(&format!("{side}.{op}: ")) && e.contains("message framing"),
+                        "{e}"
+                    );
+                }
+            }
+        }
+        assert!(Headers::new(edits("request", "set", "x-ok")).is_ok());
     }
 }

@@ -87,11 +87,16 @@ impl ProxyHttp for Gateway {
         ctx.request_id = request_id::pick(session.req_header(), client.trusted);
         // Keep-alive was decided from the client's `Connection` when the head was read;
         // apply our idle timeout only where it stays on, before `Connection` is stripped.
+        // Pingora decides a body's framing the first time it is read, from the head as it is
+        // then: decide it now, from the head as the client sent it (and as the connection
+        // guard framed it), before any filter can edit Content-Length or Transfer-Encoding.
+        session.as_downstream_mut().is_body_empty();
         if session.get_keepalive().is_some() {
-            let secs = state
-                .config
-                .server
-                .downstream_keepalive_timeout
+            // The connection guard closes an idle connection after the keep-alive timeout and
+            // bounds a head by its deadline; Pingora's timeout (which, with heads held back
+            // until complete, would also count the head's transfer) is only the backstop.
+            let c = &state.config.server;
+            let secs = (c.downstream_keepalive_timeout + c.connections.request_head_timeout)
                 .as_secs()
                 .max(1);
             session.set_keepalive(Some(secs));

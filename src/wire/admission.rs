@@ -19,10 +19,10 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora_core::protocols::ALPN;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::framing::Limits;
-use super::stream::GuardedStream;
+use super::stream::{GuardedStream, LINGER, LINGER_BYTES};
 use crate::runtime::RuntimeState;
 
 /// Which cap refused a connection.
@@ -147,7 +147,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let (limits, head_timeout, max, max_per_ip, ip) = {
+        let (limits, head_timeout, keepalive, max, max_per_ip, ip) = {
             let state = self.state.load();
             let s = &state.config.server;
             let ip = stream
@@ -157,7 +157,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
                         .and_then(|a| a.as_inet())
                         .map(|a| crate::runtime::canonical(a.ip()))
                 })
-                .filter(|ip| !state.is_trusted(*ip));
+                .filter(|ip| !state.is_trusted(*ip))
+                .map(address_key);
             let limits = Limits {
                 max_request_line: s.head.max_request_line,
                 max_header_size: s.head.max_header_size,
@@ -168,6 +169,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             (
                 limits,
                 c.request_head_timeout,
+                s.downstream_keepalive_timeout,
                 c.max.unwrap_or(self.auto_max),
                 c.max_per_ip,
                 ip,
@@ -183,7 +185,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         let mut stream = if stream.selected_alpn_proto() == Some(ALPN::H2) {
             stream
         } else {
-            Box::new(GuardedStream::new(stream, limits, head_timeout)) as Stream
+            Box::new(GuardedStream::new(stream, limits, head_timeout, keepalive)) as Stream
         };
         while let Some(reused) = self.inner.process_new(stream, shutdown).await {
             stream = reused;
@@ -225,7 +227,36 @@ async fn refuse(mut stream: Stream, cap: Cap) {
         stream.write_all(&body).await?;
         stream.flush().await
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+    if tokio::time::timeout(Duration::from_secs(1), write)
+        .await
+        .is_ok()
+    {
+        // Read what the client already sent, so closing does not reset the connection before
+        // it reads the answer.
+        let _ = stream.shutdown().await;
+        let mut scratch = [0u8; 2048];
+        let mut drained = 0;
+        let drain = async {
+            while drained < LINGER_BYTES {
+                match stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+}
+
+/// The address a connection counts against for `max_connections_per_ip`: IPv4 addresses as
+/// they are, IPv6 by their /64 (what one host or subscriber line is usually given).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(v6) & !((1u128 << 64) - 1),
+        )),
+    }
 }
 
 /// The default `server.max_connections`: half the file descriptors this process may open
@@ -267,6 +298,18 @@ mod tests {
             (a.open(), a.open_from(ip), a.per_ip.lock().len()),
             (0, 0, 0)
         );
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_key(a), address_key(b));
+        assert_eq!(address_key(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_ne!(address_key(a), address_key(other));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(address_key(v4), v4);
     }
 
     #[test]

@@ -13,9 +13,10 @@
 //! it says, so every rule here is unit-tested byte by byte and fuzzed.
 //!
 //! Decisions that need the parsed head (`Content-Length` lists, other transfer codings, Host)
-//! stay with `proxy::hygiene`, which answers them with the right status; for those requests
-//! this reader goes [`Phase::Opaque`] (hands every later byte through unjudged) because
-//! hygiene closes the connection after its answer.
+//! stay with `proxy::hygiene`, which answers them with the right status and closes; for those
+//! requests this reader goes [`Phase::Opaque`]: the head is handed on, nothing after it ever
+//! is, so a disagreement between the two can only stall that request, never let bytes through
+//! unjudged.
 
 /// What the reader enforces; from `server:` (see docs/configuration.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +65,8 @@ pub enum Phase {
     AwaitUpgrade,
     /// No longer HTTP/1 (a `101` answer or the h2c preface): bytes pass unjudged.
     Tunnel,
-    /// A request whose framing hygiene will refuse (and close after): bytes pass unjudged.
+    /// A request whose framing hygiene refuses (and closes after): its head is handed on, and
+    /// nothing after it ever is (fail closed: if hygiene let it through, its body never comes).
     Opaque,
 }
 
@@ -226,33 +228,43 @@ impl Framing {
         self.phase() == Phase::Head && self.head > 0
     }
 
-    /// The response to an upgrade request was `101`: the connection is a tunnel from here.
+    /// Whether the answer to an upgrade request is awaited (its body may still be coming:
+    /// Pingora tunnels from a `101` on, read or not).
+    pub fn awaiting_answer(&self) -> bool {
+        self.upgrade && matches!(self.phase(), Phase::Body | Phase::AwaitUpgrade)
+    }
+
+    /// The response to an upgrade request was `101`: the connection is a tunnel from here
+    /// (what is left of its body included, as Pingora reads it).
     pub fn upgraded(&mut self) {
-        if self.state == State::AwaitUpgrade {
+        if self.awaiting_answer() {
             self.state = State::Tunnel;
         }
     }
 
-    /// The response to an upgrade request was not `101`: the next request follows.
+    /// The response to an upgrade request was not `101`: the next request follows its body.
     pub fn upgrade_refused(&mut self) {
         if self.state == State::AwaitUpgrade {
             self.state = State::LineStart;
         }
+        self.upgrade = false;
     }
 
-    /// Consume bytes of the request stream. Stops right after a message ends (so the caller
-    /// sees the boundary) and at [`Phase::AwaitUpgrade`] (which consumes nothing).
+    /// Consume bytes of the request stream. Stops right after a head and after a message ends
+    /// (so the caller sees the boundaries); consumes nothing in [`Phase::AwaitUpgrade`] and
+    /// [`Phase::Opaque`]. An error leaves [`Framing::phase`] where it was found (a head or a
+    /// body).
     pub fn feed(&mut self, data: &[u8]) -> Result<Fed, Violation> {
         let mut i = 0;
         while i < data.len() {
             match self.state {
-                State::AwaitUpgrade => {
+                State::AwaitUpgrade | State::Opaque => {
                     return Ok(Fed {
                         used: i,
                         complete: false,
                     });
                 }
-                State::Tunnel | State::Opaque => {
+                State::Tunnel => {
                     return Ok(Fed {
                         used: data.len(),
                         complete: false,
@@ -290,10 +302,18 @@ impl Framing {
                     if self.phase() == Phase::Head {
                         self.head += 1;
                     }
+                    let was_head = self.phase() == Phase::Head;
                     if self.byte(b)? {
                         return Ok(Fed {
                             used: i,
                             complete: self.finish(),
+                        });
+                    }
+                    if was_head && self.phase() != Phase::Head {
+                        // The head ended: stop, so the caller sees where its body starts.
+                        return Ok(Fed {
+                            used: i,
+                            complete: false,
                         });
                     }
                 }
@@ -485,11 +505,15 @@ impl Framing {
                         "invalid byte in a header field value"
                     }));
                 }
-                if self.state == State::Value && self.field != Field::Other {
+                let ows = b == b' ' || b == b'\t';
+                if self.state == State::Value
+                    && self.field != Field::Other
+                    && !(ows && self.value_len == 0)
+                {
                     if self.value_len < VALUE_CAP {
                         self.value[self.value_len] = b;
                         self.value_len += 1;
-                    } else {
+                    } else if !ows {
                         self.value_long = true;
                     }
                 }
@@ -699,7 +723,8 @@ impl Framing {
         let value = trim(&self.value[..self.value_len]);
         match self.field {
             Field::Other => {}
-            Field::Upgrade => self.upgrade = true,
+            // Pingora's test (`is_upgrade_req`): an `Upgrade` field on HTTP/1.1.
+            Field::Upgrade => self.upgrade = &self.version[..self.version_len] == b"HTTP/1.1",
             Field::TransferEncoding => {
                 self.coding = if self.coding == Coding::None
                     && !self.value_long
@@ -844,12 +869,21 @@ fn trim(v: &[u8]) -> &[u8] {
     &v[start..end]
 }
 
-/// Digits only, at most 18 of them (hygiene refuses lists and anything else).
+/// Digits only, leading zeros allowed (as Pingora and hygiene read them), at most 18
+/// significant; anything else is hygiene's to refuse.
 fn content_length(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+    let significant = &v[v.iter().position(|&d| d != b'0').unwrap_or(v.len())..];
+    if significant.len() > 18 {
+        return None;
+    }
+    Some(
+        significant
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
+    )
 }
 
 #[cfg(test)]

@@ -7,17 +7,19 @@
 //! buffered); a body that turns malformed ends in a read error at the exact byte, so Pingora
 //! aborts the upstream request instead of completing it.
 //!
-//! A refusal is answered only when no response is in flight on the connection (otherwise the
-//! answer would land inside it): [`GuardedStream::response_done`], called from the proxy's
-//! `logging` phase, counts the finished ones.
+//! A refusal is answered once no response is in flight on the connection (an answer would
+//! land inside it, and an early close would abort it): [`GuardedStream::response_done`],
+//! called from the proxy's `logging` phase, counts the finished ones.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::task::AtomicWaker;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType,
@@ -36,8 +38,11 @@ const READ_CHUNK: usize = 4096;
 const MAX_HELD_UPGRADE: usize = 64 << 10;
 /// After answering a refusal, read and discard what the client still sends for this long (so
 /// closing with unread data does not reset the connection before the answer is read).
-const LINGER: Duration = Duration::from_secs(1);
-const LINGER_BYTES: usize = 64 << 10;
+pub const LINGER: Duration = Duration::from_secs(1);
+/// And at most this much.
+pub const LINGER_BYTES: usize = 64 << 10;
+/// What Pingora's h2c detection peeks for (its only use of `try_peek`).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The request-stream guard around one client connection.
 #[derive(Debug)]
@@ -50,17 +55,39 @@ pub struct GuardedStream {
     fed: usize,
     ready: usize,
     delivered: usize,
+    /// Where the message being judged starts in `held`.
+    msg_start: usize,
     /// A body turned malformed at the end of what was delivered.
     failed: Option<Violation>,
+    /// A head turned malformed after `held[..ready]`, which is delivered first.
+    violation: Option<Violation>,
     refusal: Option<Refusing>,
     head_timeout: Duration,
+    keepalive: Duration,
+    born: Instant,
     deadline: Pin<Box<Sleep>>,
-    armed: bool,
-    /// Request heads handed to Pingora, and responses it has finished.
+    /// When the head being read must be complete (none: no head is awaited).
+    head_deadline: Option<Instant>,
+    /// Request heads handed to Pingora, and responses it has finished (the last one this long
+    /// after `born`, in nanoseconds).
     heads: u64,
     answered: AtomicU64,
+    answered_at: AtomicU64,
+    /// A reader waiting for the response in flight to finish (to answer a refusal).
+    answered_waker: AtomicWaker,
     /// The reader waiting while an upgrade's answer is unknown.
     parked: Option<Waker>,
+    answer: AnswerWatch,
+}
+
+/// The status line of the answer to an upgrade request, as Pingora writes it.
+#[derive(Debug, Default)]
+struct AnswerWatch {
+    line: [u8; 12],
+    len: usize,
+    /// Inside an interim (1xx) head: skip to its end.
+    skipping: bool,
+    last4: u32,
 }
 
 #[derive(Debug)]
@@ -80,7 +107,7 @@ enum Stage {
     Done,
 }
 
-/// Why a connection was refused, for the metric and the log.
+/// Count a refusal in `tollgate_protocol_refusals_total`.
 pub fn refused_metric(status: u16) {
     crate::metrics::metrics()
         .protocol_refusals
@@ -89,8 +116,15 @@ pub fn refused_metric(status: u16) {
 }
 
 impl GuardedStream {
-    /// Guard `inner`; the first head's deadline starts now.
-    pub fn new(inner: Stream, limits: Limits, head_timeout: Duration) -> GuardedStream {
+    /// Guard `inner`. The first head's deadline starts now; an idle kept-alive connection is
+    /// closed `keepalive` after its last response.
+    pub fn new(
+        inner: Stream,
+        limits: Limits,
+        head_timeout: Duration,
+        keepalive: Duration,
+    ) -> GuardedStream {
+        let born = Instant::now();
         GuardedStream {
             inner,
             framing: Framing::new(limits),
@@ -98,20 +132,30 @@ impl GuardedStream {
             fed: 0,
             ready: 0,
             delivered: 0,
+            msg_start: 0,
             failed: None,
+            violation: None,
             refusal: None,
             head_timeout,
-            deadline: Box::pin(tokio::time::sleep(head_timeout)),
-            armed: true,
+            keepalive,
+            born,
+            deadline: Box::pin(tokio::time::sleep_until(born + head_timeout)),
+            head_deadline: Some(born + head_timeout),
             heads: 0,
             answered: AtomicU64::new(0),
+            answered_at: AtomicU64::new(0),
+            answered_waker: AtomicWaker::new(),
             parked: None,
+            answer: AnswerWatch::default(),
         }
     }
 
     /// Pingora finished a response on this connection (called from the `logging` phase).
     pub fn response_done(&self) {
-        self.answered.fetch_add(1, Ordering::Relaxed);
+        let at = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.answered_at.store(at, Ordering::Relaxed);
+        self.answered.fetch_add(1, Ordering::Release);
+        self.answered_waker.wake();
     }
 
     /// The guard under a Pingora stream, if it is one.
@@ -119,11 +163,13 @@ impl GuardedStream {
         (**stream).as_any().downcast_ref::<GuardedStream>()
     }
 
+    /// No response in flight: a refusal may be answered.
     fn idle(&self) -> bool {
-        self.answered.load(Ordering::Relaxed) >= self.heads
+        self.answered.load(Ordering::Acquire) >= self.heads
     }
 
-    /// Refuse: answer `v` (when no response is in flight) and close.
+    /// Refuse: answer `v` and close, once no response is in flight (closing earlier would
+    /// abort the one in flight: Pingora treats a client's end of stream as an abort).
     fn refuse(&mut self, v: Violation) {
         refused_metric(v.status);
         log::debug!(
@@ -131,11 +177,14 @@ impl GuardedStream {
             v.status,
             v.reason
         );
-        let answer = if self.idle() { answer(v) } else { Vec::new() };
-        self.held = Vec::new();
-        self.fed = 0;
-        self.ready = 0;
-        self.delivered = 0;
+        self.held.truncate(self.ready);
+        self.fed = self.ready;
+        self.violation = Some(v);
+    }
+
+    /// Stop reading requests: write `answer` (if any), then report end of stream.
+    fn close(&mut self, answer: Vec<u8>) {
+        self.clear_held();
         self.refusal = Some(Refusing {
             stage: if answer.is_empty() {
                 Stage::Done
@@ -181,8 +230,8 @@ impl GuardedStream {
                     r.stage = Stage::Linger;
                 }
                 Stage::Linger => {
-                    let mut scratch = [0u8; 2048];
-                    let mut buf = ReadBuf::new(&mut scratch);
+                    let mut scratch = [MaybeUninit::<u8>::uninit(); 2048];
+                    let mut buf = ReadBuf::uninit(&mut scratch);
                     match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
                         Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
                             r.lingered += buf.filled().len();
@@ -207,7 +256,31 @@ impl GuardedStream {
         while self.fed < self.held.len() {
             let was_head = self.framing.phase() == Phase::Head;
             match self.framing.feed(&self.held[self.fed..]) {
-                Err(v) => return self.refuse(v),
+                Err(v)
+                    if self.framing.phase() == Phase::Body && self.delivered <= self.msg_start =>
+                {
+                    // The body is malformed before its head was handed on: refuse the whole
+                    // request (nothing of it reaches Pingora or the origin).
+                    self.heads -= 1;
+                    self.ready = self.msg_start;
+                    self.refuse(v);
+                    break;
+                }
+                Err(v) if self.framing.phase() == Phase::Body => {
+                    // A body turned malformed: what came before it goes first, then a read
+                    // error (Pingora aborts the request and answers 400).
+                    refused_metric(v.status);
+                    log::debug!("refused a request body: {}", v.reason);
+                    self.held.truncate(self.ready);
+                    self.fed = self.ready;
+                    self.failed = Some(v);
+                    break;
+                }
+                Err(v) => {
+                    // What is already judged deliverable (an earlier request) goes first.
+                    self.refuse(v);
+                    break;
+                }
                 Ok(f) => {
                     self.fed += f.used;
                     let phase = self.framing.phase();
@@ -217,8 +290,11 @@ impl GuardedStream {
                     if f.complete || phase != Phase::Head {
                         self.ready = self.fed;
                     }
+                    if f.complete {
+                        self.msg_start = self.fed;
+                    }
                     if f.used == 0 && !f.complete {
-                        break; // waiting for an upgrade's answer
+                        break; // an upgrade's answer awaited, or an opaque request
                     }
                 }
             }
@@ -226,18 +302,24 @@ impl GuardedStream {
         self.arm();
     }
 
-    /// Run the head deadline while a head is partly here, and for a new connection's first
-    /// (which starts at accept); an idle kept-alive connection is the keep-alive timeout's.
+    /// The head deadline runs while a head is partly here, and for a new connection's first
+    /// (from the accept); an idle kept-alive connection has the keep-alive timeout instead.
     fn arm(&mut self) {
         let first = self.heads == 0;
         if self.framing.phase() != Phase::Head || !(first || self.framing.head_started()) {
-            self.armed = false;
-        } else if !self.armed {
-            self.armed = true;
-            self.deadline
-                .as_mut()
-                .reset(Instant::now() + self.head_timeout);
+            self.head_deadline = None;
+        } else if self.head_deadline.is_none() {
+            self.head_deadline = Some(Instant::now() + self.head_timeout);
         }
+    }
+
+    /// Drop everything held (and its memory).
+    fn clear_held(&mut self) {
+        self.held = Vec::new();
+        self.fed = 0;
+        self.ready = 0;
+        self.delivered = 0;
+        self.msg_start = 0;
     }
 
     /// Hand out deliverable held bytes.
@@ -246,10 +328,7 @@ impl GuardedStream {
         out.put_slice(&self.held[self.delivered..self.delivered + n]);
         self.delivered += n;
         if self.delivered == self.held.len() {
-            self.held = Vec::new();
-            self.fed = 0;
-            self.ready = 0;
-            self.delivered = 0;
+            self.clear_held();
         }
     }
 
@@ -280,9 +359,7 @@ impl GuardedStream {
                         // The next head (or an upgrade's early data) is held back from here.
                         self.held.extend_from_slice(&out.filled()[at..end]);
                         out.set_filled(at);
-                        if f.complete {
-                            self.arm();
-                        }
+                        self.arm();
                         break;
                     }
                 }
@@ -291,52 +368,104 @@ impl GuardedStream {
         Poll::Ready(Ok(()))
     }
 
-    /// Read more of a head (or early upgrade data) into `held`.
+    /// Read what the client sent into `held`; `Ok(0)` at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut raw = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut raw);
+        ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
+        self.held.extend_from_slice(buf.filled());
+        Poll::Ready(Ok(buf.filled().len()))
+    }
+
+    /// Read more of a head (or early upgrade data) into `held`, under the head deadline and
+    /// the keep-alive timeout.
     fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let waiting = self.framing.phase() == Phase::AwaitUpgrade;
         if waiting && self.held.len() >= MAX_HELD_UPGRADE {
             self.parked = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        let len = self.held.len();
-        self.held.resize(len + READ_CHUNK, 0);
-        let mut buf = ReadBuf::new(&mut self.held[len..]);
-        let polled = Pin::new(&mut self.inner).poll_read(cx, &mut buf);
-        let n = buf.filled().len();
-        self.held.truncate(len + n);
-        match polled {
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                if waiting {
-                    self.parked = Some(cx.waker().clone());
-                } else if self.armed && self.deadline.as_mut().poll(cx).is_ready() {
-                    self.refuse(Violation {
-                        status: 408,
-                        reason: "request head not received in time",
-                    });
-                    return Poll::Ready(Ok(0));
-                }
-                Poll::Pending
+        if let Poll::Ready(r) = self.poll_fill(cx) {
+            return Poll::Ready(r);
+        }
+        if waiting {
+            self.parked = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let (at, head) = match self.head_deadline {
+            Some(at) => (at, true),
+            None if self.heads > 0 && self.idle() && !self.framing.head_started() => {
+                let last = Duration::from_nanos(self.answered_at.load(Ordering::Relaxed));
+                (self.born + last + self.keepalive, false)
             }
+            None => return Poll::Pending,
+        };
+        if self.deadline.deadline() != at {
+            self.deadline.as_mut().reset(at);
+        }
+        ready!(self.deadline.as_mut().poll(cx));
+        if head && self.framing.head_started() {
+            self.refuse(Violation {
+                status: 408,
+                reason: "request head not received in time",
+            });
+        } else {
+            // Nothing of a request came: close quietly, as for an idle keep-alive connection.
+            if head {
+                refused_metric(408);
+            }
+            self.close(Vec::new());
+        }
+        Poll::Ready(Ok(0))
+    }
+
+    /// Read and drop what the client sends (after an opaque request's head).
+    fn poll_discard(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.clear_held();
+        loop {
+            if ready!(self.poll_fill(cx))? == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            self.held.clear();
         }
     }
 
     /// Note the status of an upgrade's answer as Pingora writes it.
     fn watch_answer(&mut self, buf: &[u8]) {
-        if self.framing.phase() != Phase::AwaitUpgrade
-            || buf.len() < 12
-            || !buf.starts_with(b"HTTP/1.")
-        {
+        if !self.framing.awaiting_answer() {
+            self.answer = AnswerWatch::default();
             return;
         }
-        match &buf[9..12] {
-            b"101" => self.framing.upgraded(),
-            [b'1', _, _] => return, // interim; the final answer follows
-            _ => self.framing.upgrade_refused(),
-        }
-        if let Some(w) = self.parked.take() {
-            w.wake();
+        let w = &mut self.answer;
+        for &b in buf {
+            if w.skipping {
+                w.last4 = w.last4 << 8 | u32::from(b);
+                if w.last4 == u32::from_be_bytes(*b"\r\n\r\n") {
+                    *w = AnswerWatch::default();
+                }
+                continue;
+            }
+            w.line[w.len] = b;
+            w.len += 1;
+            if w.len < w.line.len() {
+                continue;
+            }
+            let line = w.line;
+            *w = AnswerWatch::default();
+            match &line[9..12] {
+                _ if !line.starts_with(b"HTTP/1.") => self.framing.upgrade_refused(),
+                b"101" => self.framing.upgraded(),
+                [b'1', _, _] => {
+                    // Interim: the final answer follows its head.
+                    w.skipping = true;
+                    continue;
+                }
+                _ => self.framing.upgrade_refused(),
+            }
+            if let Some(waker) = self.parked.take() {
+                waker.wake();
+            }
+            return;
         }
     }
 }
@@ -376,13 +505,26 @@ impl AsyncRead for GuardedStream {
             if let Some(v) = this.failed.take() {
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, v.reason)));
             }
+            if let Some(v) = this.violation {
+                if !this.idle() {
+                    this.answered_waker.register(cx.waker());
+                    if !this.idle() {
+                        return Poll::Pending;
+                    }
+                }
+                this.violation = None;
+                this.close(answer(v));
+                continue;
+            }
             let phase = this.framing.phase();
+            if phase == Phase::Opaque {
+                return this.poll_discard(cx);
+            }
             if this.fed < this.held.len() && phase != Phase::AwaitUpgrade {
                 this.feed_held();
                 continue;
             }
-            if this.held.is_empty() && matches!(phase, Phase::Body | Phase::Tunnel | Phase::Opaque)
-            {
+            if this.held.is_empty() && matches!(phase, Phase::Body | Phase::Tunnel) {
                 return if phase == Phase::Body {
                     this.poll_body(cx, out)
                 } else {
@@ -390,15 +532,12 @@ impl AsyncRead for GuardedStream {
                 };
             }
             // A head (or an upgrade's answer) is awaited: read into `held`.
-            match ready!(this.poll_more(cx))? {
-                0 if this.refusal.is_some() => continue,
+            if ready!(this.poll_more(cx))? == 0
+                && this.refusal.is_none()
+                && this.violation.is_none()
+            {
                 // End of stream: a partial head is dropped unseen (Pingora sees a clean close).
-                0 => return Poll::Ready(Ok(())),
-                _ => {
-                    if phase == Phase::Head {
-                        this.feed_held();
-                    }
-                }
+                return Poll::Ready(Ok(()));
             }
         }
     }
@@ -503,11 +642,30 @@ impl GetSocketDigest for GuardedStream {
 
 #[async_trait]
 impl Peek for GuardedStream {
+    /// Pingora peeks only for the h2c preface, before reading anything: the bytes are read
+    /// into `held` (to be judged and delivered later) under the head deadline, until there are
+    /// enough or they stop matching the preface. A short or late peek reads as HTTP/1, where
+    /// the deadline then answers.
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        if self.held.is_empty() {
-            self.inner.try_peek(buf).await
-        } else {
-            Ok(false)
+        let deadline = self
+            .head_deadline
+            .unwrap_or_else(|| Instant::now() + self.head_timeout);
+        loop {
+            let n = self.held.len().min(buf.len());
+            if n == buf.len() || !H2_PREFACE.starts_with(&self.held[..n]) {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| self.poll_fill(cx)))
+                .await
+            {
+                Ok(Ok(0)) | Err(_) => break,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+            }
         }
+        let n = self.held.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.held[..n]);
+        buf[n..].fill(0);
+        Ok(true)
     }
 }

@@ -346,3 +346,53 @@ fn head_started_tracks_a_partial_head() {
     assert!(f.feed(b"ok").unwrap().complete);
     assert!(!f.head_started());
 }
+
+#[test]
+fn framing_values_are_read_as_pingora_reads_them() {
+    // Leading zeros and padding do not make a length unreadable (Pingora and hygiene accept
+    // them, so the guard must frame them, not hand the connection through).
+    let zeros = b"POST / HTTP/1.1\r\nContent-Length: 0000000000000000000003\r\n\r\nabcGET / HTTP/1.1\r\n\r\n";
+    assert_eq!(ok(zeros), vec![zeros.len() - 18, zeros.len()]);
+    let padded = format!(
+        "POST / HTTP/1.1\r\nContent-Length:{}3{}\r\n\r\nabc",
+        " ".repeat(45),
+        "\t".repeat(45)
+    );
+    assert_eq!(ok(padded.as_bytes()), vec![padded.len()]);
+    let te = format!(
+        "POST / HTTP/1.1\r\nTransfer-Encoding:{}chunked{}\r\n\r\n0\r\n\r\n",
+        " ".repeat(45),
+        " ".repeat(45)
+    );
+    assert_eq!(ok(te.as_bytes()), vec![te.len()]);
+    // An unreadable one hands the head on and nothing after it.
+    let huge =
+        b"POST / HTTP/1.1\r\nContent-Length: 1234567890123456789\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+    let mut f = Framing::new(LIMITS);
+    let fed = f.feed(huge).unwrap();
+    assert_eq!((fed.used, f.phase()), (huge.len() - 18, Phase::Opaque));
+    assert_eq!(f.feed(b"GET / HTTP/1.1\r\n\r\n").unwrap().used, 0);
+}
+
+#[test]
+fn only_http11_upgrades_wait_and_an_early_101_ends_the_body() {
+    let old = b"GET / HTTP/1.0\r\nUpgrade: websocket\r\n\r\nGET / HTTP/1.0\r\n\r\n";
+    assert_eq!(judge(LIMITS, old), (Ok(vec![38, old.len()]), Phase::Head));
+
+    // Pingora tunnels from the 101 on, whether or not the body was read.
+    let mut f = Framing::new(LIMITS);
+    f.feed(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nContent-Length: 3\r\n\r\na")
+        .unwrap();
+    assert!(f.awaiting_answer());
+    f.upgraded();
+    assert_eq!(f.phase(), Phase::Tunnel);
+
+    // A refusal during the body: the next request follows the body.
+    let mut f = Framing::new(LIMITS);
+    let head = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nContent-Length: 3\r\n\r\n";
+    assert_eq!(f.feed(head).unwrap().used, head.len());
+    assert_eq!(f.feed(b"a").unwrap().used, 1);
+    f.upgrade_refused();
+    assert!(f.feed(b"bc").unwrap().complete);
+    assert_eq!((f.phase(), f.awaiting_answer()), (Phase::Head, false));
+}
