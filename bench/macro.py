@@ -414,9 +414,14 @@ async def _open_clients(port, n, ws, batch=200):
             cl = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
             await r.readexactly(cl)
         conns.append((r, w))
+    errors = []
     for i in range(0, n, batch):
-        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(min(batch, n - i)))), 60)
-    return conns
+        got = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(min(batch, n - i))),
+                                                    return_exceptions=True), 60)
+        errors += [f"{type(e).__name__}: {e}" for e in got if isinstance(e, Exception)]
+        if errors:  # the proxy's limit: stop there and report what it held
+            break
+    return conns, errors
 
 
 def scenario_conns(a, d, bins, names, out):
@@ -437,12 +442,19 @@ def scenario_conns(a, d, bins, names, out):
                     asyncio.run(_hold(p.port, 10, True, p.pid, {}, a))
                 time.sleep(0.5)
                 r = {"before": tree_rss(p.pid)}
-                asyncio.run(_hold(p.port, n, ws, p.pid, r, a))
-                r["n"] = n
+                try:
+                    asyncio.run(_hold(p.port, n, ws, p.pid, r, a))
+                except Exception as e:
+                    raise RuntimeError(f"{name}, {n} {label}: {type(e).__name__} {e}; "
+                                       f"its log ends: {open(p.log).read()[-500:]!r}"
+                                       + (open(f"{d}/ng.err").read()[-500:] if name == "nginx" else "")) from e
+                n_ok = r["n"]
                 r["mib"] = r["during"] / MIB
-                r["kib_per_conn"] = (r["during"] - r["before"]) / max(n, 1) / 1024
-                r["at_10k_mib"] = (r["before"] + (r["during"] - r["before"]) / max(n, 1) * 10000) / MIB
+                r["kib_per_conn"] = (r["during"] - r["before"]) / n_ok / 1024
+                r["at_10k_mib"] = (r["before"] + (r["during"] - r["before"]) / n_ok * 10000) / MIB
                 res[label][name] = r
+                if "error" in r:
+                    print(f"# {name}: {r['error']}", flush=True)
             finally:
                 p.stop()
         table(out, "conns", f"{n} {label} connections from 127.0.0.1 (RLIMIT_NOFILE {nofile})", names,
@@ -452,11 +464,14 @@ def scenario_conns(a, d, bins, names, out):
 
 
 async def _hold(port, n, ws, pid, r, a):
-    conns = await _open_clients(port, n, ws)
+    conns, errors = await _open_clients(port, n, ws)
     await asyncio.sleep(a.settle)
     r["during"] = tree_rss(pid)
-    if len(conns) != n:
-        raise RuntimeError(f"only {len(conns)} of {n} connections open")
+    r["n"] = len(conns)
+    if errors:
+        r["error"] = f"{len(errors)} failed after {len(conns)} open, first: {errors[0][:200]}"
+    if not conns:
+        raise RuntimeError(f"no connection opened: {r.get('error')}")
     for _, w in conns:
         w.close()
     await asyncio.sleep(0.2)
