@@ -152,8 +152,10 @@ bench-smoke:
 	$(MAKE) --no-print-directory bench BENCH_SMOKE=1
 
 # perf record -e cpu-clock -g of bare Pingora and tollgate (bench/realistic.yaml) under small GETs:
-# self time grouped into ours / Pingora / tokio / kernel / allocator, and the top symbols.
-bench-profile: BENCH_EXTRA_TOOLS := perf:linux-perf
+# self time grouped into ours / Pingora / tokio / kernel / allocator, the top symbols, inclusive
+# time from DWARF stacks, and system calls per request (strace) beside nginx and haproxy.
+bench-profile: BENCH_EXTRA_TOOLS := perf:linux-perf strace:strace
+PROFILE_ARGS ?= --seconds 10 --dwarf --syscalls
 bench-profile: deps-bench bench-build
 	python3 bench/macro.py --profile $(PROFILE_ARGS)
 

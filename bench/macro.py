@@ -223,6 +223,14 @@ backend ws
         f"---\nversion: 1\nthreads: 1\npid_file: {d}/bare.pid\nupgrade_sock: {d}/bare.sock\n")
     text = open(bins["config"]).read().replace("/tmp/tollgate-realistic", d)
     open(f"{d}/tollgate.yaml", "w").write(text)
+    for i, (name, (binary, config)) in enumerate(bins["variants"].items()):
+        # a variant: another binary (and/or configuration) on its own listener and admin ports
+        PORT[name] = PORT["tollgate"] + 10 + i
+        v = open(config or bins["config"]).read().replace("/tmp/tollgate-realistic", f"{d}/{name}")
+        v = v.replace(f"127.0.0.1:{PORT['tollgate']}", f"127.0.0.1:{PORT[name]}")
+        v = v.replace(f"127.0.0.1:{ADMIN}", f"127.0.0.1:{ADMIN + 10 + i}")
+        os.makedirs(f"{d}/{name}", exist_ok=True)
+        open(f"{d}/{name}.yaml", "w").write(v)
 
 
 def start_contestant(name, d, bins, ws=False):
@@ -238,6 +246,8 @@ def start_contestant(name, d, bins, ws=False):
         p = Proc(name, [bins["tollgate"], "-c", f"{d}/tollgate.yaml"], PORT[name], d)
         assert wait_port(ADMIN), "tollgate admin listener did not start"
         return p
+    if name in bins["variants"]:
+        return Proc(name, [bins["variants"][name][0], "-c", f"{d}/{name}.yaml"], PORT[name], d)
     raise ValueError(name)
 
 
@@ -371,7 +381,7 @@ def scenario_big(a, procs, names, out, d):
 
 
 def scenario_cache(a, procs, out):
-    names = [n for n in ("nginx", "tollgate") if n in procs]
+    names = [n for n in procs if n in ("nginx", "tollgate") or n.startswith("tollgate")]
     path = "/cached/hit"
     for n in names:  # fill, then check the second answer is a hit
         get(procs[n].port, path)
@@ -675,16 +685,41 @@ GROUPS = [("kernel", lambda dso, sym: "kernel" in dso), ("tollgate", lambda dso,
           ("libc", lambda dso, sym: "libc" in dso)]
 
 
+def syscalls(a, procs, names):
+    """system calls per small GET (strace -c -f on the proxy while wrk runs): strace slows
+    the proxy down, but the calls each request needs do not change."""
+    print(f"# system calls per request, small GET, wrk -c{a.conns} (strace -c -f)")
+    for n in names:
+        pids = [x for p in tree(procs[n].pid) for x in ("-p", str(p))]  # nginx: master and worker
+        st = subprocess.Popen(["strace", "-c", "-f", "-q"] + pids,
+                              stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
+        w = wrk(procs[n].port, a.seconds, a.conns)
+        st.send_signal(signal.SIGINT)
+        rep = st.communicate(timeout=30)[1]
+        calls = {}
+        for line in rep.splitlines():
+            f = line.split()
+            if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
+                calls[f[-1]] = int(f[3])
+        tot = sum(calls.values())
+        top = ", ".join(f"{k} {v / w['reqs']:.2f}" for k, v in sorted(calls.items(), key=lambda x: -x[1])[:6])
+        print(f"  {n:14} {tot / max(w['reqs'], 1):5.2f} per request ({w['reqs']} requests): {top}")
+    print(flush=True)
+
+
 def profile(a, d, bins):
     names = ["bare-pingora", "tollgate"]
     procs = {"upstream": Proc("upstream", ["nginx", "-c", f"{d}/up.conf"], UP1, d)}
     try:
-        for n in names:
+        for n in names + (["nginx", "haproxy"] if a.syscalls else []):
             procs[n] = start_contestant(n, d, bins)
+        if a.syscalls:
+            syscalls(a, procs, ["nginx", "haproxy"] + names)
         for n in names:
-            wrk(procs[n].port, 1, a.conns)
+            wrk(procs[n].port, 1, a.conns, a.path)
             load = subprocess.Popen(["wrk", "-t1", f"-c{a.conns}", f"-d{a.seconds + 2}s",
-                                     f"http://127.0.0.1:{procs[n].port}/"], stdout=subprocess.DEVNULL)
+                                     f"http://127.0.0.1:{procs[n].port}{a.path}"], stdout=subprocess.DEVNULL)
             time.sleep(1)
             subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-g", "-o", f"{d}/{n}.perf",
                             "-p", str(procs[n].pid), "--", "sleep", str(a.seconds)], check=True,
@@ -702,18 +737,48 @@ def profile(a, d, bins):
                 g = next((g for g, f in GROUPS if f(dso, sym)), "other")
                 groups[g] = groups.get(g, 0) + pct
                 top.append((pct, g, dso, sym))
-            print(f"# perf record -e cpu-clock -g, {n}, small GET under wrk -c{a.conns}: self time by group")
+            print(f"# perf record -e cpu-clock -g, {n}, GET {a.path} under wrk -c{a.conns}: self time by group")
             for g, pct in sorted(groups.items(), key=lambda x: -x[1]):
                 print(f"  {pct:5.1f}%  {g}")
             print("  top symbols:")
             for pct, g, dso, sym in top[:a.top]:
                 print(f"  {pct:5.1f}%  {g:10} {sym[:130]}")
             print(flush=True)
+            if a.dwarf:
+                inclusive(a, d, n, procs[n])
             if a.keep_perf:
                 shutil.copy(f"{d}/{n}.perf", os.path.join(a.keep_perf, f"{n}.perf"))
     finally:
         for p in procs.values():
             p.stop()
+
+
+def inclusive(a, d, n, proc):
+    """Rust release builds have no frame pointers, so -g stacks stop early; DWARF unwinding
+    gives whole stacks, hence inclusive ("children") time per function: what a hook of ours
+    costs with everything it calls."""
+    load = subprocess.Popen(["wrk", "-t1", f"-c{a.conns}", f"-d{a.seconds + 2}s",
+                             f"http://127.0.0.1:{proc.port}{a.path}"], stdout=subprocess.DEVNULL)
+    time.sleep(1)
+    subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,32768",
+                    "-o", f"{d}/{n}.dwarf", "-p", str(proc.pid), "--", "sleep", str(a.seconds)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    load.wait()
+    rep = subprocess.run(["perf", "report", "-i", f"{d}/{n}.dwarf", "--stdio", "--children", "-g", "none",
+                          "--sort", "sym", "--percent-limit", "0.2"], capture_output=True, text=True).stdout
+    print(f"# perf record -e cpu-clock --call-graph dwarf, {n}: inclusive time (children, self)")
+    rows = 0
+    for line in rep.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+([\d.]+)%\s+\[[.kH]\]\s+(.*)$", line)
+        if not m:
+            continue
+        sym = m.group(3).strip()
+        # our own functions (not Pingora's generic code instantiated for our Gateway type)
+        ours = sym.startswith(("tollgate::", "<tollgate::"))
+        if ours or rows < a.top:
+            print(f"  {float(m.group(1)):5.1f}% {float(m.group(2)):5.1f}%  {'OURS ' if ours else ''}{sym[:140]}")
+            rows += 1
+    print(flush=True)
 
 
 # ---------------------------------------------------------------- main
@@ -736,10 +801,15 @@ def main():
     ap.add_argument("--tollgate", default=f"{ROOT}/target/release/tollgate")
     ap.add_argument("--bare", default=f"{ROOT}/target/release/examples/bare_proxy")
     ap.add_argument("--config", default=f"{HERE}/realistic.yaml")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=BINARY[:CONFIG]",
+                    help="another tollgate build (or configuration) as a contestant, e.g. an A/B")
     ap.add_argument("--json", default="")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--keep-perf", default="")
+    ap.add_argument("--dwarf", action="store_true", help="also inclusive time from DWARF call stacks")
+    ap.add_argument("--path", default="/", help="what --profile requests (/cached/x: cache hits)")
+    ap.add_argument("--syscalls", action="store_true", help="also system calls per request (strace)")
     ap.add_argument("--ws-upstream", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.ws_upstream:
@@ -748,7 +818,12 @@ def main():
     if a.smoke:
         a.rounds, a.seconds, a.conns, a.big_conns, a.upload_conns = 1, 1, 8, 2, 2
         a.idle, a.ws, a.settle, a.stream_mib = 100, 100, 0.2, 16
-    bins = {"tollgate": a.tollgate, "bare": a.bare, "config": a.config}
+    bins = {"tollgate": a.tollgate, "bare": a.bare, "config": a.config, "variants": {}}
+    for v in a.variant:
+        name, rest = v.split("=", 1)
+        binary, _, config = rest.partition(":")
+        bins["variants"][name] = (binary, config)
+    a.contestants += "".join("," + n for n in bins["variants"] if n not in a.contestants.split(","))
     for b in (a.tollgate, a.bare):
         if not os.access(b, os.X_OK):
             sys.exit(f"{b} missing: cargo build --release --bin tollgate --example bare_proxy")
