@@ -78,17 +78,17 @@ def tree(root):
     return out
 
 
-def tree_cpu(root):
-    """user+sys seconds of the process tree (as proxybench.py)."""
-    tot = 0.0
+def tree_cpu(root, split=False):
+    """user+sys seconds of the process tree (as proxybench.py); split: (user, sys)."""
+    user = sys_ = 0.0
     for p in tree(root):
         try:
             s = open(f"/proc/{p}/stat").read()
         except OSError:
             continue
         f = s[s.rfind(")") + 2:].split()
-        tot += (int(f[11]) + int(f[12])) / TICK
-    return tot
+        user, sys_ = user + int(f[11]) / TICK, sys_ + int(f[12]) / TICK
+    return (user, sys_) if split else user + sys_
 
 
 def tree_rss(root):
@@ -335,10 +335,13 @@ def rounds(a, names, fn):
 
 def cpu_load(procs, name, fn):
     pid = procs[name].pid
-    c0 = tree_cpu(pid)
+    u0, s0 = tree_cpu(pid, split=True)
     r = fn(procs[name].port)
-    r["cpu_s"] = tree_cpu(pid) - c0
-    r["cpu_us"] = r["cpu_s"] / max(r["reqs"] - r.get("errors", 0), 1) * 1e6
+    u1, s1 = tree_cpu(pid, split=True)
+    ok = max(r["reqs"] - r.get("errors", 0), 1)
+    r["cpu_s"] = (u1 - u0) + (s1 - s0)
+    r["cpu_us"] = r["cpu_s"] / ok * 1e6
+    r["user_us"], r["sys_us"] = (u1 - u0) / ok * 1e6, (s1 - s0) / ok * 1e6  # user space / kernel
     return r
 
 
@@ -346,7 +349,8 @@ def scenario_small(a, procs, names, out):
     med = rounds(a, names, lambda n: cpu_load(procs, n, lambda p: wrk(p, a.seconds, a.conns, "/")))
     table(out, "small", f"1 KiB GET, keep-alive: wrk -t1 -c{a.conns} -d{a.seconds}s, {a.rounds} rounds",
           names, med, [("rps", "req/s", 0), ("p50", "p50 ms", 2), ("p99", "p99 ms", 2),
-                       ("cpu_us", "cpu us/req", 1), ("errors", "errors", 0)])
+                       ("cpu_us", "cpu us/req", 1), ("user_us", "user us", 1), ("sys_us", "sys us", 1),
+                       ("errors", "errors", 0)])
     return med
 
 
