@@ -7,7 +7,7 @@ CONF ?= conf/tollgate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.tollgate-apt-updated
 
-.PHONY: all build demo run test check fmt-check clippy deny unit doc bench deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean
+.PHONY: all build demo run test check fmt-check clippy deny unit doc bench bench-smoke bench-build bench-profile deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean
 
 all: build
 
@@ -115,22 +115,49 @@ image-test: deps-image
 	scripts/image-bases.sh
 	$(VENV)/bin/pytest -q -s tests/deploy/test_image.py
 
-# Side-by-side load benchmark (nginx, haproxy, bare Pingora, tollgate); see docs/performance.md.
+# Side-by-side load benchmarks (nginx, haproxy, bare Pingora, tollgate); see docs/performance.md.
+# wrk drives the closed-loop scenarios, h2load (nghttp2-client) the fixed-rate one, perf
+# (linux-perf) is only for bench-profile.
+BENCH_TOOLS := nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client python3:python3
 deps-bench: deps
 	@need=""; \
-	for t in nginx haproxy wrk; do command -v $$t >/dev/null || need="$$need $$t"; done; \
+	for tp in $(BENCH_TOOLS) $(BENCH_EXTRA_TOOLS); do \
+	  command -v $${tp%%:*} >/dev/null || need="$$need $${tp#*:}"; \
+	done; \
 	if [ -n "$$need" ]; then \
 	  echo "installing:$$need"; \
 	  [ -f $(APT_UPDATED) ] || { $(SUDO) apt-get update -qq && touch $(APT_UPDATED); }; \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$need >/dev/null; \
 	fi
 
-BENCH_ARGS ?= --rounds 3 --seconds 6
-bench: deps-bench
+bench-build: deps
 	$(CARGO) build --release --bin tollgate --example bare_proxy
+
+# make bench: proxybench's small-GET table, then the six macro scenarios of bench/macro.py
+# (several minutes). BENCH_SMOKE=1 make bench (= make bench-smoke): every scenario for about a
+# second with tiny connection counts; fails only if a scenario could not run or gave no number.
+BENCH_ARGS ?= --rounds 3 --seconds 6
+MACRO_ARGS ?=
+ifeq ($(BENCH_SMOKE),1)
+BENCH_ARGS := --rounds 1 --seconds 1 --conns 8
+MACRO_ARGS += --smoke
+endif
+bench: deps-bench bench-build
 	python3 ../shared/bench/proxybench.py $(BENCH_ARGS) \
 	  --bare target/release/examples/bare_proxy \
 	  --extra "tollgate=9103:target/release/tollgate -c bench/tollgate.yaml"
+	python3 bench/macro.py $(MACRO_ARGS)
+
+bench-smoke:
+	$(MAKE) --no-print-directory bench BENCH_SMOKE=1
+
+# perf record -e cpu-clock -g of bare Pingora and tollgate (bench/realistic.yaml) under small GETs:
+# self time grouped into ours / Pingora / tokio / kernel / allocator, the top symbols, inclusive
+# time from DWARF stacks, and system calls per request (strace) beside nginx and haproxy.
+bench-profile: BENCH_EXTRA_TOOLS := perf:linux-perf strace:strace
+PROFILE_ARGS ?= --seconds 10 --dwarf --syscalls
+bench-profile: deps-bench bench-build
+	python3 bench/macro.py --profile $(PROFILE_ARGS)
 
 # Zero-downtime binary upgrade of a running gateway: see docs/operations.md.
 BIN ?= target/release/tollgate

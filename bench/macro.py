@@ -1,0 +1,900 @@
+#!/usr/bin/env python3
+"""Side-by-side macro benchmarks of tollgate against nginx, haproxy and the bare Pingora proxy.
+
+Same method as ../shared/bench/proxybench.py: one upstream (nginx, 1 worker; two listening
+ports so round robin has two backends), every proxy held to one worker thread, contestants
+loaded in alternating rounds (A B C D A B C D ...), figures are medians and ratios come from one
+run. CPU is user+sys of the contestant's whole process tree over the run (its access-log and
+background threads included). Loopback only; every phase is bounded in count and time.
+
+Scenarios (docs/performance.md):
+  small     1 KiB GET, keep-alive (wrk): req/s, p50/p99, CPU us/request
+  big       100 KiB responses and 1 MiB uploads (wrk): MiB/s and CPU us/MiB
+  cache     cache hits: tollgate's cache vs nginx proxy_cache: CPU us/request
+  conns     idle keep-alive connections and WebSockets (10,000 each): RSS
+  stream    a 1 GiB upload and a 1 GiB download through the proxy: RSS growth
+  rate      fixed-rate load at 50% of nginx's max small-GET rate (h2load --rps): p99
+
+  python3 bench/macro.py [--smoke] [--only small,cache] [--rounds 3] [--seconds 6] [--json FILE]
+  python3 bench/macro.py --profile [--seconds 10]     # perf record of bare Pingora and tollgate
+
+--smoke runs every scenario for about a second with tiny counts and exits 1 only if a scenario
+could not run or produced no number; it never judges speed.
+"""
+import argparse, asyncio, base64, hashlib, json, os, re, resource, shutil, signal, socket, statistics
+import subprocess, sys, tempfile, threading, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+# Ports away from proxybench's 9001/91xx, so both can run on one machine.
+UP1, UP2, WS_UP, SINK = 19001, 19002, 19005, 19006
+PORT = {"nginx": 19101, "haproxy": 19102, "bare-pingora": 19100, "tollgate": 19103}
+ADMIN = 19901
+SMALL, BIG, MIB = 1024, 100 * 1024, 1 << 20
+
+
+# ---------------------------------------------------------------- processes and /proc
+
+def wait_port(port, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def port_free(port):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not count
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def tree(root):
+    """root and all its live descendants."""
+    kids = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                s = open(f"/proc/{p}/stat").read()
+            except OSError:
+                continue
+            kids.setdefault(int(s[s.rfind(")") + 2:].split()[1]), []).append(int(p))
+    out, todo = [], [root]
+    while todo:
+        q = todo.pop()
+        out.append(q)
+        todo += kids.get(q, [])
+    return out
+
+
+def tree_cpu(root, split=False):
+    """user+sys seconds of the process tree (as proxybench.py); split: (user, sys)."""
+    user = sys_ = 0.0
+    for p in tree(root):
+        try:
+            s = open(f"/proc/{p}/stat").read()
+        except OSError:
+            continue
+        f = s[s.rfind(")") + 2:].split()
+        user, sys_ = user + int(f[11]) / TICK, sys_ + int(f[12]) / TICK
+    return (user, sys_) if split else user + sys_
+
+
+def tree_rss(root):
+    """resident bytes of the process tree (nginx: master + worker; shared pages counted twice)."""
+    tot = 0
+    for p in tree(root):
+        try:
+            tot += int(open(f"/proc/{p}/statm").read().split()[1]) * PAGE
+        except OSError:
+            pass
+    return tot
+
+
+class Proc:
+    def __init__(self, name, argv, port, d, env=None):
+        self.name, self.port = name, port
+        self.log = f"{d}/{name}.log"
+        assert port_free(port), f"port {port} ({name}) is in use: another benchmark running?"
+        self.p = subprocess.Popen(argv, env=dict(os.environ, **(env or {})), start_new_session=True,
+                                  stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        if not wait_port(port):
+            self.stop()
+            raise RuntimeError(f"{name} did not start on {port}: {open(self.log).read()[-2000:]}")
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def stop(self):
+        try:
+            os.killpg(self.p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.p.wait(3)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.p.wait(5)
+        # nginx's worker may outlive the master by a moment
+        for _ in range(50):
+            if port_free(self.port):
+                break
+            time.sleep(0.1)
+
+
+# ---------------------------------------------------------------- configurations
+
+def write_configs(d, bins):
+    os.chmod(d, 0o755)  # nginx workers run as nobody and read the bodies
+    www = f"{d}/www"
+    os.makedirs(www)
+    open(f"{www}/big", "wb").write(b"b" * BIG)
+    with open(f"{www}/gib", "wb") as f:  # sparse: no disk, served by sendfile
+        f.truncate(1 << 30)
+    for n in ("big", "gib"):
+        os.chmod(f"{www}/{n}", 0o644)
+    os.chmod(www, 0o755)
+    os.makedirs(f"{d}/ngcache")
+    os.chmod(f"{d}/ngcache", 0o777)
+    small = "s" * SMALL
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    # /upload reads the whole body before answering (nginx's `return` answers at once and
+    # discards the body afterwards): the mirror subrequest makes nginx read it into memory first,
+    # then the static handler's 405 for a POST is turned into 200 "ok". Each request length is
+    # logged, so the benchmark can check every upload arrived whole. /upload-stream (1 GiB) goes
+    # to the Python sink, which counts the bytes without storing them.
+    open(f"{www}/ok", "w").write("ok")
+    open(f"{www}/upload", "w").write("ok")
+    for n in ("ok", "upload"):
+        os.chmod(f"{www}/{n}", 0o644)
+    open(f"{d}/up.conf", "w").write(f"""worker_processes 1; daemon off; pid {d}/up.pid; error_log {d}/up.err;
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {nofile - 100}; }}
+http {{ access_log off; sendfile on; keepalive_requests 10000000; keepalive_timeout 600s; client_max_body_size 0;
+  client_body_buffer_size 2m; log_format len '$request_length';
+  server {{ listen 127.0.0.1:{UP1} backlog=4096; listen 127.0.0.1:{UP2} backlog=4096; root {www};
+    location / {{ default_type text/plain; return 200 "{small}"; }}
+    location /big {{ default_type application/octet-stream; try_files /big =404; }}
+    location = /gib {{ default_type application/octet-stream; try_files /gib =404; }}
+    location = /upload {{ mirror /drain; mirror_request_body on; error_page 405 =200 /ok; }}
+    location = /drain {{ internal; return 204; }}
+    location = /ok {{ internal; default_type text/plain; access_log {d}/upload.log len; }}
+    location = /upload-stream {{ proxy_pass http://127.0.0.1:{SINK}; proxy_http_version 1.1;
+                                proxy_request_buffering off; proxy_set_header Connection ""; }}
+    location /cached/ {{ default_type text/plain; add_header Cache-Control "public, max-age=3600";
+                        return 200 "{small}"; }} }} }}
+""")
+    # proxy_request_buffering off and proxy_max_temp_file_size 0: stream like the others do
+    # (nginx's defaults spool 1 MiB uploads and large responses to temporary files on disk).
+    open(f"{d}/nginx.conf", "w").write(f"""worker_processes 1; daemon off; pid {d}/ng.pid; error_log {d}/ng.err;
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {nofile - 100}; }}
+http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 600s; client_max_body_size 0;
+  upstream up {{ server 127.0.0.1:{UP1}; server 127.0.0.1:{UP2}; keepalive 128; }}
+  proxy_cache_path {d}/ngcache levels=1:2 keys_zone=c:10m max_size=64m inactive=1h use_temp_path=off;
+  server {{ listen 127.0.0.1:{PORT['nginx']} backlog=4096;
+    proxy_http_version 1.1; proxy_request_buffering off; proxy_max_temp_file_size 0;
+    location / {{ proxy_pass http://up; proxy_set_header Connection ""; }}
+    location /cached/ {{ proxy_pass http://up; proxy_set_header Connection ""; proxy_cache c;
+                        add_header X-Cache-Status $upstream_cache_status; }}
+    location /ws {{ proxy_pass http://127.0.0.1:{WS_UP}; proxy_set_header Upgrade $http_upgrade;
+                   proxy_set_header Connection "upgrade"; proxy_read_timeout 600s; }} }} }}
+""")
+    # maxconn above nofile/2: 10,000 idle clients need one descriptor each (no strict-limits:
+    # haproxy would refuse to start for want of 2 x maxconn descriptors).
+    open(f"{d}/haproxy.cfg", "w").write(f"""global
+  nbthread 1
+  maxconn 10100
+  no strict-limits
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 600s
+  timeout server 600s
+  timeout tunnel 600s
+  http-reuse always
+frontend f
+  bind 127.0.0.1:{PORT['haproxy']}
+  use_backend ws if {{ path_beg /ws }}
+  default_backend b
+backend b
+  balance roundrobin
+  server s1 127.0.0.1:{UP1}
+  server s2 127.0.0.1:{UP2}
+backend ws
+  server w 127.0.0.1:{WS_UP}
+""")
+    open(f"{d}/pingora.yaml", "w").write(
+        f"---\nversion: 1\nthreads: 1\npid_file: {d}/bare.pid\nupgrade_sock: {d}/bare.sock\n")
+    text = open(bins["config"]).read().replace("/tmp/tollgate-realistic", d)
+    open(f"{d}/tollgate.yaml", "w").write(text)
+    for i, (name, (binary, config)) in enumerate(bins["variants"].items()):
+        # a variant: another binary (and/or configuration) on its own listener and admin ports
+        PORT[name] = PORT["tollgate"] + 10 + i
+        v = open(config or bins["config"]).read().replace("/tmp/tollgate-realistic", f"{d}/{name}")
+        v = v.replace(f"127.0.0.1:{PORT['tollgate']}", f"127.0.0.1:{PORT[name]}")
+        v = v.replace(f"127.0.0.1:{ADMIN}", f"127.0.0.1:{ADMIN + 10 + i}")
+        os.makedirs(f"{d}/{name}", exist_ok=True)
+        open(f"{d}/{name}.yaml", "w").write(v)
+
+
+def start_contestant(name, d, bins, ws=False):
+    if name == "nginx":
+        return Proc(name, ["nginx", "-c", f"{d}/nginx.conf"], PORT[name], d)
+    if name == "haproxy":
+        return Proc(name, ["haproxy", "-f", f"{d}/haproxy.cfg"], PORT[name], d)
+    if name == "bare-pingora":  # round robin over every backend it is given: the WS upstream alone for WS
+        ups = f"127.0.0.1:{WS_UP}" if ws else f"127.0.0.1:{UP1},127.0.0.1:{UP2}"
+        return Proc(name, [bins["bare"], "-c", f"{d}/pingora.yaml"], PORT[name], d,
+                    env={"UPSTREAMS": ups, "LISTEN": f"127.0.0.1:{PORT[name]}"})
+    if name == "tollgate":
+        p = Proc(name, [bins["tollgate"], "-c", f"{d}/tollgate.yaml"], PORT[name], d)
+        assert wait_port(ADMIN), "tollgate admin listener did not start"
+        return p
+    if name in bins["variants"]:
+        return Proc(name, [bins["variants"][name][0], "-c", f"{d}/{name}.yaml"], PORT[name], d)
+    raise ValueError(name)
+
+
+# ---------------------------------------------------------------- load generators
+
+def wrk(port, seconds, conns, path="/", script=None):
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    if script:
+        cmd += ["-s", script]
+    out = subprocess.run(cmd + [f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True,
+                         timeout=seconds + 60).stdout
+    m = re.search(r"(\d+) requests in", out)
+    if not m:
+        raise RuntimeError(f"wrk gave no figures:\n{out}")
+    reqs = int(m.group(1))
+    errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+
+    def pct(p):
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        v, u = float(m.group(1)), m.group(2)
+        return v / 1000 if u == "us" else v if u == "ms" else v * 1000
+    sock = re.search(r"Socket errors: (.*)", out)
+    return dict(rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), reqs=reqs,
+                p50=pct(50), p99=pct(99), errors=int(errs.group(1)) if errs else 0,
+                sockerr=sock.group(1) if sock else "")
+
+
+def h2load_rate(port, seconds, conns, rate, d, path="/"):
+    """fixed request rate (rate/conns per connection, HTTP/1.1); latency percentiles from the
+    per-request log. h2load paces each connection's requests, so a late response delays the
+    next request of that connection (coordinated omission): p99 understates a proxy that falls
+    behind, which is why the achieved rate is reported beside it."""
+    log = f"{d}/h2load.log"
+    per = max(1, round(rate / conns))
+    out = subprocess.run(["h2load", "--h1", "-t1", f"-c{conns}", f"--rps={per}", f"-D{seconds}",
+                          f"--log-file={log}", f"http://127.0.0.1:{port}{path}"],
+                         capture_output=True, text=True, timeout=seconds + 60)
+    lat, bad = [], 0
+    for line in open(log):
+        f = line.split("\t")
+        if len(f) >= 3:
+            lat.append(int(f[2]) / 1000)
+            bad += f[1] != "200"
+    os.unlink(log)
+    if not lat:
+        raise RuntimeError(f"h2load gave no requests:\n{out.stdout}{out.stderr}")
+    lat.sort()
+    q = lambda x: lat[min(len(lat) - 1, int(x * len(lat)))]
+    return dict(target=per * conns, rps=len(lat) / seconds, reqs=len(lat), p50=q(0.50), p99=q(0.99),
+                p999=q(0.999), errors=bad)
+
+
+def get(port, path, headers=()):
+    """one HTTP/1.1 request on a fresh connection: (status, headers dict, body)."""
+    c = socket.create_connection(("127.0.0.1", port), 10)
+    extra = "".join(f"{h}\r\n" for h in headers)
+    c.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n{extra}\r\n".encode())
+    data = b""
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        data += b
+    c.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    hd = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+    return int(lines[0].split()[1]), hd, body
+
+
+# ---------------------------------------------------------------- scenarios
+
+def rounds(a, names, fn):
+    """fn(name) -> dict of figures; alternating rounds; medians per name."""
+    res = {n: [] for n in names}
+    for _ in range(a.rounds):
+        for n in names:
+            res[n].append(fn(n))
+    med = {}
+    for n, rs in res.items():
+        med[n] = {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+        med[n]["errors"] = sum(r.get("errors", 0) for r in rs)
+    return med
+
+
+def cpu_load(procs, name, fn):
+    pid = procs[name].pid
+    u0, s0 = tree_cpu(pid, split=True)
+    r = fn(procs[name].port)
+    u1, s1 = tree_cpu(pid, split=True)
+    ok = max(r["reqs"] - r.get("errors", 0), 1)
+    r["cpu_s"] = (u1 - u0) + (s1 - s0)
+    r["cpu_us"] = r["cpu_s"] / ok * 1e6
+    r["user_us"], r["sys_us"] = (u1 - u0) / ok * 1e6, (s1 - s0) / ok * 1e6  # user space / kernel
+    return r
+
+
+def scenario_small(a, procs, names, out):
+    med = rounds(a, names, lambda n: cpu_load(procs, n, lambda p: wrk(p, a.seconds, a.conns, "/")))
+    table(out, "small", f"1 KiB GET, keep-alive: wrk -t1 -c{a.conns} -d{a.seconds}s, {a.rounds} rounds",
+          names, med, [("rps", "req/s", 0), ("p50", "p50 ms", 2), ("p99", "p99 ms", 2),
+                       ("cpu_us", "cpu us/req", 1), ("user_us", "user us", 1), ("sys_us", "sys us", 1),
+                       ("errors", "errors", 0)])
+    return med
+
+
+def scenario_big(a, procs, names, out, d):
+    script = f"{d}/post.lua"
+    open(script, "w").write('wrk.method = "POST"\nwrk.body = string.rep("u", 1048576)\n'
+                            'wrk.headers["Content-Type"] = "application/octet-stream"\n')
+    res = {}
+    for label, path, size, conns, lua in (("100 KiB GET", "/big", BIG, a.big_conns, None),
+                                          ("1 MiB POST", "/upload", MIB, a.upload_conns, script)):
+        upl = f"{d}/upload.log"
+
+        def one(n):
+            if lua:
+                open(upl, "w").close()  # nginx appends the request lengths its /upload received
+            r = cpu_load(procs, n, lambda p: wrk(p, a.seconds, conns, path, lua))
+            ok = r["reqs"] - r["errors"]
+            r["mib_s"] = r["rps"] * size / MIB
+            r["cpu_us_mib"] = r["cpu_s"] / max(ok * size / MIB, 1e-9) * 1e6
+            if lua:  # every upload wrk counted must have reached the upstream whole
+                time.sleep(0.3)
+                whole = sum(1 for x in open(upl).read().split() if int(x) >= MIB)
+                r["short"] = max(0, ok - whole)
+            return r
+        med = rounds(a, names, one)
+        table(out, "big", f"{label}: wrk -t1 -c{conns} -d{a.seconds}s, {a.rounds} rounds", names, med,
+              [("rps", "req/s", 0), ("mib_s", "MiB/s", 0), ("p99", "p99 ms", 2),
+               ("cpu_us_mib", "cpu us/MiB", 0), ("errors", "errors", 0)]
+              + ([("short", "short", 0)] if lua else []))
+        res[label] = med
+    return res
+
+
+def scenario_cache(a, procs, out):
+    names = [n for n in procs if n in ("nginx", "tollgate") or n.startswith("tollgate")]
+    path = "/cached/hit"
+    for n in names:  # fill, then check the second answer is a hit
+        get(procs[n].port, path)
+        st, hd, _ = get(procs[n].port, path)
+        if st != 200 or hd.get("x-cache-status", "").upper() != "HIT":
+            raise RuntimeError(f"{n}: {path} is not a cache hit: {st} {hd}")
+    med = rounds(a, names, lambda n: cpu_load(procs, n, lambda p: wrk(p, a.seconds, a.conns, path)))
+    # the same run's uncached small GETs, for scale
+    table(out, "cache", f"cache hits (1 KiB), {path}: wrk -t1 -c{a.conns} -d{a.seconds}s, {a.rounds} rounds",
+          names, med, [("rps", "req/s", 0), ("p50", "p50 ms", 2), ("p99", "p99 ms", 2),
+                       ("cpu_us", "cpu us/req", 1), ("errors", "errors", 0)])
+    return med
+
+
+async def _open_clients(port, n, ws, batch=200):
+    """n connections that each did one request (or a WebSocket handshake plus one echoed
+    message) and stay open — sizing.py's method, in batches so the proxies' in-flight
+    limits and upstream pools are not what is measured."""
+    conns = []
+
+    async def one():
+        r, w = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
+        if ws:
+            key = base64.b64encode(os.urandom(16)).decode()
+            w.write(f"GET /ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+            head = await r.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise RuntimeError(f"WebSocket refused: {head[:200]!r}")
+            mask = os.urandom(4)
+            w.write(bytes([0x81, 0x80 | 5]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"hello")))
+            echo = await r.readexactly(7)
+            if echo != b"\x81\x05hello":
+                raise RuntimeError(f"bad echo {echo!r}")
+        else:
+            w.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            head = await r.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected answer: {head[:200]!r}")
+            cl = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            await r.readexactly(cl)
+        conns.append((r, w))
+    errors = []
+    for i in range(0, n, batch):
+        got = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(min(batch, n - i))),
+                                                    return_exceptions=True), 60)
+        errors += [f"{type(e).__name__}: {e}" for e in got if isinstance(e, Exception)]
+        if errors:  # the proxy's limit: stop there and report what it held
+            break
+    return conns, errors
+
+
+def scenario_conns(a, d, bins, names, out):
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    n_idle = min(a.idle, nofile - 200)
+    # a proxied WebSocket holds two descriptors in the proxy (client and upstream)
+    n_ws = min(a.ws, (nofile - 200) // 2)
+    res = {}
+    for label, n, ws in (("idle keep-alive", n_idle, False), ("WebSockets", n_ws, True)):
+        res[label] = {}
+        for name in names:
+            p = start_contestant(name, d, bins, ws=ws)
+            try:
+                if not ws:
+                    for _ in range(10):
+                        get(p.port, "/")
+                else:
+                    asyncio.run(_hold(p.port, 10, True, p.pid, {}, a))
+                time.sleep(0.5)
+                r = {"before": tree_rss(p.pid)}
+                try:
+                    asyncio.run(_hold(p.port, n, ws, p.pid, r, a))
+                except Exception as e:
+                    raise RuntimeError(f"{name}, {n} {label}: {type(e).__name__} {e}; "
+                                       f"its log ends: {open(p.log).read()[-500:]!r}"
+                                       + (open(f"{d}/ng.err").read()[-500:] if name == "nginx" else "")) from e
+                n_ok = r["n"]
+                r["mib"] = r["during"] / MIB
+                r["kib_per_conn"] = (r["during"] - r["before"]) / n_ok / 1024
+                r["at_10k_mib"] = (r["before"] + (r["during"] - r["before"]) / n_ok * 10000) / MIB
+                res[label][name] = r
+                if "error" in r:
+                    print(f"# {name}: {r['error']}", flush=True)
+            finally:
+                p.stop()
+        table(out, "conns", f"{n} {label} connections from 127.0.0.1 (RLIMIT_NOFILE {nofile})", names,
+              res[label], [("n", "conns", 0), ("before", "RSS before MiB", 1, MIB), ("mib", "RSS with MiB", 1),
+                           ("kib_per_conn", "KiB/conn", 1), ("at_10k_mib", "10k est. MiB", 0)])
+    return res
+
+
+async def _hold(port, n, ws, pid, r, a):
+    conns, errors = await _open_clients(port, n, ws)
+    await asyncio.sleep(a.settle)
+    r["during"] = tree_rss(pid)
+    r["n"] = len(conns)
+    if errors:
+        r["error"] = f"{len(errors)} failed after {len(conns)} open, first: {errors[0][:200]}"
+    if not conns:
+        raise RuntimeError(f"no connection opened: {r.get('error')}")
+    for _, w in conns:
+        w.close()
+    await asyncio.sleep(0.2)
+
+
+def stream(port, size, up):
+    """upload (POST /upload) or download (GET /gib) of `size` bytes on one connection."""
+    c = socket.create_connection(("127.0.0.1", port), 60)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    if up:
+        c.sendall(f"POST /upload-stream HTTP/1.1\r\nHost: bench\r\nContent-Length: {size}\r\n"
+                  f"Content-Type: application/octet-stream\r\n\r\n".encode())
+        chunk, left = b"u" * MIB, size
+        while left:
+            c.sendall(chunk[:min(left, MIB)])
+            left -= min(left, MIB)
+    else:
+        c.sendall(f"GET /gib HTTP/1.1\r\nHost: bench\r\nRange: bytes=0-{size - 1}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        b = c.recv(65536)
+        if not b:
+            raise RuntimeError("closed before the response head")
+        data += b
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    cl = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+    got, buf = len(body), bytearray(1 << 20)
+    while got < cl:
+        k = c.recv_into(buf)
+        if not k:
+            raise RuntimeError(f"closed after {got} of {cl} bytes")
+        got += k
+    c.close()
+    if status not in (200, 206) or (not up and got != size):
+        raise RuntimeError(f"status {status}, {got} bytes")
+    if up:  # the sink says how many body bytes reached it
+        m = re.search(rb"(?i)x-got:\s*(\d+)", head)
+        if not m or int(m.group(1)) != size:
+            raise RuntimeError(f"the upstream got {m and m.group(1)} of {size} bytes")
+    return got
+
+
+def scenario_stream(a, d, bins, names, out):
+    size = a.stream_mib * MIB
+    res = {}
+    for name in names:
+        p = start_contestant(name, d, bins)
+        try:
+            for _ in range(5):
+                get(p.port, "/")
+            stream(p.port, MIB, True)
+            stream(p.port, MIB, False)
+            time.sleep(0.3)
+            r = {"before": tree_rss(p.pid)}
+            for label, up in (("up", True), ("down", False)):
+                peak, stop = [0], threading.Event()
+
+                def sample():
+                    while not stop.is_set():
+                        peak[0] = max(peak[0], tree_rss(p.pid))
+                        time.sleep(0.01)
+                t = threading.Thread(target=sample)
+                t.start()
+                c0, t0 = tree_cpu(p.pid), time.time()
+                try:
+                    stream(p.port, size, up)
+                finally:
+                    stop.set()
+                    t.join()
+                secs = time.time() - t0
+                r[f"{label}_peak"] = peak[0]
+                r[f"{label}_growth"] = (peak[0] - r["before"]) / MIB
+                r[f"{label}_mib_s"] = size / MIB / secs
+                r[f"{label}_cpu_us_mib"] = (tree_cpu(p.pid) - c0) / (size / MIB) * 1e6
+            res[name] = r
+        finally:
+            p.stop()
+    table(out, "stream", f"{a.stream_mib} MiB upload then {a.stream_mib} MiB download, one connection each",
+          names, res, [("before", "RSS before MiB", 1, MIB), ("up_growth", "upload growth MiB", 1),
+                       ("down_growth", "download growth MiB", 1), ("up_mib_s", "up MiB/s", 0),
+                       ("down_mib_s", "down MiB/s", 0), ("up_cpu_us_mib", "up us/MiB", 0),
+                       ("down_cpu_us_mib", "down us/MiB", 0)])
+    return res
+
+
+def scenario_rate(a, procs, names, out, d, nginx_max):
+    rate = max(100, int(nginx_max * 0.5))
+    med = rounds(a, names, lambda n: cpu_load(
+        procs, n, lambda p: h2load_rate(p, a.seconds, a.conns, rate, d)))
+    table(out, "rate", f"fixed rate {rate} req/s (50% of nginx's {nginx_max:.0f}), h2load --h1 -c{a.conns}, "
+          f"{a.seconds}s, {a.rounds} rounds", names, med,
+          [("rps", "got req/s", 0), ("p50", "p50 ms", 2), ("p99", "p99 ms", 2), ("p999", "p99.9 ms", 2),
+           ("cpu_us", "cpu us/req", 1), ("errors", "errors", 0)])
+    return med
+
+
+def table(out, key, title, names, res, cols):
+    lines = [f"# {title}", f"{'contestant':14}" + "".join(f" {c[1]:>{max(len(c[1]), 9)}}" for c in cols)]
+    for n in names:
+        if n not in res:
+            continue
+        row = f"{n:14}"
+        for c in cols:
+            v = res[n].get(c[0], float("nan"))
+            v = v / c[3] if len(c) > 3 else v
+            row += f" {v:>{max(len(c[1]), 9)}.{c[2]}f}"
+        lines.append(row)
+    print("\n".join(lines) + "\n", flush=True)
+    out.setdefault("tables", []).append("\n".join(lines))
+
+
+# ---------------------------------------------------------------- verdicts
+
+def verdicts(r):
+    v = []
+
+    def ratio(what, x, y, target, le=True):
+        if x is None or y is None:
+            return
+        q = x / y
+        ok = q <= target if le else q < target
+        v.append(f"{what}: {q:.2f} (target {'≤' if le else '<'} {target}) {'met' if ok else 'NOT met'}")
+    s = r.get("small", {})
+    if "tollgate" in s and "bare-pingora" in s:
+        ratio("small GET CPU/req tollgate realistic / bare Pingora", s["tollgate"]["cpu_us"],
+              s["bare-pingora"]["cpu_us"], 1.10)
+        ratio("small GET CPU/req tollgate / bare Pingora (own choices)", s["tollgate"]["cpu_us"],
+              s["bare-pingora"]["cpu_us"], 0.90)
+    if "tollgate" in s and "nginx" in s:
+        v.append(f"small GET CPU/req tollgate / nginx: {s['tollgate']['cpu_us'] / s['nginx']['cpu_us']:.2f}")
+    c = r.get("cache", {})
+    if "tollgate" in c and "nginx" in c:
+        ratio("cache hit CPU/req tollgate / nginx proxy_cache", c["tollgate"]["cpu_us"], c["nginx"]["cpu_us"],
+              1.0, le=False)
+    w = r.get("conns", {}).get("WebSockets", {}).get("tollgate")
+    if w:
+        ok = w["at_10k_mib"] < 300
+        v.append(f"WebSockets: {w['n']} open, RSS {w['mib']:.0f} MiB, {w['at_10k_mib']:.0f} MiB at 10,000 "
+                 f"(target < 300 MB) {'met' if ok else 'NOT met'}")
+    st = r.get("stream", {}).get("tollgate")
+    if st:
+        g = max(st["up_growth"], st["down_growth"])
+        v.append(f"streaming: RSS growth {st['up_growth']:.1f} MiB up, {st['down_growth']:.1f} MiB down "
+                 f"(target < 64 MB) {'met' if g < 64 else 'NOT met'}")
+    return v
+
+
+# ---------------------------------------------------------------- WebSocket upstream
+
+async def ws_upstream(port):
+    """accepts every WebSocket handshake and echoes each (small, masked) text frame."""
+    async def serve(r, w):
+        try:
+            head = await r.readuntil(b"\r\n\r\n")
+            key = re.search(rb"(?i)sec-websocket-key:\s*(\S+)", head).group(1)
+            acc = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Accept: " + acc + b"\r\n\r\n")
+            while True:
+                h = await r.readexactly(2)
+                n = h[1] & 0x7F
+                mask = await r.readexactly(4) if h[1] & 0x80 else b"\0\0\0\0"
+                data = bytes(b ^ mask[i % 4] for i, b in enumerate(await r.readexactly(n)))
+                w.write(bytes([0x81, n]) + data)
+        except (asyncio.IncompleteReadError, ConnectionError, AttributeError):
+            pass
+        finally:
+            w.close()
+    async def sink(r, w):
+        """POST with Content-Length: reads the body, answers 200 with X-Got: bytes read."""
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                left = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+                got = 0
+                while got < left:
+                    b = await r.read(min(left - got, 1 << 20))
+                    if not b:
+                        return
+                    got += len(b)
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Got: %d\r\n\r\nok" % got)
+        except (asyncio.IncompleteReadError, ConnectionError, AttributeError):
+            pass
+        finally:
+            w.close()
+    srv = await asyncio.start_server(serve, "127.0.0.1", port, backlog=4096)
+    srv2 = await asyncio.start_server(sink, "127.0.0.1", SINK, limit=1 << 20)
+    async with srv, srv2:
+        await asyncio.gather(srv.serve_forever(), srv2.serve_forever())
+
+
+# ---------------------------------------------------------------- profiling
+
+GROUPS = [("kernel", lambda dso, sym: "kernel" in dso), ("tollgate", lambda dso, sym: "tollgate" in sym),
+          ("pingora", lambda dso, sym: "pingora" in sym),
+          ("tokio", lambda dso, sym: "tokio" in sym or "mio::" in sym),
+          ("allocator", lambda dso, sym: sym.startswith(("mi_", "_mi_", "malloc", "free", "cfree", "realloc",
+                                                         "__libc_malloc", "__libc_free", "_int_", "alloc::"))),
+          ("http parsing/headers", lambda dso, sym: any(k in sym for k in ("httparse", "http::", "bytes::"))),
+          ("libc", lambda dso, sym: "libc" in dso)]
+
+
+def syscalls(a, procs, names):
+    """system calls per small GET (strace -c -f on the proxy while wrk runs): strace slows
+    the proxy down, but the calls each request needs do not change."""
+    print(f"# system calls per request, small GET, wrk -c{a.conns} (strace -c -f)")
+    for n in names:
+        pids = [x for p in tree(procs[n].pid) for x in ("-p", str(p))]  # nginx: master and worker
+        st = subprocess.Popen(["strace", "-c", "-f", "-q"] + pids,
+                              stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
+        w = wrk(procs[n].port, a.seconds, a.conns)
+        st.send_signal(signal.SIGINT)
+        rep = st.communicate(timeout=30)[1]
+        calls = {}
+        for line in rep.splitlines():
+            f = line.split()
+            if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
+                calls[f[-1]] = int(f[3])
+        tot = sum(calls.values())
+        top = ", ".join(f"{k} {v / w['reqs']:.2f}" for k, v in sorted(calls.items(), key=lambda x: -x[1])[:6])
+        print(f"  {n:14} {tot / max(w['reqs'], 1):5.2f} per request ({w['reqs']} requests): {top}")
+    print(flush=True)
+
+
+def profile(a, d, bins):
+    names = ["bare-pingora", "tollgate"]
+    procs = {"upstream": Proc("upstream", ["nginx", "-c", f"{d}/up.conf"], UP1, d)}
+    try:
+        for n in names + (["nginx", "haproxy"] if a.syscalls else []):
+            procs[n] = start_contestant(n, d, bins)
+        if a.syscalls:
+            syscalls(a, procs, ["nginx", "haproxy"] + names)
+        for n in names:
+            wrk(procs[n].port, 1, a.conns, a.path)
+            load = subprocess.Popen(["wrk", "-t1", f"-c{a.conns}", f"-d{a.seconds + 2}s",
+                                     f"http://127.0.0.1:{procs[n].port}{a.path}"], stdout=subprocess.DEVNULL)
+            time.sleep(1)
+            subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-g", "-o", f"{d}/{n}.perf",
+                            "-p", str(procs[n].pid), "--", "sleep", str(a.seconds)], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            load.wait()
+            rep = subprocess.run(["perf", "report", "-i", f"{d}/{n}.perf", "--stdio", "--no-children",
+                                  "-g", "none", "--sort", "dso,sym", "--percent-limit", "0"],
+                                 capture_output=True, text=True).stdout
+            groups, top = {}, []
+            for line in rep.splitlines():
+                m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[[.kH]\]\s+(.*)$", line)
+                if not m:
+                    continue
+                pct, dso, sym = float(m.group(1)), m.group(2), m.group(3).strip()
+                g = next((g for g, f in GROUPS if f(dso, sym)), "other")
+                groups[g] = groups.get(g, 0) + pct
+                top.append((pct, g, dso, sym))
+            print(f"# perf record -e cpu-clock -g, {n}, GET {a.path} under wrk -c{a.conns}: self time by group")
+            for g, pct in sorted(groups.items(), key=lambda x: -x[1]):
+                print(f"  {pct:5.1f}%  {g}")
+            print("  top symbols:")
+            for pct, g, dso, sym in top[:a.top]:
+                print(f"  {pct:5.1f}%  {g:10} {sym[:130]}")
+            print(flush=True)
+            if a.dwarf:
+                inclusive(a, d, n, procs[n])
+            if a.keep_perf:
+                shutil.copy(f"{d}/{n}.perf", os.path.join(a.keep_perf, f"{n}.perf"))
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+def inclusive(a, d, n, proc):
+    """Rust release builds have no frame pointers, so -g stacks stop early; DWARF unwinding
+    gives whole stacks, hence inclusive ("children") time per function: what a hook of ours
+    costs with everything it calls."""
+    load = subprocess.Popen(["wrk", "-t1", f"-c{a.conns}", f"-d{a.seconds + 2}s",
+                             f"http://127.0.0.1:{proc.port}{a.path}"], stdout=subprocess.DEVNULL)
+    time.sleep(1)
+    subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,32768",
+                    "-o", f"{d}/{n}.dwarf", "-p", str(proc.pid), "--", "sleep", str(a.seconds)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    load.wait()
+    rep = subprocess.run(["perf", "report", "-i", f"{d}/{n}.dwarf", "--stdio", "--children", "-g", "none",
+                          "--sort", "sym", "--percent-limit", "0.2"], capture_output=True, text=True).stdout
+    print(f"# perf record -e cpu-clock --call-graph dwarf, {n}: inclusive time (children, self)")
+    rows = 0
+    for line in rep.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+([\d.]+)%\s+\[[.kH]\]\s+(.*)$", line)
+        if not m:
+            continue
+        sym = m.group(3).strip()
+        # our own functions (not Pingora's generic code instantiated for our Gateway type)
+        ours = sym.startswith(("tollgate::", "<tollgate::"))
+        if ours or rows < a.top:
+            print(f"  {float(m.group(1)):5.1f}% {float(m.group(2)):5.1f}%  {'OURS ' if ours else ''}{sym[:140]}")
+            rows += 1
+    print(flush=True)
+
+
+# ---------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="every scenario briefly; fail only on no number")
+    ap.add_argument("--only", default="small,big,cache,conns,stream,rate")
+    ap.add_argument("--contestants", default="nginx,haproxy,bare-pingora,tollgate")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=6)
+    ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--big-conns", type=int, default=16)
+    ap.add_argument("--upload-conns", type=int, default=8)
+    ap.add_argument("--idle", type=int, default=10000)
+    ap.add_argument("--ws", type=int, default=10000)
+    ap.add_argument("--settle", type=float, default=1.0, help="seconds between opening and measuring")
+    ap.add_argument("--stream-mib", type=int, default=1024)
+    ap.add_argument("--rate", type=float, default=0, help="fixed rate instead of 50%% of nginx's max")
+    ap.add_argument("--tollgate", default=f"{ROOT}/target/release/tollgate")
+    ap.add_argument("--bare", default=f"{ROOT}/target/release/examples/bare_proxy")
+    ap.add_argument("--config", default=f"{HERE}/realistic.yaml")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=BINARY[:CONFIG]",
+                    help="another tollgate build (or configuration) as a contestant, e.g. an A/B")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--keep-perf", default="")
+    ap.add_argument("--dwarf", action="store_true", help="also inclusive time from DWARF call stacks")
+    ap.add_argument("--path", default="/", help="what --profile requests (/cached/x: cache hits)")
+    ap.add_argument("--syscalls", action="store_true", help="also system calls per request (strace)")
+    ap.add_argument("--ws-upstream", type=int, default=0, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.ws_upstream:
+        asyncio.run(ws_upstream(a.ws_upstream))
+        return 0
+    if a.smoke:
+        a.rounds, a.seconds, a.conns, a.big_conns, a.upload_conns = 1, 1, 8, 2, 2
+        a.idle, a.ws, a.settle, a.stream_mib = 100, 100, 0.2, 16
+    bins = {"tollgate": a.tollgate, "bare": a.bare, "config": a.config, "variants": {}}
+    for v in a.variant:
+        name, rest = v.split("=", 1)
+        binary, _, config = rest.partition(":")
+        bins["variants"][name] = (binary, config)
+    a.contestants += "".join("," + n for n in bins["variants"] if n not in a.contestants.split(","))
+    for b in (a.tollgate, a.bare):
+        if not os.access(b, os.X_OK):
+            sys.exit(f"{b} missing: cargo build --release --bin tollgate --example bare_proxy")
+    d = tempfile.mkdtemp(prefix="tollgate-macro-")
+    write_configs(d, bins)
+    if a.profile:
+        try:
+            profile(a, d, bins)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        return 0
+    names = a.contestants.split(",")
+    scen = a.only.split(",")
+    res, out, failed, t0 = {}, {}, [], time.time()
+    procs = {}
+    print(f"# tollgate macro benchmarks, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}" + (", SMOKE" if a.smoke else ""), flush=True)
+    try:
+        procs["upstream"] = Proc("upstream", ["nginx", "-c", f"{d}/up.conf"], UP1, d)
+        procs["ws-upstream"] = Proc("ws-upstream", [sys.executable, os.path.abspath(__file__),
+                                                    "--ws-upstream", str(WS_UP)], WS_UP, d)
+        for n in names:
+            procs[n] = start_contestant(n, d, bins)
+        for n in names:  # warm up pools
+            wrk(procs[n].port, 1, a.conns)
+
+        def run(key, fn):
+            if key not in scen:
+                return
+            t = time.time()
+            try:
+                res[key] = fn()
+                if not res[key]:
+                    raise RuntimeError("no figures")
+            except Exception as e:  # a scenario that cannot run fails the smoke, not the others
+                failed.append(f"{key}: {type(e).__name__}: {e}")
+                print(f"# {key} FAILED: {e}", flush=True)
+            print(f"# ({key}: {time.time() - t:.0f}s)\n", flush=True)
+
+        run("small", lambda: scenario_small(a, procs, names, out))
+        run("big", lambda: scenario_big(a, procs, names, out, d))
+        run("cache", lambda: scenario_cache(a, procs, out))
+        nginx_max = a.rate * 2 or res.get("small", {}).get("nginx", {}).get("rps")
+        if nginx_max is None and "rate" in scen:  # measured here when small was not asked for
+            nginx_max = wrk(procs["nginx"].port, a.seconds, a.conns)["rps"]
+        run("rate", lambda: scenario_rate(a, procs, names, out, d, nginx_max))
+        for n in names:  # the memory scenarios start each contestant afresh
+            procs.pop(n).stop()
+        run("conns", lambda: scenario_conns(a, d, bins, names, out))
+        run("stream", lambda: scenario_stream(a, d, bins, names, out))
+    finally:
+        for p in procs.values():
+            p.stop()
+        shutil.rmtree(d, ignore_errors=True)
+    v = verdicts(res)
+    print("# ratios against the targets (one run)")
+    for line in v:
+        print("  " + line)
+    print(f"\n# total {time.time() - t0:.0f}s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"results": res, "verdicts": v, "failed": failed, "tables": out.get("tables", [])}, f, indent=1)
+    if failed:
+        print("# scenarios that did not run:\n  " + "\n  ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
