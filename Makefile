@@ -7,7 +7,7 @@ CONF ?= conf/tollgate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.tollgate-apt-updated
 
-.PHONY: all build demo run test check fmt-check clippy deny unit doc bench bench-smoke bench-build bench-profile deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean
+.PHONY: all build demo run test check fmt-check clippy deny unit doc bench bench-smoke bench-smoke-debug bench-build bench-profile deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean
 
 all: build
 
@@ -37,7 +37,7 @@ run: deps
 
 # The whole quality gate: formatting, lints, every test, docs without warnings, the Helm chart,
 # dashboard and alert rules, and the container image built and run.
-test: deps fmt-check clippy deny unit doc deploy-test image-test
+test: deps fmt-check clippy deny unit doc bench-smoke-debug deploy-test image-test
 	@echo "make test: all checks passed"
 
 fmt-check:
@@ -130,8 +130,15 @@ deps-bench: deps
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$need >/dev/null; \
 	fi
 
+# BENCH_DEBUG=1: the debug binaries (make test's smoke: each scenario runs, no release build).
+BENCH_DIR := target/release
+BENCH_BUILD_FLAGS := --release
+ifeq ($(BENCH_DEBUG),1)
+BENCH_DIR := target/debug
+BENCH_BUILD_FLAGS :=
+endif
 bench-build: deps
-	$(CARGO) build --release --bin tollgate --example bare_proxy
+	$(CARGO) build $(BENCH_BUILD_FLAGS) --bin tollgate --example bare_proxy
 
 # make bench: proxybench's small-GET table, then the six macro scenarios of bench/macro.py
 # (several minutes). BENCH_SMOKE=1 make bench (= make bench-smoke): every scenario for about a
@@ -144,12 +151,17 @@ MACRO_ARGS += --smoke
 endif
 bench: deps-bench bench-build
 	python3 ../shared/bench/proxybench.py $(BENCH_ARGS) \
-	  --bare target/release/examples/bare_proxy \
-	  --extra "tollgate=9103:target/release/tollgate -c bench/tollgate.yaml"
-	python3 bench/macro.py $(MACRO_ARGS)
+	  --bare $(BENCH_DIR)/examples/bare_proxy \
+	  --extra "tollgate=9103:$(BENCH_DIR)/tollgate -c bench/tollgate.yaml"
+	python3 bench/macro.py $(MACRO_ARGS) --tollgate $(BENCH_DIR)/tollgate --bare $(BENCH_DIR)/examples/bare_proxy
 
 bench-smoke:
 	$(MAKE) --no-print-directory bench BENCH_SMOKE=1
+
+# In make test: the smoke on the debug binaries the tests built (numbers meaningless, each
+# scenario must run and produce one).
+bench-smoke-debug:
+	$(MAKE) --no-print-directory bench BENCH_SMOKE=1 BENCH_DEBUG=1
 
 # perf record -e cpu-clock -g of bare Pingora and tollgate (bench/realistic.yaml) under small GETs:
 # self time grouped into ours / Pingora / tokio / kernel / allocator, the top symbols, inclusive
