@@ -7,7 +7,7 @@ CONF ?= conf/tollgate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.tollgate-apt-updated
 
-.PHONY: all build demo run test check fmt-check clippy deny unit doc bench bench-smoke bench-smoke-debug bench-build bench-profile deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean
+.PHONY: all build demo run test check fmt-check clippy deny unit doc bench bench-smoke bench-smoke-debug bench-build bench-profile deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean fuzz deps-fuzz deps-cxx fuzz-check
 
 all: build
 
@@ -37,7 +37,7 @@ run: deps
 
 # The whole quality gate: formatting, lints, every test, docs without warnings, the Helm chart,
 # dashboard and alert rules, and the container image built and run.
-test: deps fmt-check clippy deny unit doc bench-smoke-debug deploy-test image-test
+test: deps fmt-check clippy deny unit doc fuzz-check bench-smoke-debug deploy-test image-test
 	@echo "make test: all checks passed"
 
 fmt-check:
@@ -170,6 +170,44 @@ bench-profile: BENCH_EXTRA_TOOLS := perf:linux-perf strace:strace
 PROFILE_ARGS ?= --seconds 10 --dwarf --syscalls
 bench-profile: deps-bench bench-build
 	python3 bench/macro.py --profile $(PROFILE_ARGS)
+
+# Fuzzing with cargo-fuzz (fuzz/, docs/security.md "Fuzzing"): every target for FUZZ_SECONDS
+# each, failing on the first crash (its input is left in fuzz/artifacts/<target>/). libFuzzer
+# needs nightly -Z flags: RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. The default
+# sanitizer is none (safe Rust; faster on two cores); FUZZ_SANITIZER=address also works on stable.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= config normalize_path head request
+FUZZ_SANITIZER ?= none
+FUZZ_ARGS ?= -timeout=10 -rss_limit_mb=2048 -max_len=8192
+FUZZ := RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+deps-cxx: deps
+	@command -v c++ >/dev/null || { \
+	  echo "installing: g++ (libFuzzer is C++)"; \
+	  [ -f $(APT_UPDATED) ] || { $(SUDO) apt-get update -qq && touch $(APT_UPDATED); }; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq g++ >/dev/null; }
+
+deps-fuzz: deps-cxx
+	@command -v cargo-fuzz >/dev/null || { echo "installing cargo-fuzz"; $(CARGO) install cargo-fuzz --locked --quiet; }
+
+fuzz: deps-fuzz
+	$(FUZZ) build -s $(FUZZ_SANITIZER)
+	@set -eo pipefail; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t; \
+	  dirs=""; for d in fuzz/seeds/$$t fuzz/regressions/$$t; do [ -d $$d ] && dirs="$$dirs $$d"; done; \
+	  [ $$t = config ] && dirs="$$dirs conf tests/fixtures/invalid"; \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS)s"; \
+	  $(FUZZ) run -s $(FUZZ_SANITIZER) $$t fuzz/corpus/$$t $$dirs -- \
+	    -max_total_time=$(FUZZ_SECONDS) $(FUZZ_ARGS) -print_final_stats=1 2>&1 \
+	    | grep -v -E '^#[0-9]+\s+(NEW|REDUCE)' \
+	    || { echo "fuzz: $$t failed; see fuzz/artifacts/$$t/"; exit 1; }; \
+	done; echo "fuzz: no crash in $(FUZZ_TARGETS)"
+
+# In `make test`: the fuzz crate is formatted and compiles (cargo check, sharing target/ with
+# clippy: ~40 s the first time, seconds after), so the targets cannot rot; their committed
+# inputs are replayed by `cargo test` (tests/fuzz_regressions.rs). No fuzzing here.
+fuzz-check: deps-cxx
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
+	$(CARGO) check --manifest-path fuzz/Cargo.toml --target-dir target --bins --locked
 
 # Zero-downtime binary upgrade of a running gateway: see docs/operations.md.
 BIN ?= target/release/tollgate

@@ -26,6 +26,8 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod filters;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;

@@ -2242,6 +2242,33 @@ fn catalogue_is_well_formed() {
     eprintln!("conformance catalogue: {} vectors:{counts}", all.len());
 }
 
+/// Writes every vector's request bytes to `$TOLLGATE_FUZZ_SEEDS/<class>-<name>`: seeds of the
+/// `request` fuzz target (`fuzz/seeds/request/`, see docs/security.md, "Fuzzing"). Vectors
+/// over 16 KiB are left out: the fuzz runs cap inputs at 8 KiB.
+#[test]
+#[ignore = "writes fuzz seeds; run by hand with TOLLGATE_FUZZ_SEEDS=DIR"]
+fn write_fuzz_seeds() {
+    let dir = std::env::var("TOLLGATE_FUZZ_SEEDS").expect("TOLLGATE_FUZZ_SEEDS=DIR");
+    for v in catalogue()
+        .into_iter()
+        .filter(|v| v.request.len() <= 16 * 1024)
+    {
+        let name: String = v
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = std::path::Path::new(&dir).join(format!("{}-{name}", v.class.name()));
+        std::fs::write(path, &v.request).expect("write seed");
+    }
+}
+
 #[test]
 fn framing_content_length_and_transfer_encoding() {
     run_class(Class::Framing);

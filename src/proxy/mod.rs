@@ -21,7 +21,7 @@ mod ctx;
 pub mod error;
 mod filter_chain;
 pub mod headers;
-mod hygiene;
+pub(crate) mod hygiene;
 mod observe;
 pub mod request_id;
 mod resilience;

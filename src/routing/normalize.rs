@@ -84,8 +84,14 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
     let mut i = 0;
     while i < b.len() {
         if b[i] != b'%' {
-            out.push(b[i] as char);
-            i += 1;
+            // Copy up to the next escape as it is (`%` is ASCII, so a char boundary): a
+            // non-ASCII path stays the same UTF-8, not one char per byte.
+            let end = b[i..]
+                .iter()
+                .position(|&c| c == b'%')
+                .map_or(b.len(), |n| i + n);
+            out.push_str(&path[i..end]);
+            i = end;
             continue;
         }
         let (Some(hi), Some(lo)) = (
@@ -182,6 +188,16 @@ mod tests {
         assert_eq!(n("/api/%2E./admin").unwrap(), "/admin");
         assert_eq!(n("/%41pi/x%7e").unwrap(), "/Api/x~");
         assert_eq!(n("/a%20b/%c3%a9").unwrap(), "/a%20b/%C3%A9");
+    }
+
+    #[test]
+    fn non_ascii_paths_keep_their_bytes() {
+        // Found by the normalize_path fuzz target: bytes were copied as one char each, so
+        // `/café/./x` was routed and forwarded as `/cafÃ©/x` (fuzz/regressions/).
+        assert_eq!(n("/café/./x").unwrap(), "/café/x");
+        assert_eq!(n("/\u{1F600}/.").unwrap(), "/\u{1F600}/");
+        assert_eq!(n("/é%41//ü").unwrap(), "/éA/ü");
+        assert_eq!(n("/é%c3%a9").unwrap(), "/é%C3%A9");
     }
 
     #[test]
