@@ -7,7 +7,7 @@ CONF ?= conf/tollgate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.tollgate-apt-updated
 
-.PHONY: all build demo run test check fmt-check clippy deny unit doc bench deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean
+.PHONY: all build demo run test check fmt-check clippy deny unit doc bench bench-micro deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean
 
 all: build
 
@@ -131,6 +131,16 @@ bench: deps-bench
 	python3 ../shared/bench/proxybench.py $(BENCH_ARGS) \
 	  --bare target/release/examples/bare_proxy \
 	  --extra "tollgate=9103:target/release/tollgate -c bench/tollgate.yaml"
+
+# Criterion micro-benchmarks of the pure hot paths (balancer selection, route matching over
+# 1,000 routes, the filter chain), with allocations per operation; see docs/performance.md.
+# Criterion options go in MICRO_ARGS, e.g. MICRO_ARGS="--measurement-time 2 select/".
+MICRO_BENCHES := balancers routing filters
+MICRO_ARGS ?=
+bench-micro: deps
+	@for b in $(MICRO_BENCHES); do \
+	  $(CARGO) bench --bench $$b -- $(MICRO_ARGS) || exit 1; \
+	done
 
 # Zero-downtime binary upgrade of a running gateway: see docs/operations.md.
 BIN ?= target/release/tollgate
