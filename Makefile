@@ -7,7 +7,7 @@ CONF ?= conf/tollgate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.tollgate-apt-updated
 
-.PHONY: all build demo run test check fmt-check clippy deny unit doc bench bench-smoke bench-smoke-debug bench-build bench-profile deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean fuzz deps-fuzz deps-cxx fuzz-check
+.PHONY: all build demo run test check fmt-check clippy deny unit doc bench bench-micro bench-smoke bench-smoke-debug bench-build bench-profile deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean fuzz deps-fuzz deps-cxx fuzz-check
 
 all: build
 
@@ -208,6 +208,16 @@ fuzz: deps-fuzz
 fuzz-check: deps-cxx
 	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) check --manifest-path fuzz/Cargo.toml --target-dir target --bins --locked
+
+# Criterion micro-benchmarks of the pure hot paths (balancer selection, route matching over
+# 1,000 routes, the filter chain), with allocations per operation; see docs/performance.md.
+# Criterion options go in MICRO_ARGS, e.g. MICRO_ARGS="--measurement-time 2 select/".
+MICRO_BENCHES := balancers routing filters
+MICRO_ARGS ?=
+bench-micro: deps
+	@for b in $(MICRO_BENCHES); do \
+	  $(CARGO) bench --bench $$b -- $(MICRO_ARGS) || exit 1; \
+	done
 
 # Zero-downtime binary upgrade of a running gateway: see docs/operations.md.
 BIN ?= target/release/tollgate

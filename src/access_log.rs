@@ -27,11 +27,11 @@ const POLL: Duration = Duration::from_millis(10);
 #[derive(Debug, Serialize)]
 pub struct Entry<'a> {
     /// RFC 3339 time the request finished, in UTC with milliseconds.
-    pub time: String,
+    pub time: &'a str,
     /// `X-Request-Id`.
     pub request_id: &'a str,
     /// Client address (after trusted-proxy resolution).
-    pub client: String,
+    pub client: &'a str,
     /// Method.
     pub method: &'a str,
     /// Host header.
@@ -49,7 +49,7 @@ pub struct Entry<'a> {
     /// Upstream, empty if none.
     pub upstream: &'a str,
     /// Backend of the last attempt, empty if none.
-    pub backend: String,
+    pub backend: &'a str,
     /// Attempts made (0 when answered by the gateway).
     pub attempts: usize,
     /// Of which retries on another backend.
@@ -177,9 +177,9 @@ mod tests {
 
     fn entry() -> Entry<'static> {
         Entry {
-            time: "2026-11-25T00:00:00.000Z".into(),
+            time: "2026-11-25T00:00:00.000Z",
             request_id: "abc",
-            client: "127.0.0.1".into(),
+            client: "127.0.0.1",
             method: "GET",
             host: "h",
             path: "/p?q=\"x\"",
@@ -188,7 +188,7 @@ mod tests {
             bytes_out: 2,
             route: "r",
             upstream: "u",
-            backend: "127.0.0.1:1".into(),
+            backend: "127.0.0.1:1",
             attempts: 1,
             retries: 0,
             upstream_ms: Some(1.5),

@@ -309,7 +309,12 @@ impl RateLimit {
             return Err(Duration::from_nanos(allow_at - now));
         }
         let new_tat = tat + t;
-        if map.len() >= self.shard_cap && !map.contains_key(key) {
+        if let Some(known) = map.get_mut(key) {
+            // The usual case: a key seen before is updated in place, without copying it.
+            *known = new_tat;
+            return Ok((now + tau + t).saturating_sub(new_tat) / t.max(1));
+        }
+        if map.len() >= self.shard_cap {
             // Expired entries are as good as absent; if none, forget the oldest half.
             map.retain(|_, v| *v > now);
             if map.len() >= self.shard_cap {
@@ -323,25 +328,57 @@ impl RateLimit {
         Ok((now + tau + t).saturating_sub(new_tat) / t.max(1))
     }
 
-    fn key_bytes(&self, req: &RequestHeader, cx: &FilterCtx<'_>) -> Vec<u8> {
+    fn key_bytes<'a>(&self, req: &RequestHeader, cx: &FilterCtx<'a>) -> KeyBytes<'a> {
         match &self.key {
-            Key::ClientIp => cx.client_ip.to_string().into_bytes(),
+            Key::ClientIp => KeyBytes::ip("", cx.client_ip),
             // Tagged, so a client cannot name another client's address as its header value
             // and drain that address's allowance.
             Key::Header(h) => req.headers.get(h).map_or_else(
-                || format!("ip:{}", cx.client_ip).into_bytes(),
-                |v| [b"h:", v.as_bytes()].concat(),
+                || KeyBytes::ip("ip:", cx.client_ip),
+                |v| KeyBytes::Owned([b"h:", v.as_bytes()].concat()),
             ),
             Key::Claim(c) => cx
                 .state
                 .get::<super::JwtClaims>()
                 .and_then(|claims| claims.get(c))
                 .map_or_else(
-                    || format!("ip:{}", cx.client_ip).into_bytes(),
-                    |v| format!("claim:{v}").into_bytes(),
+                    || KeyBytes::ip("ip:", cx.client_ip),
+                    |v| KeyBytes::Owned(format!("claim:{v}").into_bytes()),
                 ),
-            Key::Route => cx.route.as_bytes().to_vec(),
-            Key::Global => Vec::new(),
+            Key::Route => KeyBytes::Borrowed(cx.route.as_bytes()),
+            Key::Global => KeyBytes::Borrowed(b""),
+        }
+    }
+}
+
+/// A rate-limit key: client addresses are formatted on the stack and route names borrowed, so
+/// the common keys cost no allocation per request.
+enum KeyBytes<'a> {
+    Borrowed(&'a [u8]),
+    /// `tag` then an IP address: at most 3 + 39 bytes.
+    Inline([u8; 48], usize),
+    Owned(Vec<u8>),
+}
+
+impl KeyBytes<'_> {
+    fn ip(tag: &str, ip: std::net::IpAddr) -> KeyBytes<'static> {
+        use std::io::Write;
+        let mut buf = [0u8; 48];
+        let mut rest = &mut buf[..];
+        match write!(rest, "{tag}{ip}") {
+            Ok(()) => {
+                let len = 48 - rest.len();
+                KeyBytes::Inline(buf, len)
+            }
+            Err(_) => KeyBytes::Owned(format!("{tag}{ip}").into_bytes()),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            KeyBytes::Borrowed(b) => b,
+            KeyBytes::Inline(buf, len) => &buf[..*len],
+            KeyBytes::Owned(v) => v,
         }
     }
 }
@@ -359,10 +396,11 @@ fn shard_of(key: &[u8]) -> usize {
 impl Filter for RateLimit {
     async fn on_request(&self, req: &mut RequestHeader, cx: &mut FilterCtx<'_>) -> Outcome {
         let key = self.key_bytes(req, cx);
+        let key = key.as_bytes();
         let decision = match &self.redis {
-            None => self.check(&key, self.epoch.elapsed().as_nanos() as u64),
+            None => self.check(key, self.epoch.elapsed().as_nanos() as u64),
             Some(r) => match r
-                .check(&key, self.interval, self.interval * self.burst)
+                .check(key, self.interval, self.interval * self.burst)
                 .await
             {
                 Ok(d) => d,

@@ -9,17 +9,17 @@ use pingora::prelude::*;
 
 use super::{RequestCtx, error};
 use crate::filters::{Filter, FilterCtx, Outcome, Reply};
+use crate::runtime::RuntimeState;
 
-/// The filters that apply to this request: global, then the route's.
-fn chain<'a>(
-    ctx: &'a RequestCtx,
-    global: &'a [Arc<dyn Filter>],
-) -> impl DoubleEndedIterator<Item = &'a Arc<dyn Filter>> {
-    let route = ctx
-        .route
-        .and_then(|i| ctx.state.as_ref().map(|s| s.router.route(i)))
-        .map_or(&[][..], |r| r.filters.as_slice());
-    global.iter().chain(route.iter())
+/// The filters that apply to a request on `route` of `state`: global, then the route's.
+/// Borrowed from the snapshot (not from the request context, which the filters then get
+/// mutably), so running them collects nothing per request or per body chunk.
+fn chain(
+    state: &RuntimeState,
+    route: Option<usize>,
+) -> impl DoubleEndedIterator<Item = &Arc<dyn Filter>> {
+    let route = route.map_or(&[][..], |i| state.router.route(i).filters.as_slice());
+    state.config.filters.iter().chain(route)
 }
 
 fn cx<'a>(ctx: &'a mut RequestCtx, route: &'a str) -> FilterCtx<'a> {
@@ -65,8 +65,7 @@ pub fn body(
     let Some(state) = ctx.state.clone() else {
         return Ok(());
     };
-    let filters: Vec<Arc<dyn Filter>> = chain(ctx, &state.config.filters).cloned().collect();
-    for f in &filters {
+    for f in chain(&state, ctx.route) {
         let mut fcx = cx(ctx, session_route);
         if let Outcome::Respond(reply) = f.on_request_body(chunk, end, &mut fcx) {
             return Error::e_explain(
@@ -83,8 +82,7 @@ pub fn response(resp: &mut ResponseHeader, ctx: &mut RequestCtx, route: &str) {
     let Some(state) = ctx.state.clone() else {
         return;
     };
-    let filters: Vec<Arc<dyn Filter>> = chain(ctx, &state.config.filters).cloned().collect();
-    for f in filters.iter().rev() {
+    for f in chain(&state, ctx.route).rev() {
         let mut fcx = cx(ctx, route);
         f.on_response(resp, &mut fcx);
     }

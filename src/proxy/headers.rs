@@ -5,28 +5,29 @@ use http::HeaderName;
 use http::header::{CONNECTION, UPGRADE};
 use pingora::http::{RequestHeader, ResponseHeader};
 
-/// Hop-by-hop fields that are removed even when `Connection` does not name them.
-const HOP_BY_HOP: [&str; 5] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "upgrade",
+/// Hop-by-hop fields that are removed even when `Connection` does not name them. Static
+/// `HeaderName`s: removing by `&str` would parse and validate each name on every request.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    UPGRADE,
 ];
 
 /// Forwarding fields a client must not be able to forge: dropped from untrusted peers
 /// (the last five are read by common frameworks to build URLs and decide on HTTPS).
-pub const FORWARDING: [&str; 10] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "forwarded",
-    "x-real-ip",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-scheme",
-    "x-forwarded-ssl",
-    "x-forwarded-server",
+pub const FORWARDING: [HeaderName; 10] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+    http::header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-server"),
 ];
 
 /// Is this a WebSocket handshake that may be tunnelled (HTTP/1.1, `Upgrade: websocket`,
@@ -71,10 +72,10 @@ pub fn wants_trailers(req: &RequestHeader) -> bool {
 /// A WebSocket handshake keeps exactly `Connection: upgrade` and `Upgrade: websocket`.
 pub fn strip_request(req: &mut RequestHeader) {
     let websocket = is_websocket_upgrade(req);
-    for name in nominated(req.headers.get_all(CONNECTION).iter()) {
+    for name in nominated(&req.headers) {
         req.remove_header(&name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         req.remove_header(name);
     }
     if websocket {
@@ -88,10 +89,10 @@ pub fn strip_request(req: &mut RequestHeader) {
 pub fn strip_response(resp: &mut ResponseHeader) {
     let switching = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
     let upgrade = resp.headers.get(UPGRADE).cloned();
-    for name in nominated(resp.headers.get_all(CONNECTION).iter()) {
+    for name in nominated(&resp.headers) {
         resp.remove_header(&name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         resp.remove_header(name);
     }
     if switching && let Some(up) = upgrade {
@@ -100,10 +101,19 @@ pub fn strip_response(resp: &mut ResponseHeader) {
     }
 }
 
-/// Field names listed in `Connection` values (lower-cased, valid names only).
-fn nominated<'a>(values: impl Iterator<Item = &'a http::HeaderValue>) -> Vec<HeaderName> {
-    connection_tokens(values)
-        .filter_map(|t| HeaderName::from_bytes(t.to_ascii_lowercase().as_bytes()).ok())
+/// Field names listed in `Connection` values that the message has (valid names only;
+/// `HeaderName::from_bytes` lower-cases). Names it does not have would be removed for nothing,
+/// and the fixed hop-by-hop set goes anyway, so the usual `Connection: keep-alive` (with or
+/// without a `Keep-Alive` field) or `close` builds no name and allocates nothing.
+fn nominated(headers: &http::HeaderMap) -> Vec<HeaderName> {
+    connection_tokens(headers.get_all(CONNECTION).iter())
+        .filter(|t| {
+            !HOP_BY_HOP
+                .iter()
+                .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+        })
+        .filter(|t| headers.contains_key(*t))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         // Framing belongs to Pingora, and Host to routing: a client naming them in
         // `Connection` changes nothing (`Connection: host` would route past host rules).
         .filter(|n| {
@@ -117,21 +127,28 @@ fn nominated<'a>(values: impl Iterator<Item = &'a http::HeaderValue>) -> Vec<Hea
 /// The `X-Forwarded-For` to send: the peer alone, or, for a trusted peer, every incoming
 /// `X-Forwarded-For` line joined in order with the peer appended.
 pub fn forwarded_for(req: &RequestHeader, trusted: bool, peer: &str) -> http::HeaderValue {
-    let mut v: Vec<u8> = Vec::new();
-    if trusted {
-        for line in req.headers.get_all("x-forwarded-for") {
-            v.extend_from_slice(line.as_bytes());
-            v.extend_from_slice(b", ");
-        }
+    let lines = || {
+        req.headers
+            .get_all(&FORWARDING[0])
+            .iter()
+            .filter(|_| trusted)
+    };
+    let len = lines().map(|l| l.len() + 2).sum::<usize>() + peer.len();
+    let mut v: Vec<u8> = Vec::with_capacity(len);
+    for line in lines() {
+        v.extend_from_slice(line.as_bytes());
+        v.extend_from_slice(b", ");
     }
     v.extend_from_slice(peer.as_bytes());
-    // Incoming lines were valid header values and the peer is an IP address.
-    http::HeaderValue::from_bytes(&v).expect("joined header values stay valid")
+    // Incoming lines were valid header values and the peer is an IP address. The buffer
+    // becomes the value without a copy (one allocation in all).
+    http::HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
+        .expect("joined header values stay valid")
 }
 
 /// Drop client-supplied forwarding headers (for peers that are not trusted proxies).
 pub fn drop_forwarding(req: &mut RequestHeader) {
-    for name in FORWARDING {
+    for name in &FORWARDING {
         req.remove_header(name);
     }
 }

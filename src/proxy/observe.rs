@@ -79,10 +79,10 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
             .inc();
     }
     let upstream = ctx.upstream.as_ref().map_or("", |u| u.name.as_str());
-    let backend = ctx.last_backend.map(|a| a.to_string()).unwrap_or_default();
+    let backend = ctx.last_backend.map(Inline::display).unwrap_or_default();
     if let Some(t) = ctx.upstream_time {
         m.upstream_duration
-            .with_label_values(&[upstream, &backend])
+            .with_label_values(&[upstream, backend.as_str()])
             .observe(t.as_secs_f64());
     }
     let Some(log) = &state.access_log else { return };
@@ -92,13 +92,17 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
     let path = req.uri.path_and_query().map_or("", |p| p.as_str());
+    let time = Inline::display(humantime::format_rfc3339_millis(
+        std::time::SystemTime::now(),
+    ));
+    let client = ctx
+        .client
+        .map(|c| Inline::display(c.client_ip))
+        .unwrap_or_default();
     log.log(&Entry {
-        time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        time: time.as_str(),
         request_id: &ctx.request_id,
-        client: ctx
-            .client
-            .map(|c| c.client_ip.to_string())
-            .unwrap_or_default(),
+        client: client.as_str(),
         method: req.method.as_str(),
         host,
         path,
@@ -107,7 +111,7 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         bytes_out,
         route,
         upstream,
-        backend,
+        backend: backend.as_str(),
         attempts: ctx.attempts,
         retries: ctx.retries,
         upstream_ms: ctx.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
@@ -116,4 +120,68 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         cache: ctx.cache_status.map(|s| s.header()),
         error: e.map(|e| e.to_string()),
     });
+}
+
+/// A short value (an address, a timestamp) formatted on the stack: `to_string()` would
+/// allocate for every finished request.
+#[derive(Clone, Copy)]
+struct Inline {
+    buf: [u8; 80],
+    len: usize,
+}
+
+impl Default for Inline {
+    fn default() -> Inline {
+        Inline {
+            buf: [0; 80],
+            len: 0,
+        }
+    }
+}
+
+impl Inline {
+    /// `v` as text; empty in the impossible case that it does not fit (the longest socket
+    /// address is 64 bytes).
+    fn display(v: impl std::fmt::Display) -> Inline {
+        use std::fmt::Write;
+        let mut s = Inline::default();
+        if write!(s, "{v}").is_err() {
+            s.len = 0;
+        }
+        s
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Write for Inline {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.buf
+            .get_mut(self.len..end)
+            .ok_or(std::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Inline;
+    use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+
+    #[test]
+    fn inline_text_matches_to_string() {
+        let ip = Ipv6Addr::from([0xffff; 8]);
+        let longest = SocketAddr::V6(SocketAddrV6::new(ip, 65535, u32::MAX, u32::MAX));
+        for a in [longest, "10.0.0.1:8080".parse().unwrap()] {
+            assert_eq!(Inline::display(a).as_str(), a.to_string());
+        }
+        let t = humantime::format_rfc3339_millis(std::time::SystemTime::UNIX_EPOCH);
+        assert_eq!(Inline::display(t).as_str(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(Inline::display("x".repeat(81)).as_str(), "");
+    }
 }

@@ -9,10 +9,12 @@
 //! 3. **Method**: a route listing methods comes before one that takes any method.
 //! 4. File order breaks any remaining tie.
 //!
-//! The tables are built once per configuration; a lookup allocates nothing.
+//! The tables are built once per configuration: per host tier, exact paths and prefixes are hash
+//! maps, so a lookup costs a few probes whatever the number of routes, and allocates nothing.
 
 mod normalize;
 mod rewrite;
+mod tier;
 
 use std::collections::HashMap;
 
@@ -21,6 +23,7 @@ use http::Method;
 use crate::config::{HostPattern, PathMatch, RouteConfig};
 pub use normalize::{PathError, normalize_path};
 pub use rewrite::forwarded_path;
+use tier::{FastMap, Tier};
 
 /// The outcome of matching one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,17 +40,17 @@ pub enum RouteMatch {
 #[derive(Debug, Default)]
 pub struct Router {
     routes: Vec<RouteConfig>,
-    exact: HashMap<String, Vec<usize>>,
-    /// `(".example.com", routes)`, longest suffix first.
-    wildcard: Vec<(String, Vec<usize>)>,
-    any_host: Vec<usize>,
+    exact: FastMap<Tier>,
+    /// By suffix (`".example.com"`); a host's candidate suffixes are probed longest first.
+    wildcard: FastMap<Tier>,
+    any_host: Tier,
 }
 
 impl Router {
     /// Build the tables for `routes` (in file order).
     pub fn new(routes: Vec<RouteConfig>) -> Router {
-        let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut wildcard: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut exact: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut wildcard: HashMap<&str, Vec<usize>> = HashMap::new();
         let mut any_host = Vec::new();
         for (i, r) in routes.iter().enumerate() {
             if r.hosts.is_empty() {
@@ -58,18 +61,20 @@ impl Router {
                     HostPattern::Exact(name) => (&mut exact, name),
                     HostPattern::Suffix(suffix) => (&mut wildcard, suffix),
                 };
-                let list = table.entry(key.clone()).or_default();
+                let list = table.entry(key.as_str()).or_default();
                 if !list.contains(&i) {
                     list.push(i);
                 }
             }
         }
-        let order = |list: &mut Vec<usize>| list.sort_by_key(|&i| specificity(&routes[i], i));
-        exact.values_mut().for_each(order);
-        wildcard.values_mut().for_each(order);
-        order(&mut any_host);
-        let mut wildcard: Vec<(String, Vec<usize>)> = wildcard.into_iter().collect();
-        wildcard.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        let tier = |mut list: Vec<usize>| {
+            list.sort_by_key(|&i| specificity(&routes[i], i));
+            Tier::new(&routes, &list)
+        };
+        let tiers = |m: HashMap<&str, Vec<usize>>| -> FastMap<Tier> {
+            m.into_iter().map(|(k, v)| (k.into(), tier(v))).collect()
+        };
+        let (exact, wildcard, any_host) = (tiers(exact), tiers(wildcard), tier(any_host));
         Router {
             routes,
             exact,
@@ -92,27 +97,21 @@ impl Router {
     /// path without the query.
     pub fn find(&self, host: &str, path: &str, method: &Method) -> RouteMatch {
         let mut method_miss = None;
-        let exact = self.exact.get(host).map(Vec::as_slice);
-        let wild = self
-            .wildcard
-            .iter()
-            .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
-            .map(|(_, list)| list.as_slice());
-        let tiers = exact
-            .into_iter()
-            .chain(wild)
-            .chain(std::iter::once(self.any_host.as_slice()));
-        for tier in tiers {
-            for &i in tier {
-                let r = &self.routes[i];
-                if !path_matches(&r.path, path) {
-                    continue;
-                }
-                if r.methods.is_empty() || r.methods.contains(method) {
+        let mut found = |tier: &Tier| tier.find(&self.routes, path, method, &mut method_miss);
+        if let Some(i) = self.exact.get(host).and_then(&mut found) {
+            return RouteMatch::Found(i);
+        }
+        if !self.wildcard.is_empty() {
+            // Suffixes at each dot after the first byte, longest first: `a.b.example.com`
+            // tries `.b.example.com`, `.example.com`, `.com`.
+            for (k, _) in host.match_indices('.').filter(|&(k, _)| k > 0) {
+                if let Some(i) = self.wildcard.get(&host[k..]).and_then(&mut found) {
                     return RouteMatch::Found(i);
                 }
-                method_miss.get_or_insert(i);
             }
+        }
+        if let Some(i) = found(&self.any_host) {
+            return RouteMatch::Found(i);
         }
         method_miss.map_or(RouteMatch::NotFound, RouteMatch::MethodNotAllowed)
     }

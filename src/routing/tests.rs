@@ -110,3 +110,110 @@ fn strip_and_rewrite() {
         "unchanged paths are not rebuilt"
     );
 }
+
+/// The matcher before the tables were indexed: every route of a tier scanned in specificity
+/// order. The indexed `Router::find` must agree with it on every request.
+fn linear_find(routes: &[RouteConfig], host: &str, path: &str, method: &Method) -> RouteMatch {
+    let ordered = |pred: &dyn Fn(&RouteConfig) -> bool| {
+        let mut v: Vec<usize> = (0..routes.len()).filter(|&i| pred(&routes[i])).collect();
+        v.sort_by_key(|&i| specificity(&routes[i], i));
+        v
+    };
+    let exact = ordered(&|r| {
+        r.hosts
+            .iter()
+            .any(|h| *h == HostPattern::Exact(host.into()))
+    });
+    let mut suffixes: Vec<&str> = routes
+        .iter()
+        .flat_map(|r| &r.hosts)
+        .filter_map(|h| match h {
+            HostPattern::Suffix(s) if host.len() > s.len() && host.ends_with(s.as_str()) => {
+                Some(s.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    suffixes.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    suffixes.dedup();
+    let mut tiers = vec![exact];
+    for s in suffixes {
+        tiers.push(ordered(&|r| {
+            r.hosts.iter().any(|h| *h == HostPattern::Suffix(s.into()))
+        }));
+    }
+    tiers.push(ordered(&|r| r.hosts.is_empty()));
+    let mut method_miss = None;
+    for tier in tiers {
+        for i in tier {
+            let r = &routes[i];
+            if !path_matches(&r.path, path) {
+                continue;
+            }
+            if r.methods.is_empty() || r.methods.contains(method) {
+                return RouteMatch::Found(i);
+            }
+            method_miss.get_or_insert(i);
+        }
+    }
+    method_miss.map_or(RouteMatch::NotFound, RouteMatch::MethodNotAllowed)
+}
+
+#[test]
+fn indexed_tables_agree_with_a_linear_scan() {
+    use rand::{Rng, SeedableRng, seq::SliceRandom};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let hosts = ["a.example.com", "b.a.example.com", "example.com", "x.org"];
+    let host_rules = [
+        "a.example.com",
+        "'*.example.com'",
+        "'*.a.example.com'",
+        "x.org",
+    ];
+    let paths = [
+        "/", "/a", "/a/", "/a/b", "/a/b/", "/a/b/c", "/ab", "/a/bc", "/b", "/b/a", "*",
+    ];
+    let methods = [Method::GET, Method::POST, Method::DELETE];
+    for round in 0..40 {
+        let mut yaml = String::new();
+        // Validation refuses a route that another one shadows exactly: no duplicates.
+        let mut seen = std::collections::HashSet::new();
+        for k in 0..rng.gen_range(1..25) {
+            let mut m = Vec::new();
+            if rng.gen_bool(0.5) {
+                let n = rng.gen_range(1..3);
+                let mut hs: Vec<&str> = host_rules.choose_multiple(&mut rng, n).copied().collect();
+                hs.sort();
+                m.push(format!("hosts: [{}]", hs.join(", ")));
+            }
+            let p = paths[rng.gen_range(0..paths.len() - 1)];
+            match rng.gen_range(0..4) {
+                0 => m.push(format!("path: {p}")),
+                1 => m.push(format!("path_prefix: {p}")),
+                2 => m.push(format!("path_regex: '^{p}[a-z]*$'")),
+                _ => {}
+            }
+            if rng.gen_bool(0.4) {
+                m.push(["methods: [GET]", "methods: [POST, DELETE]"][rng.gen_range(0..2)].into());
+            }
+            let m = m.join(", ");
+            if seen.insert(m.clone()) {
+                yaml.push_str(&format!(
+                    "  - {{name: r{k}, upstream: u, match: {{{m}}}}}\n"
+                ));
+            }
+        }
+        let r = router(&yaml);
+        for host in hosts {
+            for path in paths {
+                for method in &methods {
+                    assert_eq!(
+                        r.find(host, path, method),
+                        linear_find(r.routes(), host, path, method),
+                        "round {round}: {method} {host}{path} with routes\n{yaml}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -333,7 +333,8 @@ impl Upstream {
         if cap > 0 && self.in_flight() >= cap {
             return Err(Unavailable::Overloaded);
         }
-        let m = self.members();
+        // A borrowed snapshot: no reference-count traffic on the shared member set per pick.
+        let m = self.members.load();
         let now = Instant::now();
         let health = self.config.health.as_ref();
         let any_healthy = health.is_none() || m.backends.iter().any(|b| b.is_healthy());

@@ -4,7 +4,6 @@
 //! after its CRC32. Removing one of N backends only moves the keys that backend owned (~1/N).
 //! A refused backend hands the key to the next distinct backend on the ring.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use pingora_ketama::{Bucket, Continuum};
@@ -15,13 +14,16 @@ use super::{Select, scale_weights};
 /// points (~1.3 MB) whatever the configured weights.
 const MAX_TOTAL_WEIGHT: u64 = 1000;
 
+/// Backends a failover walk tracks on the stack; larger upstreams use a heap bitmap then.
+const STACK_BACKENDS: usize = 256;
+
 /// Ketama consistent hashing.
 pub struct Consistent {
     n: usize,
-    /// Points on the ring: a walk longer than this has seen every backend.
-    points: usize,
     ring: Continuum,
-    index: HashMap<SocketAddr, usize>,
+    /// The backend index of each ring point (Pingora's ring answers with addresses; looking
+    /// those up per request cost a hash of the address).
+    owner: Box<[u32]>,
 }
 
 impl std::fmt::Debug for Consistent {
@@ -41,11 +43,27 @@ impl Consistent {
             .zip(&weights)
             .map(|(&a, &w)| Bucket::new(a, w as u32))
             .collect();
+        let ring = Continuum::new(&buckets);
+        let index: std::collections::HashMap<SocketAddr, u32> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| (a, i as u32))
+            .collect();
+        let points = weights.iter().map(|&w| w as usize * 160).sum::<usize>();
+        // Pingora dedups colliding points, so the ring may be shorter than `points`; a walk
+        // from point 0 visits each once, then wraps.
+        let mut owner = Vec::with_capacity(points);
+        let mut idx = 0;
+        while let Some(a) = ring.get_addr(&mut idx) {
+            owner.push(index[a]);
+            if idx == 0 {
+                break;
+            }
+        }
         Consistent {
             n: addrs.len(),
-            points: weights.iter().map(|&w| w as usize * 160).sum(),
-            ring: Continuum::new(&buckets),
-            index: addrs.iter().enumerate().map(|(i, &a)| (a, i)).collect(),
+            ring,
+            owner: owner.into(),
         }
     }
 }
@@ -57,26 +75,36 @@ impl Select for Consistent {
         _load: &dyn Fn(usize) -> usize,
         accept: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
-        let first = self
-            .ring
-            .node(key)
-            .and_then(|a| self.index.get(&a).copied())?;
+        if self.owner.is_empty() {
+            return None;
+        }
+        let start = self.ring.node_idx(key);
+        let first = self.owner[start] as usize;
         if accept(first) {
             return Some(first);
         }
         // Walk the ring for the next distinct backends; at most every point once.
-        let mut offered = vec![false; self.n];
-        offered[first] = true;
+        let mut stack = [0u64; STACK_BACKENDS / 64];
+        let mut heap = Vec::new();
+        let offered: &mut [u64] = if self.n <= STACK_BACKENDS {
+            &mut stack
+        } else {
+            heap.resize(self.n.div_ceil(64), 0u64);
+            &mut heap
+        };
+        offered[first / 64] |= 1 << (first % 64);
         let mut left = self.n - 1;
-        for addr in self.ring.node_iter(key).take(self.points) {
-            let i = self.index[addr];
-            if offered[i] {
+        let len = self.owner.len();
+        for step in 1..len {
+            let i = self.owner[(start + step) % len] as usize;
+            let bit = 1 << (i % 64);
+            if offered[i / 64] & bit != 0 {
                 continue;
             }
             if accept(i) {
                 return Some(i);
             }
-            offered[i] = true;
+            offered[i / 64] |= bit;
             left -= 1;
             if left == 0 {
                 break;
@@ -93,7 +121,11 @@ mod tests {
 
     fn addrs(n: usize) -> Vec<SocketAddr> {
         (0..n)
-            .map(|i| format!("127.0.0.{}:80", i + 1).parse().unwrap())
+            .map(|i| {
+                format!("127.0.{}.{}:80", i / 250, i % 250 + 1)
+                    .parse()
+                    .unwrap()
+            })
             .collect()
     }
 
@@ -102,6 +134,47 @@ mod tests {
         addrs(c.n)[c
             .select(key.as_bytes(), &as_load(&load), &|_| true)
             .unwrap()]
+    }
+
+    #[test]
+    fn picks_what_pingoras_ring_answers() {
+        for n in [1, 3, 100, 300] {
+            let all = addrs(n);
+            let weights: Vec<u32> = (0..n).map(|i| i as u32 % 4 + 1).collect();
+            let c = Consistent::new(&weights, &all);
+            let load = idle(n);
+            for k in 0..2000 {
+                let key = format!("198.51.100.{k}");
+                let i = c
+                    .select(key.as_bytes(), &as_load(&load), &|_| true)
+                    .unwrap();
+                assert_eq!(
+                    Some(all[i]),
+                    c.ring.node(key.as_bytes()),
+                    "{n} backends, {key}"
+                );
+            }
+            // Failover goes to the next distinct backend on Pingora's ring, on the heap
+            // bitmap too (more than 256 backends).
+            let key = b"user-42";
+            let first = c.select(key, &as_load(&load), &|_| true).unwrap();
+            let next: Vec<usize> = c
+                .ring
+                .node_iter(key)
+                .take(c.owner.len())
+                .map(|a| all.iter().position(|x| x == a).unwrap())
+                .collect();
+            let want = next.iter().copied().find(|&i| i != first);
+            assert_eq!(c.select(key, &as_load(&load), &|i| i != first), want);
+            let last = next.into_iter().fold(Vec::new(), |mut seen, i| {
+                if !seen.contains(&i) {
+                    seen.push(i);
+                }
+                seen
+            });
+            let only = *last.last().unwrap();
+            assert_eq!(c.select(key, &as_load(&load), &|i| i == only), Some(only));
+        }
     }
 
     #[test]

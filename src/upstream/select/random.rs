@@ -1,8 +1,28 @@
 //! `random`: a uniformly random pick, in proportion to the weights.
+//!
+//! The numbers come from a per-thread wyrand generator seeded once from the OS-seeded
+//! `rand::random`: a pick needs spread, not unpredictability, and `rand`'s ChaCha-based
+//! `thread_rng` cost more than the whole pick is allowed to.
 
-use rand::Rng;
+use std::cell::Cell;
 
 use super::{Select, probe_from};
+
+thread_local! {
+    static STATE: Cell<u64> = Cell::new(rand::random::<u64>() | 1);
+}
+
+/// A uniformly distributed integer in `0..n` (`n > 0`): wyrand, reduced by multiply-shift
+/// (Lemire), whose bias is below 2^-32 for any realistic `n`.
+fn below(n: u64) -> u64 {
+    let r = STATE.with(|s| {
+        let x = s.get().wrapping_add(0xa076_1d64_78bd_642f);
+        s.set(x);
+        let t = u128::from(x) * u128::from(x ^ 0xe703_7ed1_a0b4_28db);
+        (t as u64) ^ ((t >> 64) as u64)
+    });
+    ((u128::from(r) * u128::from(n)) >> 64) as u64
+}
 
 /// Weighted random selection.
 #[derive(Debug)]
@@ -44,11 +64,10 @@ impl Select for Random {
         if self.n == 0 {
             return None;
         }
-        let mut rng = rand::thread_rng();
         let first = match self.cumulative.last() {
-            None => rng.gen_range(0..self.n),
+            None => below(self.n as u64) as usize,
             Some(&total) => {
-                let point = rng.gen_range(0..total);
+                let point = below(total);
                 self.cumulative.partition_point(|&c| c <= point)
             }
         };
