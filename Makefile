@@ -176,7 +176,7 @@ bench-profile: deps-bench bench-build
 # needs nightly -Z flags: RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. The default
 # sanitizer is none (safe Rust; faster on two cores); FUZZ_SANITIZER=address also works on stable.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= config normalize_path head request
+FUZZ_TARGETS ?= config normalize_path head request framing
 FUZZ_SANITIZER ?= none
 FUZZ_ARGS ?= -timeout=10 -rss_limit_mb=2048 -max_len=8192
 FUZZ := RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
@@ -195,6 +195,7 @@ fuzz: deps-fuzz
 	  mkdir -p fuzz/corpus/$$t; \
 	  dirs=""; for d in fuzz/seeds/$$t fuzz/regressions/$$t; do [ -d $$d ] && dirs="$$dirs $$d"; done; \
 	  [ $$t = config ] && dirs="$$dirs conf tests/fixtures/invalid"; \
+	  [ $$t = framing ] && dirs="$$dirs fuzz/seeds/request"; \
 	  echo "fuzz: $$t for $(FUZZ_SECONDS)s"; \
 	  $(FUZZ) run -s $(FUZZ_SANITIZER) $$t fuzz/corpus/$$t $$dirs -- \
 	    -max_total_time=$(FUZZ_SECONDS) $(FUZZ_ARGS) -print_final_stats=1 2>&1 \

@@ -10,6 +10,7 @@
 //! | [`normalize_path`] | [`routing::normalize_path`] | agrees with a byte-level model; output absolute, idempotent, no `//`, `.`, `..` |
 //! | [`head`] | the head checks, `Cookie` joining, hop-by-hop and forwarding stripping, the `_` policy | an accepted head satisfies RFC 9112 framing/Host/target rules |
 //! | [`request`] | Pingora's HTTP/1 parser, then the gateway's phases and filter chain | answers are well-formed; a forwarded request is origin-form, normalised, stripped |
+//! | [`framing`] | the connection guard's HTTP/1 reader (`wire::framing`) | the same verdict and message boundaries however the bytes are split; an accepted head is one Pingora's parser accepts too |
 
 use std::sync::{Arc, OnceLock};
 
@@ -284,7 +285,7 @@ pub fn head(input: &Head) {
         }
     }
     headers::drop_forwarding(&mut req);
-    for n in headers::FORWARDING {
+    for n in &headers::FORWARDING {
         assert!(!req.headers.contains_key(n), "{n} survived drop_forwarding");
     }
 
@@ -704,5 +705,79 @@ mod tests {
         ] {
             normalize_path(p.as_bytes());
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// framing
+// ---------------------------------------------------------------------------------------------
+
+/// What [`crate::wire::framing::Framing`] made of a byte stream: message ends, then the verdict.
+fn frame(
+    data: &[u8],
+    split: usize,
+) -> (
+    Vec<usize>,
+    Result<crate::wire::framing::Phase, crate::wire::framing::Violation>,
+) {
+    use crate::wire::framing::{Framing, Limits, Phase};
+    let limits = Limits {
+        max_request_line: 256,
+        max_header_size: 1024,
+        max_header_count: 16,
+        h2c: data.first().is_some_and(|b| b & 1 == 1),
+    };
+    let mut f = Framing::new(limits);
+    let mut ends = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let piece = &data[pos..(pos + split.max(1)).min(data.len())];
+        let mut off = 0;
+        while off < piece.len() {
+            match f.feed(&piece[off..]) {
+                Err(v) => return (ends, Err(v)),
+                Ok(fed) => {
+                    assert!(fed.used <= piece.len() - off, "fed more than given");
+                    off += fed.used;
+                    if fed.complete {
+                        ends.push(pos + off);
+                    } else if fed.used == 0 {
+                        assert!(
+                            matches!(f.phase(), Phase::AwaitUpgrade | Phase::Opaque),
+                            "stalled in {:?}",
+                            f.phase()
+                        );
+                        return (ends, Ok(f.phase()));
+                    }
+                }
+            }
+        }
+        pos += piece.len();
+    }
+    (ends, Ok(f.phase()))
+}
+
+/// The connection guard's reader: any split of the input gives the same boundaries and
+/// verdict, boundaries increase, a refusal has one of the guard's statuses, and every head it
+/// accepts as complete is one httparse (Pingora's parser) accepts too.
+pub fn framing(data: &[u8]) {
+    let whole = frame(data, data.len());
+    for split in [1, 3, 17] {
+        assert_eq!(frame(data, split), whole, "split {split} disagrees");
+    }
+    let (ends, verdict) = whole;
+    assert!(ends.windows(2).all(|w| w[0] < w[1]));
+    if let Err(v) = verdict {
+        assert!([400, 414, 431, 505].contains(&v.status), "{v:?}");
+    }
+    // The first message: if its head ended in the input, httparse must parse that head.
+    if let Some(&end) = ends.first() {
+        let mut fields = [httparse::EMPTY_HEADER; 16];
+        let mut req = httparse::Request::new(&mut fields);
+        let parsed = req.parse(&data[..end]);
+        assert!(
+            matches!(parsed, Ok(httparse::Status::Complete(_))),
+            "the guard accepted a head httparse refuses: {parsed:?}"
+        );
     }
 }

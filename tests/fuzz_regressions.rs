@@ -48,3 +48,9 @@ fn normalize_path_inputs() {
 fn request_inputs() {
     replay("request", tollgate::fuzzing::request, &[]);
 }
+
+#[test]
+fn framing_inputs() {
+    // The request seeds are raw request streams too.
+    replay("request", tollgate::fuzzing::framing, &[]);
+}
