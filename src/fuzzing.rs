@@ -674,40 +674,6 @@ async fn check_answer(client: DuplexStream) {
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_fuzz_gateway_answers_and_forwards() {
-        request(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n");
-        request(b"GET /api/v1/x?api_key=key-one-0001 HTTP/1.1\r\nHost: api.example.com\r\n\r\n");
-        request(b"GET /jwt HTTP/1.1\r\nHost: a.test\r\n\r\n");
-        request(b"GET /x HTTP/1.1\r\nHost: plain.example.com\r\n\r\n");
-        let mut with_response = b"GET /exact HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
-        with_response.extend_from_slice(RESPONSE_MARKER);
-        with_response.extend_from_slice(b"HTTP/1.1 404 Nope\r\nKeep-Alive: 5\r\n\r\n");
-        request(&with_response);
-    }
-
-    #[test]
-    fn the_model_agrees_on_the_unit_cases() {
-        for p in [
-            "/",
-            "/a/../b",
-            "/%2e%2e/x",
-            "/a%2fb",
-            "/a%zz",
-            "*",
-            "a",
-            "//x//",
-            "/a/.",
-        ] {
-            normalize_path(p.as_bytes());
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // framing
 // ---------------------------------------------------------------------------------------------
@@ -779,5 +745,39 @@ pub fn framing(data: &[u8]) {
             matches!(parsed, Ok(httparse::Status::Complete(_))),
             "the guard accepted a head httparse refuses: {parsed:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fuzz_gateway_answers_and_forwards() {
+        request(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        request(b"GET /api/v1/x?api_key=key-one-0001 HTTP/1.1\r\nHost: api.example.com\r\n\r\n");
+        request(b"GET /jwt HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        request(b"GET /x HTTP/1.1\r\nHost: plain.example.com\r\n\r\n");
+        let mut with_response = b"GET /exact HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        with_response.extend_from_slice(RESPONSE_MARKER);
+        with_response.extend_from_slice(b"HTTP/1.1 404 Nope\r\nKeep-Alive: 5\r\n\r\n");
+        request(&with_response);
+    }
+
+    #[test]
+    fn the_model_agrees_on_the_unit_cases() {
+        for p in [
+            "/",
+            "/a/../b",
+            "/%2e%2e/x",
+            "/a%2fb",
+            "/a%zz",
+            "*",
+            "a",
+            "//x//",
+            "/a/.",
+        ] {
+            normalize_path(p.as_bytes());
+        }
     }
 }
