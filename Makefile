@@ -80,7 +80,7 @@ doc: deps
 
 # Soak and chaos: 10 minutes of mixed traffic while backends are killed and restarted and the
 # configuration reloads every 2 s; prints a summary line (docs/testing.md#soak-and-chaos). Not
-# part of `make test`, whose `cargo test` runs the same test for 20 s.
+# part of `make test`, whose `cargo test` runs the same test with 15 s of chaos.
 SOAK_SECS ?= 600
 soak: deps
 	TOLLGATE_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --test soak -- --nocapture
