@@ -282,16 +282,16 @@ async fn serve(mut stream: TcpStream, st: Arc<State>) -> std::io::Result<()> {
             read_body(&mut stream, &mut buf, n, &mut hasher, &mut body_len).await?;
         }
         let body_sha256 = hasher.finalize().to_vec();
-        let b = st.behavior.lock().unwrap().for_path(&path).clone();
         st.received.lock().unwrap().push(Received {
             head,
             method: method.clone(),
-            path,
+            path: path.clone(),
             headers: headers.clone(),
             body_len,
             body_sha256: body_sha256.clone(),
         });
         st.count.fetch_add(1, Ordering::SeqCst);
+        let b = st.behavior.lock().unwrap().for_path(&path).clone();
         served += 1;
         if (b.drop_reused && served > 1) || b.close_without_answer {
             st.active.fetch_sub(1, Ordering::SeqCst);
