@@ -396,3 +396,34 @@ fn only_http11_upgrades_wait_and_an_early_101_ends_the_body() {
     assert!(f.feed(b"bc").unwrap().complete);
     assert_eq!((f.phase(), f.awaiting_answer()), (Phase::Head, false));
 }
+
+/// A bounded, seeded stand-in for the `framing` fuzz target inside `cargo test`: mutations of
+/// valid request streams through the same checks (split-invariance, statuses, httparse).
+#[test]
+fn mutated_streams_keep_the_fuzz_properties() {
+    use rand::{Rng, SeedableRng};
+    let seeds: [&[u8]; 4] = [
+        b"GET /a?b=c HTTP/1.1\r\nHost: a.test\r\nX-A: 1\r\n\r\nGET / HTTP/1.0\r\n\r\n",
+        b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nT: v\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello",
+    ];
+    let alphabet = b" \t\r\n:;0aF#\x00\x7f\xc3/*-";
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7011_6a7e);
+    for i in 0..3000 {
+        let mut data = seeds[i % seeds.len()].to_vec();
+        for _ in 0..rng.gen_range(1..4) {
+            let at = rng.gen_range(0..=data.len());
+            let b = alphabet[rng.gen_range(0..alphabet.len())];
+            match rng.gen_range(0..3) {
+                0 => data.insert(at, b),
+                1 if at < data.len() => {
+                    data.remove(at);
+                }
+                _ if at < data.len() => data[at] = b,
+                _ => data.push(b),
+            }
+        }
+        crate::fuzzing::framing(&data);
+    }
+}
