@@ -6,7 +6,6 @@
 //! in `benches/` (docs/performance.md, "Micro-benchmarks").
 
 use std::alloc::System;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::Method;
@@ -16,8 +15,12 @@ use tollgate::Config;
 use tollgate::config::Balance;
 use tollgate::proxy::headers;
 use tollgate::routing::{RouteMatch, Router};
-use tollgate::upstream::Upstream;
 use tollgate::upstream::select;
+
+#[path = "../benches/support/fixtures.rs"]
+mod fixtures;
+
+use fixtures::{ALGORITHMS, addrs, upstream};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -59,47 +62,6 @@ fn allocations_with<I, R>(mut setup: impl FnMut() -> I, mut op: impl FnMut(I) ->
         })
         .min()
         .unwrap_or(0)
-}
-
-const ALGORITHMS: [(&str, Balance); 5] = [
-    ("round_robin", Balance::RoundRobin),
-    ("weighted", Balance::Weighted),
-    ("consistent_hash", Balance::ConsistentHash),
-    ("random", Balance::Random),
-    ("least_connections", Balance::LeastConnections),
-];
-
-fn addrs(n: usize) -> Vec<SocketAddr> {
-    (0..n)
-        .map(|i| SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 8080)))
-        .collect()
-}
-
-fn upstream(balance: &str, n: usize) -> Upstream {
-    // Round robin refuses weights (they would have no effect).
-    let weighted = balance != "round_robin";
-    let backends: String = addrs(n)
-        .iter()
-        .enumerate()
-        .map(|(i, a)| match weighted {
-            true => format!("      - {{ address: \"{a}\", weight: {} }}\n", i % 5 + 1),
-            false => format!("      - {{ address: \"{a}\" }}\n"),
-        })
-        .collect();
-    let hash_key = match balance {
-        "consistent_hash" => "    hash_key: client_ip\n",
-        _ => "",
-    };
-    let yaml = format!(
-        "listeners: [{{address: 127.0.0.1:1}}]\n\
-         upstreams:\n  pool:\n    balance: {balance}\n{hash_key}\
-         \x20   health_check: {{ kind: http, path: /healthz, interval: 2s }}\n\
-         \x20   circuit_breaker: {{ consecutive_failures: 5, open_for: 10s }}\n\
-         \x20   backends:\n{backends}\
-         routes: [{{name: all, upstream: pool}}]\n"
-    );
-    let cfg = Config::from_yaml(&yaml, "test").unwrap_or_else(|e| panic!("{e}"));
-    Upstream::new(&cfg.upstreams[0])
 }
 
 fn balancers() {

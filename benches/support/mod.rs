@@ -8,6 +8,8 @@
 //! Each bench binary uses only some of these helpers.
 #![allow(dead_code)]
 
+pub mod fixtures;
+
 use std::alloc::System;
 
 use criterion::Criterion;
