@@ -223,6 +223,15 @@ pub fn metrics() -> &'static Metrics {
                 ),
             ),
         };
+        // Every label value the guard uses exists from the start (at 0), so rates and alerts
+        // see a series before the first refusal.
+        for status in [400, 408, 414, 431, 505] {
+            m.protocol_refusals
+                .with_label_values(&[status_label(status)]);
+        }
+        for limit in ["global", "per_ip"] {
+            m.connections_refused.with_label_values(&[limit]);
+        }
         let build = reg(
             r,
             IntGaugeVec::new(
