@@ -144,8 +144,10 @@ ifeq ($(BENCH_DEBUG),1)
 BENCH_DIR := target/debug
 BENCH_BUILD_FLAGS :=
 endif
+# (--examples: the examples use dev-dependencies, so the features unify as in `make unit` and
+# the debug build reuses what the tests built instead of rebuilding the dependencies.)
 bench-build: deps
-	$(CARGO) build $(BENCH_BUILD_FLAGS) --bin tollgate --example bare_proxy
+	$(CARGO) build $(BENCH_BUILD_FLAGS) --bin tollgate --examples
 
 # make bench: proxybench's small-GET table, then the six macro scenarios of bench/macro.py
 # (several minutes). BENCH_SMOKE=1 make bench (= make bench-smoke): every scenario for about a

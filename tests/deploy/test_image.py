@@ -109,6 +109,7 @@ def test_code_change_reuses_the_dependency_layer(image, tmp_path):
     for f in ("Dockerfile", ".dockerignore", "Cargo.toml", "Cargo.lock"):
         shutil.copy(ROOT / f, ctx / f)
     shutil.copytree(ROOT / "src", ctx / "src")
+    shutil.copytree(ROOT / "benches", ctx / "benches")
     (ctx / "conf").mkdir()
     shutil.copy(ROOT / "conf" / "container.yaml", ctx / "conf")
     with open(ctx / "src" / "main.rs", "a") as f:
