@@ -299,10 +299,10 @@ impl Framing {
                     }
                     let b = data[i];
                     i += 1;
-                    if self.phase() == Phase::Head {
+                    let was_head = self.phase() == Phase::Head;
+                    if was_head {
                         self.head += 1;
                     }
-                    let was_head = self.phase() == Phase::Head;
                     if self.byte(b)? {
                         return Ok(Fed {
                             used: i,
