@@ -96,10 +96,20 @@ impl AccessLog {
 
     /// Queue one entry; never blocks.
     pub fn log(&self, e: &Entry<'_>) {
-        let line = match self.format {
-            AccessLogFormat::Json => serde_json::to_string(e).unwrap_or_default(),
-            AccessLogFormat::Text => text(e),
-        };
+        // Formatted into a per-thread buffer, then copied into a line of exactly its length:
+        // one allocation per line (it crosses to the writer thread), none for growing it.
+        let line = SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            match self.format {
+                AccessLogFormat::Json => {
+                    if serde_json::to_writer(&mut *buf, e).is_err() {
+                        buf.clear();
+                    }
+                }
+                AccessLogFormat::Text => text(buf, e),
+            }
+            String::from_utf8_lossy(buf).into_owned()
+        });
         match self.tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -109,10 +119,21 @@ impl AccessLog {
     }
 }
 
-fn text(e: &Entry<'_>) -> String {
-    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
-    format!(
-        "time={} request_id={} client={} method={} host={:?} path={:?} status={} bytes_in={} bytes_out={} route={} upstream={} backend={} attempts={} retries={} upstream_ms={} total_ms={:.3} unavailable={} cache={} error={:?}",
+thread_local! {
+    /// Each worker's formatting buffer (a line is a few hundred bytes).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(1024));
+}
+
+fn dash(v: &str) -> &str {
+    if v.is_empty() { "-" } else { v }
+}
+
+/// `e` as one `key=value` line, appended to `out`.
+fn text(out: &mut Vec<u8>, e: &Entry<'_>) {
+    // Writing to a Vec cannot fail.
+    let _ = write!(
+        out,
+        "time={} request_id={} client={} method={} host={:?} path={:?} status={} bytes_in={} bytes_out={} route={} upstream={} backend={} attempts={} retries={} upstream_ms=",
         e.time,
         e.request_id,
         e.client,
@@ -122,25 +143,24 @@ fn text(e: &Entry<'_>) -> String {
         e.status,
         e.bytes_in,
         e.bytes_out,
-        if e.route.is_empty() { "-" } else { e.route },
-        if e.upstream.is_empty() {
-            "-"
-        } else {
-            e.upstream
-        },
-        if e.backend.is_empty() {
-            "-"
-        } else {
-            &e.backend
-        },
+        dash(e.route),
+        dash(e.upstream),
+        dash(e.backend),
         e.attempts,
         e.retries,
-        opt(e.upstream_ms),
+    );
+    let _ = match e.upstream_ms {
+        Some(v) => write!(out, "{v:.3}"),
+        None => write!(out, "-"),
+    };
+    let _ = write!(
+        out,
+        " total_ms={:.3} unavailable={} cache={} error={:?}",
         e.total_ms,
         e.unavailable.unwrap_or("-"),
         e.cache.unwrap_or("-"),
         e.error.as_deref().unwrap_or(""),
-    )
+    );
 }
 
 fn writer(rx: Receiver<String>, mut out: BufWriter<Box<dyn Write + Send>>) {
@@ -205,7 +225,9 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&entry()).unwrap()).unwrap();
         assert_eq!(json["path"], "/p?q=\"x\"");
         assert_eq!(json["upstream_ms"], 1.5);
-        let t = text(&entry());
+        let mut t = Vec::new();
+        text(&mut t, &entry());
+        let t = String::from_utf8(t).unwrap();
         assert!(
             t.contains("path=\"/p?q=\\\"x\\\"\"") && t.contains("upstream_ms=1.500"),
             "{t}"

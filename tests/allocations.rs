@@ -8,13 +8,20 @@
 use std::alloc::System;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use http::Method;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::HttpModules;
+use pingora::proxy::{ProxyHttp, Session};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+use tokio::io::AsyncWriteExt;
 use tollgate::Config;
 use tollgate::config::Balance;
-use tollgate::proxy::headers;
+use tollgate::proxy::{Gateway, headers};
 use tollgate::routing::{RouteMatch, Router};
+use tollgate::runtime::RuntimeState;
 use tollgate::upstream::select;
 
 #[path = "../benches/support/fixtures.rs"]
@@ -172,9 +179,179 @@ fn header_hygiene() {
     assert_eq!(a, OPS, "forwarded_for: one allocation (the value) per call");
 }
 
+/// The gateway's own hooks for one proxied `GET` on bench/realistic.yaml's `app` route (several
+/// routes, round robin, breaker, retries, metrics, JSON access log), as `pingora_proxy` calls
+/// them: what each hook allocates, the boxed future of Pingora's `async_trait` `ProxyHttp`
+/// included. Pingora's own work (parsing, the session, the connection) is outside the counts.
+fn gateway_hooks() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/realistic.yaml"))
+            .unwrap()
+            .replace("/tmp/tollgate-realistic", dir.path().to_str().unwrap());
+    let config = Config::from_yaml(&yaml, "bench/realistic.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let gw = Gateway::new(Arc::new(ArcSwap::from_pointee(RuntimeState::new(config))));
+    let mut modules = HttpModules::new();
+    gw.init_downstream_modules(&mut modules);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut per_hook = [0usize; HOOKS.len()];
+    let rounds: Vec<[usize; HOOKS.len()]> = (0..ROUNDS + 1)
+        .map(|_| {
+            let mut counts = [0usize; HOOKS.len()];
+            for _ in 0..REQUESTS {
+                rt.block_on(one_request(&gw, &modules, &mut counts));
+            }
+            counts
+        })
+        .collect();
+    // The first round warms up (lazily created metric children, the breaker's window).
+    for (i, slot) in per_hook.iter_mut().enumerate() {
+        *slot = rounds[1..].iter().map(|r| r[i]).min().unwrap_or(0) / REQUESTS;
+    }
+    let report: Vec<String> = HOOKS
+        .iter()
+        .zip(per_hook)
+        .map(|(h, n)| format!("{h} {n}"))
+        .collect();
+    eprintln!(
+        "allocations per request in the gateway's hooks: {}",
+        report.join(", ")
+    );
+    for (hook, n) in HOOKS.iter().zip(per_hook) {
+        let bound = hook_bound(hook);
+        assert!(
+            n <= bound,
+            "{hook}: {n} allocations per request (at most {bound}); all: {report:?}"
+        );
+    }
+}
+
+const REQUESTS: usize = 200;
+
+/// The hooks of a proxied request, in the order Pingora calls them.
+const HOOKS: [&str; 10] = [
+    "early_request_filter",
+    "request_header_module",
+    "request_filter",
+    "request_cache_filter",
+    "upstream_peer",
+    "upstream_request_filter",
+    "upstream_response_filter",
+    "response_filter",
+    "response_header_module",
+    "logging",
+];
+
+/// What each hook may allocate per request, and why it must. Of the 31 allocations, 3 are
+/// ours: the request id (shared by the upstream request, the response and the log), the
+/// `X-Forwarded-For` value and the access log line (it crosses to the writer thread). The rest
+/// is Pingora's API: the boxed future of each `async_trait` hook (`ProxyHttp`, `HttpModule`),
+/// the `Box<HttpPeer>` `upstream_peer` returns, and `insert_header`, which builds every
+/// non-standard header name twice (a `HeaderName` from bytes, and its copy for the header-case
+/// map), and grows the header map of the request Pingora cloned for the upstream (a clone has no
+/// spare room). docs/performance.md, "Allocations per request".
+fn hook_bound(hook: &str) -> usize {
+    match hook {
+        // The future; the request id.
+        "early_request_filter" => 2,
+        // The future.
+        "request_header_module" | "response_header_module" => 1,
+        "request_filter" | "upstream_response_filter" => 1,
+        "request_cache_filter" => 0,
+        // The future, `Box<HttpPeer>`.
+        "upstream_peer" => 2,
+        // The future, the `X-Forwarded-For` value, 4 names × 2 (`X-Forwarded-For`, `-Proto`,
+        // `-Host`, `X-Request-Id`), 8 for growing the header map and its case map.
+        "upstream_request_filter" => 18,
+        // The future, `X-Request-Id` × 2.
+        "response_filter" => 3,
+        // The future, the access log line.
+        "logging" => 2,
+        _ => 0,
+    }
+}
+
+/// One request through the hooks, adding each hook's allocations to `counts`.
+async fn one_request(gw: &Gateway, modules: &HttpModules, counts: &mut [usize; HOOKS.len()]) {
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    client
+        .write_all(
+            b"GET /index.html HTTP/1.1\r\nHost: bench\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut session = Session::new_h1_with_modules(Box::new(server), modules);
+    assert!(session.read_request().await.unwrap());
+    let mut ctx = gw.new_ctx();
+    let counted = |i: usize, counts: &mut [usize; HOOKS.len()], region: Region<'_, System>| {
+        let c = region.change();
+        counts[i] += c.allocations + c.reallocations;
+    };
+    let r = Region::new(GLOBAL);
+    gw.early_request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap();
+    counted(0, counts, r);
+    let r = Region::new(GLOBAL);
+    let req = session.downstream_session.req_header_mut();
+    session
+        .downstream_modules_ctx
+        .request_header_filter(req)
+        .await
+        .unwrap();
+    counted(1, counts, r);
+    let r = Region::new(GLOBAL);
+    assert!(!gw.request_filter(&mut session, &mut ctx).await.unwrap());
+    counted(2, counts, r);
+    let r = Region::new(GLOBAL);
+    gw.request_cache_filter(&mut session, &mut ctx).unwrap();
+    counted(3, counts, r);
+    let r = Region::new(GLOBAL);
+    let peer = gw.upstream_peer(&mut session, &mut ctx).await.unwrap();
+    counted(4, counts, r);
+    drop(peer);
+    let mut upstream_request = session.req_header().clone();
+    let r = Region::new(GLOBAL);
+    gw.upstream_request_filter(&mut session, &mut upstream_request, &mut ctx)
+        .await
+        .unwrap();
+    counted(5, counts, r);
+    assert!(upstream_request.headers.contains_key("x-forwarded-for"));
+    let mut response = ResponseHeader::build(200, Some(4)).unwrap();
+    response
+        .append_header("Content-Type", "text/plain")
+        .unwrap();
+    response.append_header("Content-Length", "1024").unwrap();
+    let r = Region::new(GLOBAL);
+    gw.upstream_response_filter(&mut session, &mut response, &mut ctx)
+        .await
+        .unwrap();
+    counted(6, counts, r);
+    let r = Region::new(GLOBAL);
+    gw.response_filter(&mut session, &mut response, &mut ctx)
+        .await
+        .unwrap();
+    counted(7, counts, r);
+    let r = Region::new(GLOBAL);
+    session
+        .downstream_modules_ctx
+        .response_header_filter(&mut response, false)
+        .await
+        .unwrap();
+    counted(8, counts, r);
+    assert!(response.headers.contains_key("x-request-id"));
+    let r = Region::new(GLOBAL);
+    gw.logging(&mut session, None, &mut ctx).await;
+    counted(9, counts, r);
+}
+
 #[test]
-fn hot_paths_allocate_nothing_per_request() {
+fn hot_paths_allocate_only_what_they_must() {
     balancers();
     routing();
     header_hygiene();
+    gateway_hooks();
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::proxy::attempt::Attempt;
 use crate::proxy::client::ClientInfo;
-use crate::proxy::observe::{ConnectionGuard, RequestGuard};
+use crate::proxy::observe::RequestGuard;
 use crate::runtime::RuntimeState;
 use crate::upstream::{Unavailable, Upstream};
 
@@ -16,7 +16,7 @@ pub struct RequestCtx {
     /// The configuration snapshot this request runs on (taken in `early_request_filter`).
     pub state: Option<Arc<RuntimeState>>,
     /// Request id: the trusted client's, or generated.
-    pub request_id: String,
+    pub request_id: super::request_id::RequestId,
     /// Peer and resolved client.
     pub client: Option<ClientInfo>,
     /// Index of the matched route.
@@ -53,8 +53,6 @@ pub struct RequestCtx {
     pub last_backend: Option<SocketAddr>,
     /// Time from choosing the last backend to its response head.
     pub upstream_time: Option<Duration>,
-    /// The client connection's gauge guard (handed to the next request on keep-alive).
-    pub connection: Option<Arc<ConnectionGuard>>,
     /// The in-flight gauge guard.
     pub in_flight: Option<RequestGuard>,
     /// Filters' per-request state.

@@ -89,7 +89,10 @@ pub async fn respond_with(
 ) -> Result<()> {
     let body = json_body(message, request_id);
     let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
-    h.insert_header("content-type", "application/json")?;
+    h.insert_header(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    )?;
     h.insert_header("content-length", body.len().to_string())?;
     h.insert_header("x-request-id", request_id)?;
     for (k, v) in extra {

@@ -1,8 +1,8 @@
 //! Header hygiene at the proxy boundary: hop-by-hop stripping (RFC 9110 §7.6.1) and the
 //! forwarding headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`).
 
-use http::HeaderName;
 use http::header::{CONNECTION, UPGRADE};
+use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
 /// Hop-by-hop fields that are removed even when `Connection` does not name them. Static
@@ -80,8 +80,8 @@ pub fn strip_request(req: &mut RequestHeader) {
     }
     if websocket {
         // Infallible: static, valid values.
-        let _ = req.insert_header(CONNECTION, "upgrade");
-        let _ = req.insert_header(UPGRADE, "websocket");
+        let _ = req.insert_header(CONNECTION, HeaderValue::from_static("upgrade"));
+        let _ = req.insert_header(UPGRADE, HeaderValue::from_static("websocket"));
     }
 }
 
@@ -96,7 +96,7 @@ pub fn strip_response(resp: &mut ResponseHeader) {
         resp.remove_header(name);
     }
     if switching && let Some(up) = upgrade {
-        let _ = resp.insert_header(CONNECTION, "upgrade");
+        let _ = resp.insert_header(CONNECTION, HeaderValue::from_static("upgrade"));
         let _ = resp.insert_header(UPGRADE, up);
     }
 }

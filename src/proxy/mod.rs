@@ -22,7 +22,7 @@ pub mod error;
 mod filter_chain;
 pub mod headers;
 pub(crate) mod hygiene;
-mod observe;
+pub(crate) mod observe;
 pub mod request_id;
 mod resilience;
 
@@ -75,9 +75,6 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.started = Some(std::time::Instant::now());
         ctx.in_flight = Some(observe::RequestGuard::start());
-        if ctx.connection.is_none() {
-            ctx.connection = Some(Arc::new(observe::ConnectionGuard::open()));
-        }
         let state = self.state.load_full();
         let client = client::resolve(
             &state,
@@ -311,19 +308,20 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let client = ctx.client.expect("set in early_request_filter");
-        let peer = client.peer.to_string();
-        let xff = headers::forwarded_for(upstream_request, client.trusted, &peer);
+        let peer = observe::Inline::display(client.peer);
+        let xff = headers::forwarded_for(upstream_request, client.trusted, peer.as_str());
         upstream_request.insert_header("x-forwarded-for", xff)?;
         if !(client.trusted && upstream_request.headers.contains_key("x-forwarded-proto")) {
             let proto = if ctx.tls { "https" } else { "http" };
-            upstream_request.insert_header("x-forwarded-proto", proto)?;
+            upstream_request
+                .insert_header("x-forwarded-proto", http::HeaderValue::from_static(proto))?;
         }
         if !(client.trusted && upstream_request.headers.contains_key("x-forwarded-host"))
             && let Some(host) = ctx.host.clone()
         {
             upstream_request.insert_header("x-forwarded-host", host)?;
         }
-        upstream_request.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        upstream_request.insert_header(request_id::HEADER, ctx.request_id.header_value())?;
         // The upstream always gets origin-form: a rewritten path, or the client's absolute-form
         // target (`GET http://host/p`, whose authority Pingora already checked against Host;
         // an HTTP/2 request's `:authority`, copied to Host) cut down to its path and query.
@@ -365,7 +363,8 @@ impl ProxyHttp for Gateway {
                 .as_ref()
                 .is_some_and(|u| u.config.protocol != UpstreamProtocol::Http1)
         {
-            upstream_request.insert_header(http::header::TE, "trailers")?;
+            upstream_request
+                .insert_header(http::header::TE, http::HeaderValue::from_static("trailers"))?;
         }
         if ctx
             .upstream
@@ -373,7 +372,10 @@ impl ProxyHttp for Gateway {
             .is_some_and(|u| u.config.pool_size == 0)
             && !headers::is_websocket_upgrade(upstream_request)
         {
-            upstream_request.insert_header(http::header::CONNECTION, "close")?;
+            upstream_request.insert_header(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            )?;
         }
         Ok(())
     }
@@ -407,7 +409,7 @@ impl ProxyHttp for Gateway {
             }
         }
         caching::status(session, ctx, upstream_response)?;
-        upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())
+        upstream_response.insert_header(request_id::HEADER, ctx.request_id.header_value())
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -417,29 +419,6 @@ impl ProxyHttp for Gateway {
         // is complete.
         if let Some(guard) = session.as_downstream().stream().and_then(GuardedStream::of) {
             guard.response_done();
-        }
-    }
-
-    fn persist_connection_context(
-        &self,
-        _session: &Session,
-        ctx: &RequestCtx,
-    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
-        // The connection gauge guard rides along to the next request on this keep-alive
-        // connection; Pingora drops it with the connection, which decrements the gauge.
-        ctx.connection
-            .as_ref()
-            .map(|g| Box::new(Arc::clone(g)) as Box<dyn std::any::Any + Send + Sync>)
-    }
-
-    fn on_connection_reuse(
-        &self,
-        _session: &mut Session,
-        ctx: &mut RequestCtx,
-        prev_ctx: Box<dyn std::any::Any + Send + Sync>,
-    ) {
-        if let Ok(guard) = prev_ctx.downcast::<Arc<observe::ConnectionGuard>>() {
-            ctx.connection = Some(*guard);
         }
     }
 

@@ -1,6 +1,6 @@
 //! What the `logging` phase records: request metrics and the access log line. Plus two gauge
-//! guards: open client connections (carried across keep-alive requests in Pingora's
-//! per-connection context, so it drops when the connection does) and requests in flight.
+//! guards: open client connections (held by the connection guard, `wire::admission`, for the
+//! connection's life: HTTP/1 and HTTP/2 alike, with no per-request work) and requests in flight.
 
 use pingora::prelude::*;
 
@@ -125,7 +125,7 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
 /// A short value (an address, a timestamp) formatted on the stack: `to_string()` would
 /// allocate for every finished request.
 #[derive(Clone, Copy)]
-struct Inline {
+pub(crate) struct Inline {
     buf: [u8; 80],
     len: usize,
 }
@@ -142,7 +142,7 @@ impl Default for Inline {
 impl Inline {
     /// `v` as text; empty in the impossible case that it does not fit (the longest socket
     /// address is 64 bytes).
-    fn display(v: impl std::fmt::Display) -> Inline {
+    pub(crate) fn display(v: impl std::fmt::Display) -> Inline {
         use std::fmt::Write;
         let mut s = Inline::default();
         if write!(s, "{v}").is_err() {
@@ -151,7 +151,7 @@ impl Inline {
         s
     }
 
-    fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
     }
 }

@@ -178,11 +178,13 @@ pub fn response_received(
         return Ok(());
     };
     let policy = &upstream.config.retry;
+    // The common case (a status not to retry) allocates nothing.
+    if !policy.statuses.contains(&status) || ctx.retries >= policy.attempts {
+        return Ok(());
+    }
     let mut excluded = ctx.excluded.clone();
     excluded.push(attempt.backend().addr);
-    if policy.statuses.contains(&status)
-        && ctx.retries < policy.attempts
-        && may_resend(session, &upstream)
+    if may_resend(session, &upstream)
         && upstream.has_alternative(&excluded)
         && upstream.budget_retry()
     {

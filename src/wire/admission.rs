@@ -182,6 +182,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
                 return None;
             }
         };
+        let _open = crate::proxy::observe::ConnectionGuard::open();
         let mut stream = if stream.selected_alpn_proto() == Some(ALPN::H2) {
             stream
         } else {
