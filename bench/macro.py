@@ -30,7 +30,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Ports away from proxybench's 9001/91xx, so both can run on one machine.
 UP1, UP2, WS_UP, SINK = 19001, 19002, 19005, 19006
-PORT = {"nginx": 19101, "haproxy": 19102, "bare-pingora": 19100, "tollgate": 19103}
+PORT = {"nginx": 19101, "haproxy": 19102, "bare-pingora": 19100, "bare-mimalloc": 19099, "tollgate": 19103}
 ADMIN = 19901
 SMALL, BIG, MIB = 1024, 100 * 1024, 1 << 20
 
@@ -238,9 +238,11 @@ def start_contestant(name, d, bins, ws=False):
         return Proc(name, ["nginx", "-c", f"{d}/nginx.conf"], PORT[name], d)
     if name == "haproxy":
         return Proc(name, ["haproxy", "-f", f"{d}/haproxy.cfg"], PORT[name], d)
-    if name == "bare-pingora":  # round robin over every backend it is given: the WS upstream alone for WS
+    if name in ("bare-pingora", "bare-mimalloc"):
+        # round robin over every backend it is given: the WS upstream alone for WS
         ups = f"127.0.0.1:{WS_UP}" if ws else f"127.0.0.1:{UP1},127.0.0.1:{UP2}"
-        return Proc(name, [bins["bare"], "-c", f"{d}/pingora.yaml"], PORT[name], d,
+        binary = bins["bare"] if name == "bare-pingora" else bins["bare_mimalloc"]
+        return Proc(name, [binary, "-c", f"{d}/pingora.yaml"], PORT[name], d,
                     env={"UPSTREAMS": ups, "LISTEN": f"127.0.0.1:{PORT[name]}"})
     if name == "tollgate":
         p = Proc(name, [bins["tollgate"], "-c", f"{d}/tollgate.yaml"], PORT[name], d)
@@ -615,6 +617,9 @@ def verdicts(r):
               s["bare-pingora"]["cpu_us"], 1.10)
         ratio("small GET CPU/req tollgate / bare Pingora (own choices)", s["tollgate"]["cpu_us"],
               s["bare-pingora"]["cpu_us"], 0.90)
+    if "tollgate" in s and "bare-mimalloc" in s:
+        v.append("small GET CPU/req tollgate / bare Pingora with mimalloc (the allocator held equal): "
+                 f"{s['tollgate']['cpu_us'] / s['bare-mimalloc']['cpu_us']:.2f}")
     if "tollgate" in s and "nginx" in s:
         v.append(f"small GET CPU/req tollgate / nginx: {s['tollgate']['cpu_us'] / s['nginx']['cpu_us']:.2f}")
     c = r.get("cache", {})
@@ -752,6 +757,8 @@ def profile(a, d, bins):
                 inclusive(a, d, n, procs[n])
             if a.keep_perf:
                 shutil.copy(f"{d}/{n}.perf", os.path.join(a.keep_perf, f"{n}.perf"))
+                if a.dwarf:  # for callers: perf report -i X.dwarf --no-children -S SYMBOL -G
+                    shutil.copy(f"{d}/{n}.dwarf", os.path.join(a.keep_perf, f"{n}.dwarf"))
     finally:
         for p in procs.values():
             p.stop()
@@ -791,7 +798,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="every scenario briefly; fail only on no number")
     ap.add_argument("--only", default="small,big,cache,conns,stream,rate")
-    ap.add_argument("--contestants", default="nginx,haproxy,bare-pingora,tollgate")
+    ap.add_argument("--contestants", default="nginx,haproxy,bare-pingora,bare-mimalloc,tollgate")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=6)
     ap.add_argument("--conns", type=int, default=64)
@@ -804,6 +811,8 @@ def main():
     ap.add_argument("--rate", type=float, default=0, help="fixed rate instead of 50%% of nginx's max")
     ap.add_argument("--tollgate", default=f"{ROOT}/target/release/tollgate")
     ap.add_argument("--bare", default=f"{ROOT}/target/release/examples/bare_proxy")
+    ap.add_argument("--bare-mimalloc", default="",
+                    help="bare_proxy built with mimalloc (default: bare_proxy_mimalloc beside --bare)")
     ap.add_argument("--config", default=f"{HERE}/realistic.yaml")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=BINARY[:CONFIG]",
                     help="another tollgate build (or configuration) as a contestant, e.g. an A/B")
@@ -822,15 +831,18 @@ def main():
     if a.smoke:
         a.rounds, a.seconds, a.conns, a.big_conns, a.upload_conns = 1, 1, 8, 2, 2
         a.idle, a.ws, a.settle, a.stream_mib = 100, 100, 0.2, 16
-    bins = {"tollgate": a.tollgate, "bare": a.bare, "config": a.config, "variants": {}}
+    a.bare_mimalloc = a.bare_mimalloc or os.path.join(os.path.dirname(a.bare), "bare_proxy_mimalloc")
+    bins = {"tollgate": a.tollgate, "bare": a.bare, "bare_mimalloc": a.bare_mimalloc,
+            "config": a.config, "variants": {}}
     for v in a.variant:
         name, rest = v.split("=", 1)
         binary, _, config = rest.partition(":")
         bins["variants"][name] = (binary, config)
     a.contestants += "".join("," + n for n in bins["variants"] if n not in a.contestants.split(","))
-    for b in (a.tollgate, a.bare):
+    needed = [a.tollgate, a.bare] + ([a.bare_mimalloc] if "bare-mimalloc" in a.contestants.split(",") else [])
+    for b in needed:
         if not os.access(b, os.X_OK):
-            sys.exit(f"{b} missing: cargo build --release --bin tollgate --example bare_proxy")
+            sys.exit(f"{b} missing: cargo build --release --bin tollgate --examples")
     d = tempfile.mkdtemp(prefix="tollgate-macro-")
     write_configs(d, bins)
     if a.profile:

@@ -31,7 +31,8 @@ impl ProxyHttp for Bare {
     }
 }
 
-fn main() {
+/// Runs the proxy until it is told to stop (also the `main` of `bare_proxy_mimalloc`).
+pub fn main() {
     let upstreams = std::env::var("UPSTREAMS").unwrap_or_else(|_| "127.0.0.1:9001".into());
     let listen = std::env::var("LISTEN").unwrap_or_else(|_| "127.0.0.1:9100".into());
     let mut server = Server::new(Some(Opt::parse_args())).expect("server");

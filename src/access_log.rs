@@ -108,7 +108,11 @@ impl AccessLog {
                 }
                 AccessLogFormat::Text => text(buf, e),
             }
-            String::from_utf8_lossy(buf).into_owned()
+            // Always UTF-8 (JSON, or text of `&str`s); checked without the lossy path's cost.
+            match std::str::from_utf8(buf) {
+                Ok(line) => line.to_owned(),
+                Err(_) => String::from_utf8_lossy(buf).into_owned(),
+            }
         });
         match self.tx.try_send(line) {
             Ok(()) => {}
