@@ -470,3 +470,59 @@ async fn a_head_that_starts_near_the_keep_alive_timeout_completes() {
         idle.1
     );
 }
+
+/// `tollgate_downstream_connections` until it reads `want` (the gateway sees a close a moment
+/// after the client makes it), or 5 s.
+async fn open_connections_reach(gw: &common::TestGateway, want: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = common::metric(&gw.metrics().await, "tollgate_downstream_connections");
+        if now == want || Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_connection_gauge_counts_connections_not_requests() {
+    let up = Upstream::start().await;
+    let gw = GatewayConfig::new(one_route(up.addr))
+        .listener("h2c: true")
+        .start();
+    // The harness's readiness probes have closed.
+    assert_eq!(open_connections_reach(&gw, 0.0).await, 0.0);
+    let total =
+        || async { common::metric(&gw.metrics().await, "tollgate_downstream_connections_total") };
+    let before = total().await;
+    // Two HTTP/1 connections with three requests each (keep-alive) ...
+    let addr = gw.addr;
+    let h1 = tokio::task::spawn_blocking(move || {
+        (0..2)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                for _ in 0..3 {
+                    s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                        .unwrap();
+                    let r = read_response(&mut s);
+                    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+                }
+                s
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    // ... and one HTTP/2 connection with three streams.
+    let mut h2 = common::tls::h2c(addr).await.unwrap();
+    for _ in 0..3 {
+        let req = http::Request::get("http://a.test/").body(()).unwrap();
+        let (resp, _) = h2.send_request(req, true).unwrap();
+        assert_eq!(resp.await.unwrap().status(), 200);
+    }
+    assert_eq!(open_connections_reach(&gw, 3.0).await, 3.0);
+    assert_eq!(total().await - before, 3.0);
+    drop(h1);
+    drop(h2);
+    assert_eq!(open_connections_reach(&gw, 0.0).await, 0.0);
+}
