@@ -92,9 +92,7 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
     let path = req.uri.path_and_query().map_or("", |p| p.as_str());
-    let time = Inline::display(humantime::format_rfc3339_millis(
-        std::time::SystemTime::now(),
-    ));
+    let time = timestamp(std::time::SystemTime::now());
     let client = ctx
         .client
         .map(|c| Inline::display(c.client_ip))
@@ -120,6 +118,39 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         cache: ctx.cache_status.map(|s| s.header()),
         error: e.map(|e| e.to_string()),
     });
+}
+
+/// `t` as RFC 3339 UTC with milliseconds (`2026-12-01T15:04:05.123Z`). The part up to the
+/// seconds is formatted once per second per thread; each request only writes its milliseconds.
+fn timestamp(t: std::time::SystemTime) -> Inline {
+    thread_local! {
+        static SECOND: std::cell::Cell<(u64, Inline)> = std::cell::Cell::new((u64::MAX, Inline::default()));
+    }
+    let since = t
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let (secs, millis) = (since.as_secs(), since.subsec_millis());
+    let (cached, mut text) = SECOND.get();
+    if cached != secs {
+        // "….SSZ" without the milliseconds: humantime writes `YYYY-MM-DDTHH:MM:SSZ`.
+        let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        text = Inline::display(humantime::format_rfc3339_seconds(whole));
+        text.len = text.len.saturating_sub(1);
+        SECOND.set((secs, text));
+    }
+    let digits = [
+        b'.',
+        b'0' + (millis / 100) as u8,
+        b'0' + (millis / 10 % 10) as u8,
+        b'0' + (millis % 10) as u8,
+        b'Z',
+    ];
+    let end = text.len + digits.len();
+    if let Some(room) = text.buf.get_mut(text.len..end) {
+        room.copy_from_slice(&digits);
+        text.len = end;
+    }
+    text
 }
 
 /// A short value (an address, a timestamp) formatted on the stack: `to_string()` would
@@ -170,7 +201,7 @@ impl std::fmt::Write for Inline {
 
 #[cfg(test)]
 mod tests {
-    use super::Inline;
+    use super::{Inline, timestamp};
     use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 
     #[test]
@@ -183,5 +214,20 @@ mod tests {
         let t = humantime::format_rfc3339_millis(std::time::SystemTime::UNIX_EPOCH);
         assert_eq!(Inline::display(t).as_str(), "1970-01-01T00:00:00.000Z");
         assert_eq!(Inline::display("x".repeat(81)).as_str(), "");
+    }
+
+    #[test]
+    fn timestamps_match_humantime_across_seconds() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let start = 1_764_600_000_000u64; // 2025-12-01, in milliseconds
+        // Steps that stay within a second, cross one, and repeat one (the per-thread cache).
+        for ms in [
+            0, 1, 999, 1000, 1001, 1999, 1001, 59_999, 60_000, 86_399_999, 86_400_000,
+        ] {
+            let t = UNIX_EPOCH + Duration::from_millis(start + ms);
+            let want = humantime::format_rfc3339_millis(t).to_string();
+            assert_eq!(timestamp(t).as_str(), want, "{ms}");
+        }
+        assert_eq!(timestamp(UNIX_EPOCH).as_str(), "1970-01-01T00:00:00.000Z");
     }
 }
