@@ -6,6 +6,8 @@
 //! `FilterCtx`. Local filters finish on their first poll; what is measured is their work plus
 //! the boxed future `async_trait` makes per call.
 //!
+//! Also the access log's line formatting.
+//!
 //! `cargo bench --bench filters`; allocations per operation are printed before each timing.
 
 mod support;
@@ -20,6 +22,8 @@ use std::task::{Context, Poll, Waker};
 use criterion::{Criterion, criterion_group, criterion_main};
 use pingora::http::{RequestHeader, ResponseHeader};
 use tollgate::Config;
+use tollgate::access_log::{Entry, format_line};
+use tollgate::config::AccessLogFormat;
 use tollgate::filters::{Filter, FilterCtx, Outcome};
 use tollgate::proxy::headers;
 
@@ -164,5 +168,42 @@ fn hygiene(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, chain, hygiene);
+/// A typical access log line, formatted into a reused buffer: ours against `serde_json`'s.
+fn access_log(c: &mut Criterion) {
+    let e = Entry {
+        time: "2026-12-01T16:00:00.123Z",
+        request_id: "0193a1b2c3d4e5f60718293a4b5c6d7e",
+        client: "198.51.100.7",
+        method: "GET",
+        host: "api.example.com",
+        path: "/api/v1/items?page=2",
+        status: 200,
+        bytes_in: 0,
+        bytes_out: 1024,
+        route: "api",
+        upstream: "u",
+        backend: "127.0.0.1:8080",
+        attempts: 1,
+        retries: 0,
+        upstream_ms: Some(0.412),
+        total_ms: 0.538,
+        unavailable: None,
+        cache: None,
+        error: None,
+    };
+    let mut line = Vec::with_capacity(1024);
+    support::bench(c, "access_log/json_line", || {
+        line.clear();
+        format_line(AccessLogFormat::Json, black_box(&e), &mut line);
+        line.len()
+    });
+    support::bench(c, "access_log/json_line_serde_json", || {
+        line.clear();
+        serde_json::to_writer(&mut line, black_box(&e)).unwrap();
+        line.push(b'\n');
+        line.len()
+    });
+}
+
+criterion_group!(benches, chain, hygiene, access_log);
 criterion_main!(benches);

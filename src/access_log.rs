@@ -111,15 +111,7 @@ impl AccessLog {
     pub fn log(&self, e: &Entry<'_>) {
         SCRATCH.with_borrow_mut(|line| {
             line.clear();
-            match self.format {
-                AccessLogFormat::Json => {
-                    if serde_json::to_writer(&mut *line, e).is_err() {
-                        return;
-                    }
-                }
-                AccessLogFormat::Text => text(line, e),
-            }
-            line.push(b'\n');
+            format_line(self.format, e, line);
             if !append(&mut self.shared.pending.lock(), line, MAX_PENDING) {
                 metrics().access_log_dropped.inc();
             }
@@ -166,6 +158,113 @@ fn writer(shared: &Shared, mut out: Box<dyn Write + Send>) {
             return;
         }
     }
+}
+
+/// `e` as one line in `format`, ending in `\n`, appended to `out`.
+pub fn format_line(format: AccessLogFormat, e: &Entry<'_>, out: &mut Vec<u8>) {
+    match format {
+        AccessLogFormat::Json => json(out, e),
+        AccessLogFormat::Text => text(out, e),
+    }
+    out.push(b'\n');
+}
+
+/// `e` as one JSON object, appended to `out`: the bytes `serde_json` writes for `Entry` (a test
+/// holds the two equal), without its per-field serializer calls.
+fn json(out: &mut Vec<u8>, e: &Entry<'_>) {
+    let mut ints = itoa::Buffer::new();
+    let mut int = |out: &mut Vec<u8>, key: &[u8], v: u64| {
+        out.extend_from_slice(key);
+        out.extend_from_slice(ints.format(v).as_bytes());
+    };
+    out.extend_from_slice(b"{\"time\":");
+    json_str(out, e.time);
+    out.extend_from_slice(b",\"request_id\":");
+    json_str(out, e.request_id);
+    out.extend_from_slice(b",\"client\":");
+    json_str(out, e.client);
+    out.extend_from_slice(b",\"method\":");
+    json_str(out, e.method);
+    out.extend_from_slice(b",\"host\":");
+    json_str(out, e.host);
+    out.extend_from_slice(b",\"path\":");
+    json_str(out, e.path);
+    int(out, b",\"status\":", e.status.into());
+    int(out, b",\"bytes_in\":", e.bytes_in as u64);
+    int(out, b",\"bytes_out\":", e.bytes_out as u64);
+    out.extend_from_slice(b",\"route\":");
+    json_str(out, e.route);
+    out.extend_from_slice(b",\"upstream\":");
+    json_str(out, e.upstream);
+    out.extend_from_slice(b",\"backend\":");
+    json_str(out, e.backend);
+    int(out, b",\"attempts\":", e.attempts as u64);
+    int(out, b",\"retries\":", e.retries as u64);
+    out.extend_from_slice(b",\"upstream_ms\":");
+    match e.upstream_ms {
+        Some(v) => json_f64(out, v),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"total_ms\":");
+    json_f64(out, e.total_ms);
+    out.extend_from_slice(b",\"unavailable\":");
+    json_opt_str(out, e.unavailable);
+    out.extend_from_slice(b",\"cache\":");
+    json_opt_str(out, e.cache);
+    out.extend_from_slice(b",\"error\":");
+    json_opt_str(out, e.error.as_deref());
+    out.push(b'}');
+}
+
+fn json_opt_str(out: &mut Vec<u8>, v: Option<&str>) {
+    match v {
+        Some(v) => json_str(out, v),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// As `serde_json`: shortest round-trip form, `null` for NaN and infinities.
+fn json_f64(out: &mut Vec<u8>, v: f64) {
+    if v.is_finite() {
+        out.extend_from_slice(zmij::Buffer::new().format_finite(v).as_bytes());
+    } else {
+        out.extend_from_slice(b"null");
+    }
+}
+
+/// A JSON string as `serde_json` escapes it: `"`, `\\` and the C0 controls; the rest as is.
+fn json_str(out: &mut Vec<u8>, v: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let bytes = v.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short = match b {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            0x08 => b'b',
+            0x0c => b'f',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            0..=0x1f => b'u',
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.push(b'\\');
+        out.push(short);
+        if short == b'u' {
+            out.extend_from_slice(&[
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
 }
 
 fn dash(v: &str) -> &str {
@@ -233,6 +332,68 @@ mod tests {
             cache: Some("HIT"),
             error: None,
         }
+    }
+
+    /// The hand-written JSON line is byte for byte what `serde_json` makes of the `Entry`.
+    #[test]
+    fn json_lines_match_serde_json() {
+        let all_ascii: String = (0u8..0x80).map(char::from).collect();
+        let strings = [
+            "",
+            "plain",
+            "/p?q=\"x\"&b=\\",
+            all_ascii.as_str(),
+            "caf\u{e9} \u{1F600} \u{2028}\u{7f}",
+        ];
+        let floats = [
+            0.0,
+            -0.0,
+            1.5,
+            2.0,
+            0.1 + 0.2,
+            1e-7,
+            123_456_789.125,
+            1e21,
+            f64::NAN,
+            f64::INFINITY,
+            f64::MIN_POSITIVE,
+        ];
+        let error = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let mut n = 0;
+        for (i, s) in strings.iter().enumerate() {
+            for (j, f) in floats.iter().enumerate() {
+                let mut e = entry();
+                e.time = s;
+                e.request_id = strings[(i + 1) % strings.len()];
+                e.client = s;
+                e.method = s;
+                e.host = s;
+                e.path = strings[(i + j) % strings.len()];
+                e.route = s;
+                e.upstream = s;
+                e.backend = s;
+                e.status = [0, 200, 599, u16::MAX][j % 4];
+                e.bytes_in = [0, 1, usize::MAX][j % 3];
+                e.bytes_out = j * 1_000_003;
+                e.attempts = j;
+                e.retries = i;
+                e.upstream_ms = (j % 2 == 0).then_some(*f);
+                e.total_ms = *f;
+                e.unavailable = [None, Some("breaker_open")][j % 2];
+                e.cache = [None, Some("HIT"), Some("STALE")][j % 3];
+                e.error = error(strings[(i + 2) % strings.len()]);
+                let mut ours = Vec::new();
+                format_line(AccessLogFormat::Json, &e, &mut ours);
+                let mut theirs = serde_json::to_vec(&e).unwrap();
+                theirs.push(b'\n');
+                assert_eq!(
+                    String::from_utf8_lossy(&ours),
+                    String::from_utf8_lossy(&theirs)
+                );
+                n += 1;
+            }
+        }
+        assert_eq!(n, strings.len() * floats.len());
     }
 
     #[test]

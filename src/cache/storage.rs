@@ -12,6 +12,11 @@
 //!   pingora-cache's LRU manager admits it against `cache.max_size` and has the least recently
 //!   used entries purged here (`PurgeType::Eviction`). Objects still being written are not in
 //!   the weight yet: each is bounded by the route's `max_object_size`.
+//! - **Meta** is stored serialized (its size is what the LRU weighs) and, when it can be rebuilt
+//!   exactly through pingora-cache's public API, also decoded once: a hit then builds its
+//!   `CacheMeta` from the decoded copy instead of decompressing the header per hit (`CacheMeta` is
+//!   not `Clone`). "Exactly" is checked at store time: the rebuilt meta must serialize to the
+//!   stored bytes, or every hit decodes as before.
 //! - **Entries** carry ids, so an eviction decided for an older copy never removes a newer one.
 //! - **Purge** by primary key removes every variant (`Vary`) of it and abandons writes in
 //!   progress, which then never land.
@@ -32,7 +37,9 @@ use pingora::cache::storage::{
 };
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, Storage};
+use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorType, Result};
+use std::time::SystemTime;
 use tokio::sync::watch;
 
 /// Bytes counted per entry on top of its body and header (maps, `Arc`s, chunk list, LRU node).
@@ -48,10 +55,83 @@ fn slot_of(key: &impl CacheHashKey) -> Slot {
 /// Finished objects of one primary key, by variance.
 type Variants = HashMap<Option<HashBinary>, Arc<Entry>>;
 
+/// An object's meta as stored: serialized, plus a decoded copy when one rebuilds it exactly.
+struct StoredMeta {
+    /// `CacheMeta::serialize`: internal meta and compressed header.
+    bytes: (Vec<u8>, Vec<u8>),
+    template: Option<MetaTemplate>,
+}
+
+/// What `CacheMeta::new` and its setters need to rebuild a meta without decoding it.
+struct MetaTemplate {
+    fresh_until: SystemTime,
+    created: SystemTime,
+    stale_while_revalidate_sec: u32,
+    stale_if_error_sec: u32,
+    variance: Option<HashBinary>,
+    epoch_override: Option<SystemTime>,
+    /// The header as decoding the stored bytes gives it, so a hit sees what it always saw.
+    header: ResponseHeader,
+}
+
+impl MetaTemplate {
+    fn build(&self) -> CacheMeta {
+        let mut meta = CacheMeta::new(
+            self.fresh_until,
+            self.created,
+            self.stale_while_revalidate_sec,
+            self.stale_if_error_sec,
+            self.header.clone(),
+        );
+        if let Some(v) = self.variance {
+            meta.set_variance(v);
+        }
+        if let Some(e) = self.epoch_override {
+            meta.set_epoch_override(e);
+        }
+        meta
+    }
+}
+
+impl StoredMeta {
+    fn new(meta: &CacheMeta) -> Result<StoredMeta> {
+        let bytes = meta.serialize()?;
+        let decoded = CacheMeta::deserialize(&bytes.0, &bytes.1)?;
+        let template = MetaTemplate {
+            fresh_until: decoded.fresh_until(),
+            created: decoded.created(),
+            stale_while_revalidate_sec: decoded.stale_while_revalidate_sec(),
+            stale_if_error_sec: decoded.stale_if_error_sec(),
+            variance: decoded.variance(),
+            epoch_override: decoded.epoch_override(),
+            header: decoded.response_header_copy(),
+        };
+        // `new` sets `updated` and the provenance to `created`: a meta revalidated since (or
+        // with fields a later pingora-cache adds) serializes differently and is decoded per hit.
+        let exact = template.build().serialize()?.0 == bytes.0;
+        Ok(StoredMeta {
+            bytes,
+            template: exact.then_some(template),
+        })
+    }
+
+    /// The meta for one hit.
+    fn to_meta(&self) -> Result<CacheMeta> {
+        match &self.template {
+            Some(t) => Ok(t.build()),
+            None => CacheMeta::deserialize(&self.bytes.0, &self.bytes.1),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.0.len() + self.bytes.1.len()
+    }
+}
+
 /// A finished object.
 struct Entry {
     id: u64,
-    meta: (Vec<u8>, Vec<u8>),
+    meta: Arc<StoredMeta>,
     body: Arc<[Bytes]>,
     body_len: usize,
     weight: usize,
@@ -67,7 +147,7 @@ struct Progress {
 /// An object being written.
 struct Partial {
     id: u64,
-    meta: (Vec<u8>, Vec<u8>),
+    meta: Arc<StoredMeta>,
     chunks: RwLock<Vec<Bytes>>,
     progress: watch::Receiver<Progress>,
 }
@@ -178,7 +258,7 @@ impl Storage for MemoryStorage {
             .and_then(|v| v.get(&slot.1).cloned());
         match entry {
             Some(e) => {
-                let meta = CacheMeta::deserialize(&e.meta.0, &e.meta.1)?;
+                let meta = e.meta.to_meta()?;
                 let end = e.body_len;
                 Ok(Some((
                     meta,
@@ -222,7 +302,7 @@ impl Storage for MemoryStorage {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<MissHandler> {
-        let meta = meta.serialize()?;
+        let meta = Arc::new(StoredMeta::new(meta)?);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(Progress {
             chunks: 0,
@@ -276,12 +356,12 @@ impl Storage for MemoryStorage {
         _trace: &SpanHandle,
     ) -> Result<bool> {
         let (primary, variance) = slot_of(key);
-        let meta = meta.serialize()?;
+        let meta = Arc::new(StoredMeta::new(meta)?);
         let mut entries = self.entries.write();
         let Some(old) = entries.get_mut(&primary).and_then(|v| v.get_mut(&variance)) else {
             return Ok(false);
         };
-        let weight = old.body_len + meta.0.len() + meta.1.len() + ENTRY_OVERHEAD;
+        let weight = old.body_len + meta.len() + ENTRY_OVERHEAD;
         self.bytes.fetch_add(weight, Ordering::Relaxed);
         self.bytes.fetch_sub(old.weight, Ordering::Relaxed);
         *old = Arc::new(Entry {
@@ -304,7 +384,7 @@ impl Storage for MemoryStorage {
 }
 
 fn partial_hit(p: Arc<Partial>) -> Result<(CacheMeta, HitHandler)> {
-    let meta = CacheMeta::deserialize(&p.meta.0, &p.meta.1)?;
+    let meta = p.meta.to_meta()?;
     let progress = p.progress.clone();
     Ok((
         meta,
@@ -487,7 +567,7 @@ impl HandleMiss for Writer {
             complete: true,
         });
         let meta = &self.partial.meta;
-        let weight = self.body_len + meta.0.len() + meta.1.len() + ENTRY_OVERHEAD;
+        let weight = self.body_len + meta.len() + ENTRY_OVERHEAD;
         let s = self.storage;
         // Still registered, or purged while being written (then it never lands).
         if !self.unregister() {
@@ -561,5 +641,66 @@ pub fn primary_target(primary: HashBinary) -> CompactCacheKey {
         primary,
         variance: None,
         user_tag: "".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn meta() -> CacheMeta {
+        let mut header = ResponseHeader::build(200, None).unwrap();
+        header.append_header("Content-Type", "text/plain").unwrap();
+        header.append_header("x-Custom-Case", "kept").unwrap();
+        header.append_header("set-thing", "a").unwrap();
+        header.append_header("set-thing", "b").unwrap();
+        let created = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        CacheMeta::new(created + Duration::from_secs(60), created, 5, 30, header)
+    }
+
+    /// What a hit gets must serialize to exactly what was stored, decoded or rebuilt.
+    fn round_trip(meta: &CacheMeta) -> bool {
+        let stored = StoredMeta::new(meta).unwrap();
+        let hit = stored.to_meta().unwrap();
+        assert_eq!(hit.serialize().unwrap(), meta.serialize().unwrap());
+        assert_eq!(hit.headers(), meta.headers());
+        assert_eq!(hit.epoch(), meta.epoch());
+        assert_eq!(hit.provenance(), meta.provenance());
+        stored.template.is_some()
+    }
+
+    #[test]
+    fn a_fresh_meta_is_rebuilt_without_decoding() {
+        assert!(round_trip(&meta()));
+    }
+
+    #[test]
+    fn variance_and_epoch_override_are_rebuilt() {
+        let mut m = meta();
+        m.set_variance([7; 16]);
+        assert!(round_trip(&m));
+        m.set_epoch_override(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_010));
+        assert!(round_trip(&m));
+    }
+
+    #[test]
+    fn a_revalidated_meta_is_decoded_per_hit() {
+        // `updated` moves to now, which `CacheMeta::new` cannot express.
+        let mut m = meta();
+        m.update_freshness(SystemTime::now() + Duration::from_secs(60), 0, 0);
+        assert!(!round_trip(&m));
+    }
+
+    #[test]
+    fn every_hit_gets_its_own_meta() {
+        let stored = StoredMeta::new(&meta()).unwrap();
+        let mut first = stored.to_meta().unwrap();
+        first
+            .response_header_mut()
+            .insert_header("age", "3")
+            .unwrap();
+        let second = stored.to_meta().unwrap();
+        assert!(second.headers().get("age").is_none());
     }
 }
