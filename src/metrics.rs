@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::runtime::RuntimeState;
@@ -261,20 +261,21 @@ fn reg<C: prometheus::core::Collector + Clone + 'static>(
     c
 }
 
+/// The `method` label values: the standard methods, then `OTHER`.
+const METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "OTHER",
+];
+
+fn method_index(m: &http::Method) -> usize {
+    METHODS[..METHODS.len() - 1]
+        .iter()
+        .position(|&name| name == m.as_str())
+        .unwrap_or(METHODS.len() - 1)
+}
+
 /// The `method` label: the standard methods, or `OTHER` (client-chosen tokens are unbounded).
 pub fn method_label(m: &http::Method) -> &'static str {
-    match m.as_str() {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        "PATCH" => "PATCH",
-        "OPTIONS" => "OPTIONS",
-        "CONNECT" => "CONNECT",
-        "TRACE" => "TRACE",
-        _ => "OTHER",
-    }
+    METHODS[method_index(m)]
 }
 
 /// A status code as a label value (the codes the connection guard answers; others `other`).
@@ -289,15 +290,89 @@ pub fn status_label(status: u16) -> &'static str {
     }
 }
 
+/// The `status_class` label values, by `status / 100 - 1`; `none` for everything else.
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+fn status_class_index(status: u16) -> usize {
+    match status / 100 {
+        c @ 1..=5 => usize::from(c - 1),
+        _ => STATUS_CLASSES.len() - 1,
+    }
+}
+
 /// The `status_class` label: `1xx`…`5xx`, or `none` when no response was sent.
 pub fn status_class(status: u16) -> &'static str {
-    match status / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        5 => "5xx",
-        _ => "none",
+    STATUS_CLASSES[status_class_index(status)]
+}
+
+/// Values of the `result` label of `tollgate_cache_lookups_total` a route can record.
+pub const CACHE_RESULTS: usize = 6;
+
+/// One route's request metrics, kept with the snapshot. Each series is looked up in its metric
+/// vector (hash the labels, take the vector's lock, clone an `Arc`) once, on first use, instead
+/// of on every finished request; series still appear in `/metrics` only once recorded.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    /// The `route` label (`none` for requests no route took).
+    route: String,
+    duration: OnceLock<Histogram>,
+    bytes_in: OnceLock<IntCounter>,
+    bytes_out: OnceLock<IntCounter>,
+    /// `tollgate_requests_total`, by method and status class.
+    requests: [[OnceLock<IntCounter>; STATUS_CLASSES.len()]; METHODS.len()],
+    /// `tollgate_cache_lookups_total`, by the result's index.
+    cache: [OnceLock<IntCounter>; CACHE_RESULTS],
+}
+
+impl RouteMetrics {
+    /// The metrics of the route labelled `route`.
+    pub fn new(route: &str) -> RouteMetrics {
+        RouteMetrics {
+            route: route.to_string(),
+            duration: OnceLock::new(),
+            bytes_in: OnceLock::new(),
+            bytes_out: OnceLock::new(),
+            requests: Default::default(),
+            cache: Default::default(),
+        }
+    }
+
+    /// One finished request.
+    pub fn record(
+        &self,
+        method: &http::Method,
+        status: u16,
+        seconds: f64,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        let m = metrics();
+        let route = self.route.as_str();
+        let (mi, ci) = (method_index(method), status_class_index(status));
+        self.requests[mi][ci]
+            .get_or_init(|| {
+                m.requests
+                    .with_label_values(&[route, METHODS[mi], STATUS_CLASSES[ci]])
+            })
+            .inc();
+        self.duration
+            .get_or_init(|| m.request_duration.with_label_values(&[route]))
+            .observe(seconds);
+        self.bytes_in
+            .get_or_init(|| m.bytes_in.with_label_values(&[route]))
+            .inc_by(bytes_in);
+        self.bytes_out
+            .get_or_init(|| m.bytes_out.with_label_values(&[route]))
+            .inc_by(bytes_out);
+    }
+
+    /// One cache lookup with result `label`, the `index`th (< [`CACHE_RESULTS`]) of its kind.
+    pub fn cache_lookup(&self, index: usize, label: &'static str) {
+        let route = self.route.as_str();
+        if let Some(slot) = self.cache.get(index) {
+            slot.get_or_init(|| metrics().cache_lookups.with_label_values(&[route, label]))
+                .inc();
+        }
     }
 }
 
@@ -486,7 +561,72 @@ mod tests {
             method_label(&http::Method::from_bytes(b"BREW").unwrap()),
             "OTHER"
         );
+        assert_eq!(method_label(&http::Method::TRACE), "TRACE");
         assert_eq!(status_class(204), "2xx");
+        assert_eq!(status_class(100), "1xx");
+        assert_eq!(status_class(599), "5xx");
         assert_eq!(status_class(0), "none");
+        assert_eq!(status_class(99), "none");
+        assert_eq!(status_class(600), "none");
+    }
+
+    fn series(name: &str, route: &str) -> Vec<(Vec<(String, String)>, f64)> {
+        prometheus::gather()
+            .into_iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().to_vec())
+            .filter(|m| m.get_label().iter().any(|l| l.value() == route))
+            .map(|m| {
+                let labels = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name().to_string(), l.value().to_string()))
+                    .collect();
+                let v = if m.get_counter().has_value() {
+                    m.get_counter().value()
+                } else {
+                    m.get_histogram().get_sample_count() as f64
+                };
+                (labels, v)
+            })
+            .collect()
+    }
+
+    /// A route's handles count into the very series the vectors hold, and make none before
+    /// they are used.
+    #[test]
+    fn route_metrics_record_into_the_labelled_series() {
+        let route = "route-metrics-test";
+        let rm = RouteMetrics::new(route);
+        assert!(series("tollgate_requests_total", route).is_empty());
+        assert!(series("tollgate_request_duration_seconds", route).is_empty());
+        rm.record(&http::Method::GET, 200, 0.01, 3, 1024);
+        rm.record(&http::Method::GET, 204, 0.01, 0, 0);
+        rm.record(&http::Method::from_bytes(b"BREW").unwrap(), 0, 0.5, 0, 0);
+        rm.cache_lookup(0, "hit");
+        let m = metrics();
+        assert_eq!(
+            m.requests.with_label_values(&[route, "GET", "2xx"]).get(),
+            2
+        );
+        assert_eq!(
+            m.requests
+                .with_label_values(&[route, "OTHER", "none"])
+                .get(),
+            1
+        );
+        assert_eq!(m.bytes_in.with_label_values(&[route]).get(), 3);
+        assert_eq!(m.bytes_out.with_label_values(&[route]).get(), 1024);
+        let d = m.request_duration.with_label_values(&[route]);
+        assert_eq!(d.get_sample_count(), 3);
+        assert!((d.get_sample_sum() - 0.52).abs() < 1e-9);
+        assert_eq!(m.cache_lookups.with_label_values(&[route, "hit"]).get(), 1);
+        // A second snapshot's handles for the same route continue the same series.
+        RouteMetrics::new(route).record(&http::Method::GET, 200, 0.0, 0, 0);
+        assert_eq!(
+            m.requests.with_label_values(&[route, "GET", "2xx"]).get(),
+            3
+        );
+        assert_eq!(series("tollgate_requests_total", route).len(), 2);
     }
 }

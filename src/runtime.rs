@@ -14,6 +14,7 @@ use ipnet::IpNet;
 
 use crate::access_log::AccessLog;
 use crate::config::Config;
+use crate::metrics::RouteMetrics;
 use crate::routing::Router;
 use crate::upstream::Upstream;
 
@@ -32,6 +33,9 @@ pub struct RuntimeState {
     /// armed for every request, to parse `Accept-Encoding`).
     pub compression: bool,
     trusted_proxies: Vec<IpNet>,
+    /// Request metrics per route (by index), and for requests no route took.
+    route_metrics: Vec<RouteMetrics>,
+    unrouted_metrics: RouteMetrics,
 }
 
 impl RuntimeState {
@@ -71,7 +75,14 @@ impl RuntimeState {
             .iter()
             .chain(config.routes.iter().flat_map(|r| r.filters.iter()))
             .any(|f| f.compression().is_some());
+        let route_metrics = config
+            .routes
+            .iter()
+            .map(|r| RouteMetrics::new(&r.name))
+            .collect();
         Ok(RuntimeState {
+            route_metrics,
+            unrouted_metrics: RouteMetrics::new("none"),
             compression,
             trusted_proxies: config.trusted_proxies.clone(),
             config: Arc::new(config),
@@ -85,6 +96,13 @@ impl RuntimeState {
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The request metrics of the route at `route`, or of requests no route took.
+    pub fn route_metrics(&self, route: Option<usize>) -> &RouteMetrics {
+        route
+            .and_then(|i| self.route_metrics.get(i))
+            .unwrap_or(&self.unrouted_metrics)
     }
 
     /// The upstream named `name`.

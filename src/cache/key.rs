@@ -13,7 +13,7 @@
 //! every variant.
 
 use http::HeaderName;
-use pingora::cache::key::HashBinary;
+use pingora::cache::key::{CacheHashKey, HashBinary};
 use pingora::cache::{CacheKey, VarianceBuilder};
 use pingora::http::RequestHeader;
 
@@ -50,10 +50,15 @@ fn normalise_authority(host: &str, default_port: u16) -> String {
 /// The key for a request on a caching route; `host` is the client's Host (or target authority).
 pub fn for_request(req: &RequestHeader, host: &str, tls: bool) -> CacheKey {
     let scheme = if tls { "https" } else { "http" };
-    CacheKey::new(
+    let mut key = CacheKey::new(
         primary(scheme, host, req.uri.path(), req.uri.query()),
         String::new(),
-    )
+    );
+    // `primary_bin` hashes the key (Blake2b) on every call, and a hit calls it several times
+    // (storage, LRU, lock): hash it once. The override is that same hash.
+    let hash = key.primary_bin();
+    key.set_primary_bin_override(hash);
+    key
 }
 
 /// The keys of one URL under both schemes (purge and invalidation remove both).

@@ -31,6 +31,8 @@ pub enum CacheStatus {
     Bypass,
 }
 
+const _: () = assert!(CacheStatus::Bypass as usize + 1 == crate::metrics::CACHE_RESULTS);
+
 impl CacheStatus {
     fn of(phase: &CachePhase) -> CacheStatus {
         match phase {
@@ -53,6 +55,11 @@ impl CacheStatus {
             CacheStatus::Revalidated => "REVALIDATED",
             CacheStatus::Bypass => "BYPASS",
         }
+    }
+
+    /// Its place among the `result` label's values (`RouteMetrics::cache_lookup`).
+    pub fn index(self) -> usize {
+        self as usize
     }
 
     /// The `result` label of `tollgate_cache_lookups_total`.

@@ -8,7 +8,7 @@ use crate::proxy::attempt::Attempt;
 use crate::proxy::client::ClientInfo;
 use crate::proxy::observe::RequestGuard;
 use crate::runtime::RuntimeState;
-use crate::upstream::{Unavailable, Upstream};
+use crate::upstream::{Backend, Unavailable, Upstream};
 
 /// What one request has learnt so far. Created empty by `new_ctx`, filled phase by phase.
 #[derive(Debug, Default)]
@@ -50,7 +50,7 @@ pub struct RequestCtx {
     /// When the request head was read.
     pub started: Option<Instant>,
     /// The backend of the last attempt.
-    pub last_backend: Option<SocketAddr>,
+    pub last_backend: Option<Arc<Backend>>,
     /// Time from choosing the last backend to its response head.
     pub upstream_time: Option<Duration>,
     /// The in-flight gauge guard.

@@ -7,7 +7,7 @@ use pingora::prelude::*;
 use super::RequestCtx;
 use super::resilience::unavailable_message;
 use crate::access_log::Entry;
-use crate::metrics::{method_label, metrics, status_class};
+use crate::metrics::metrics;
 
 /// Counts one open client connection until dropped.
 #[derive(Debug)]
@@ -57,33 +57,23 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
     let route = ctx
         .route
         .map_or("", |i| state.router.route(i).name.as_str());
-    let route_label = if route.is_empty() { "none" } else { route };
     let elapsed = ctx.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let (bytes_in, bytes_out) = (session.body_bytes_read(), session.body_bytes_sent());
-    let m = metrics();
-    m.requests
-        .with_label_values(&[route_label, method_label(&req.method), status_class(status)])
-        .inc();
-    m.request_duration
-        .with_label_values(&[route_label])
-        .observe(elapsed);
-    m.bytes_in
-        .with_label_values(&[route_label])
-        .inc_by(bytes_in as u64);
-    m.bytes_out
-        .with_label_values(&[route_label])
-        .inc_by(bytes_out as u64);
+    let rm = state.route_metrics(ctx.route);
+    rm.record(
+        &req.method,
+        status,
+        elapsed,
+        bytes_in as u64,
+        bytes_out as u64,
+    );
     if let Some(status) = ctx.cache_status {
-        m.cache_lookups
-            .with_label_values(&[route_label, status.label()])
-            .inc();
+        rm.cache_lookup(status.index(), status.label());
     }
     let upstream = ctx.upstream.as_ref().map_or("", |u| u.name.as_str());
-    let backend = ctx.last_backend.map(Inline::display).unwrap_or_default();
-    if let Some(t) = ctx.upstream_time {
-        m.upstream_duration
-            .with_label_values(&[upstream, backend.as_str()])
-            .observe(t.as_secs_f64());
+    let backend = ctx.last_backend.as_deref().map_or("", |b| b.label());
+    if let (Some(t), Some(b)) = (ctx.upstream_time, &ctx.last_backend) {
+        b.observe_upstream_duration(upstream, t.as_secs_f64());
     }
     let Some(log) = &state.access_log else { return };
     let host = req
@@ -109,7 +99,7 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         bytes_out,
         route,
         upstream,
-        backend: backend.as_str(),
+        backend,
         attempts: ctx.attempts,
         retries: ctx.retries,
         upstream_ms: ctx.upstream_time.map(|t| t.as_secs_f64() * 1000.0),

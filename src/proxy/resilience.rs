@@ -64,7 +64,7 @@ pub async fn choose(
                 ctx.attempts,
                 pick.backend.in_flight()
             );
-            ctx.last_backend = Some(pick.backend.addr);
+            ctx.last_backend = Some(Arc::clone(&pick.backend));
             let peer = upstream.peer(&pick.backend);
             ctx.attempt = Some(Attempt::start(
                 Arc::clone(upstream),

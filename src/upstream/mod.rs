@@ -16,11 +16,12 @@ mod window;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use pingora::upstreams::peer::HttpPeer;
+use prometheus::Histogram;
 
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use breaker::{Admission, Breaker, BreakerState, Outcome, Transition};
@@ -42,6 +43,10 @@ pub struct Backend {
     breaker: Option<Mutex<Breaker>>,
     /// Breaker transitions into closed, open, half-open.
     transitions: [std::sync::atomic::AtomicU64; 3],
+    /// `addr` as text: the `backend` label and the access log's field.
+    label: Box<str>,
+    /// Its `tollgate_upstream_duration_seconds` series, looked up on first use.
+    duration: OnceLock<Histogram>,
 }
 
 impl Backend {
@@ -55,7 +60,25 @@ impl Backend {
             streak: Mutex::new((0, 0)),
             breaker: cfg.breaker.map(|b| Mutex::new(Breaker::new(b, now))),
             transitions: Default::default(),
+            label: addr.to_string().into(),
+            duration: OnceLock::new(),
         }
+    }
+
+    /// `addr` as text.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Record one attempt's time to the response head, as a backend of `upstream`.
+    pub fn observe_upstream_duration(&self, upstream: &str, seconds: f64) {
+        self.duration
+            .get_or_init(|| {
+                crate::metrics::metrics()
+                    .upstream_duration
+                    .with_label_values(&[upstream, &self.label])
+            })
+            .observe(seconds);
     }
 
     /// Count a breaker transition of this backend.
