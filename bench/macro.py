@@ -7,6 +7,11 @@ loaded in alternating rounds (A B C D A B C D ...), figures are medians and rati
 run. CPU is user+sys of the contestant's whole process tree over the run (its access-log and
 background threads included). Loopback only; every phase is bounded in count and time.
 
+Contestants: nginx, haproxy (no access log, as configured by most benchmarks), nginx-log (the
+same nginx writing a JSON access log of the same fields as tollgate's, in 10 ms batches: small
+and cache only), bare-pingora, bare-mimalloc, tollgate (bench/realistic.yaml: access log on),
+tollgate-nolog (the same without its access log: small and cache only).
+
 Scenarios (docs/performance.md):
   small     1 KiB GET, keep-alive (wrk): req/s, p50/p99, CPU us/request
   big       100 KiB responses and 1 MiB uploads (wrk): MiB/s and CPU us/MiB
@@ -30,7 +35,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Ports away from proxybench's 9001/91xx, so both can run on one machine.
 UP1, UP2, WS_UP, SINK = 19001, 19002, 19005, 19006
-PORT = {"nginx": 19101, "haproxy": 19102, "bare-pingora": 19100, "bare-mimalloc": 19099, "tollgate": 19103}
+PORT = {"nginx": 19101, "nginx-log": 19098, "haproxy": 19102, "bare-pingora": 19100, "bare-mimalloc": 19099, "tollgate": 19103}
 ADMIN = 19901
 SMALL, BIG, MIB = 1024, 100 * 1024, 1 << 20
 
@@ -195,6 +200,21 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 600s; cli
     location /ws {{ proxy_pass http://127.0.0.1:{WS_UP}; proxy_set_header Upgrade $http_upgrade;
                    proxy_set_header Connection "upgrade"; proxy_read_timeout 600s; }} }} }}
 """)
+    # nginx-log: the same nginx with an access log like tollgate's (JSON, the same fields, written
+    # in batches: buffer + flush 10 ms, as tollgate's writer does), for the small and cache scenarios
+    # only: tollgate's realistic route logs every request, the nginx above logs none.
+    ng = open(f"{d}/nginx.conf").read()
+    ng = ng.replace(f"listen 127.0.0.1:{PORT['nginx']}", f"listen 127.0.0.1:{PORT['nginx-log']}")
+    ng = ng.replace(f"{d}/ng.pid", f"{d}/nglog.pid").replace(f"{d}/ng.err", f"{d}/nglog.err")
+    ng = ng.replace(f"{d}/ngcache", f"{d}/nglogcache")
+    ng = ng.replace("http { access_log off;", """http { log_format tg escape=json '{"time":"$time_iso8601",'
+    '"request_id":"$request_id","client":"$remote_addr","method":"$request_method","host":"$host",'
+    '"path":"$request_uri","status":$status,"bytes_in":$request_length,"bytes_out":$body_bytes_sent,'
+    '"upstream":"$upstream_addr","upstream_ms":"$upstream_response_time","total_ms":$request_time,'
+    '"cache":"$upstream_cache_status"}';
+  access_log """ + f"{d}/nginx-access.log" + " tg buffer=256k flush=10ms;", 1)
+    assert "log_format tg" in ng
+    open(f"{d}/nginx-log.conf", "w").write(ng)
     # maxconn above nofile/2: 10,000 idle clients need one descriptor each (no strict-limits:
     # haproxy would refuse to start for want of 2 x maxconn descriptors).
     open(f"{d}/haproxy.cfg", "w").write(f"""global
@@ -234,8 +254,8 @@ backend ws
 
 
 def start_contestant(name, d, bins, ws=False):
-    if name == "nginx":
-        return Proc(name, ["nginx", "-c", f"{d}/nginx.conf"], PORT[name], d)
+    if name in ("nginx", "nginx-log"):
+        return Proc(name, ["nginx", "-c", f"{d}/{name}.conf"], PORT[name], d)
     if name == "haproxy":
         return Proc(name, ["haproxy", "-f", f"{d}/haproxy.cfg"], PORT[name], d)
     if name in ("bare-pingora", "bare-mimalloc"):
@@ -387,7 +407,7 @@ def scenario_big(a, procs, names, out, d):
 
 
 def scenario_cache(a, procs, out):
-    names = [n for n in procs if n in ("nginx", "tollgate") or n.startswith("tollgate")]
+    names = [n for n in procs if n in ("nginx", "nginx-log") or n.startswith("tollgate")]
     path = "/cached/hit"
     for n in names:  # fill, then check the second answer is a hit
         get(procs[n].port, path)
@@ -622,10 +642,19 @@ def verdicts(r):
                  f"{s['tollgate']['cpu_us'] / s['bare-mimalloc']['cpu_us']:.2f}")
     if "tollgate" in s and "nginx" in s:
         v.append(f"small GET CPU/req tollgate / nginx: {s['tollgate']['cpu_us'] / s['nginx']['cpu_us']:.2f}")
+    if "tollgate" in s and "nginx-log" in s:
+        v.append("small GET CPU/req tollgate / nginx with an access log like tollgate's: "
+                 f"{s['tollgate']['cpu_us'] / s['nginx-log']['cpu_us']:.2f}")
     c = r.get("cache", {})
     if "tollgate" in c and "nginx" in c:
         ratio("cache hit CPU/req tollgate / nginx proxy_cache", c["tollgate"]["cpu_us"], c["nginx"]["cpu_us"],
               1.0, le=False)
+    if "tollgate-nolog" in c and "nginx" in c:
+        ratio("cache hit CPU/req tollgate / nginx proxy_cache, neither with an access log",
+              c["tollgate-nolog"]["cpu_us"], c["nginx"]["cpu_us"], 1.0, le=False)
+    if "tollgate" in c and "nginx-log" in c:
+        ratio("cache hit CPU/req tollgate / nginx proxy_cache, both with an access log",
+              c["tollgate"]["cpu_us"], c["nginx-log"]["cpu_us"], 1.0, le=False)
     w = r.get("conns", {}).get("WebSockets", {}).get("tollgate")
     if w:
         ok = w["at_10k_mib"] < 300
@@ -798,7 +827,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="every scenario briefly; fail only on no number")
     ap.add_argument("--only", default="small,big,cache,conns,stream,rate")
-    ap.add_argument("--contestants", default="nginx,haproxy,bare-pingora,bare-mimalloc,tollgate")
+    ap.add_argument("--contestants", default="nginx,nginx-log,haproxy,bare-pingora,bare-mimalloc,tollgate,tollgate-nolog")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=6)
     ap.add_argument("--conns", type=int, default=64)
@@ -844,6 +873,14 @@ def main():
         if not os.access(b, os.X_OK):
             sys.exit(f"{b} missing: cargo build --release --bin tollgate --examples")
     d = tempfile.mkdtemp(prefix="tollgate-macro-")
+    if "tollgate-nolog" in a.contestants.split(","):
+        # the realistic route without its access log: tollgate's side of a like-for-like
+        # comparison with the nginx that logs nothing
+        text = open(a.config).read()
+        nolog = re.sub(r"(?m)^access_log:.*\n", "", text)
+        assert nolog != text, f"{a.config} has no access_log line to drop"
+        open(f"{d}/nolog.yaml", "w").write(nolog)
+        bins["variants"]["tollgate-nolog"] = (a.tollgate, f"{d}/nolog.yaml")
     write_configs(d, bins)
     if a.profile:
         try:
@@ -880,16 +917,19 @@ def main():
             print(f"# ({key}: {time.time() - t:.0f}s)\n", flush=True)
 
         run("small", lambda: scenario_small(a, procs, names, out))
-        run("big", lambda: scenario_big(a, procs, names, out, d))
+        # nginx-log and tollgate-nolog are references for the per-request cost of logging: small
+        # GETs and cache hits only
+        rest = [n for n in names if n not in ("nginx-log", "tollgate-nolog")]
+        run("big", lambda: scenario_big(a, procs, rest, out, d))
         run("cache", lambda: scenario_cache(a, procs, out))
         nginx_max = a.rate * 2 or res.get("small", {}).get("nginx", {}).get("rps")
         if nginx_max is None and "rate" in scen:  # measured here when small was not asked for
             nginx_max = wrk(procs["nginx"].port, a.seconds, a.conns)["rps"]
-        run("rate", lambda: scenario_rate(a, procs, names, out, d, nginx_max))
+        run("rate", lambda: scenario_rate(a, procs, rest, out, d, nginx_max))
         for n in names:  # the memory scenarios start each contestant afresh
             procs.pop(n).stop()
-        run("conns", lambda: scenario_conns(a, d, bins, names, out))
-        run("stream", lambda: scenario_stream(a, d, bins, names, out))
+        run("conns", lambda: scenario_conns(a, d, bins, rest, out))
+        run("stream", lambda: scenario_stream(a, d, bins, rest, out))
     finally:
         for p in procs.values():
             p.stop()
