@@ -13,29 +13,40 @@
 //! every variant.
 
 use http::HeaderName;
-use pingora::cache::key::{CacheHashKey, HashBinary};
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::OnceLock;
+
+use pingora::cache::key::HashBinary;
 use pingora::cache::{CacheKey, VarianceBuilder};
 use pingora::http::RequestHeader;
 
-/// The primary key bytes for `scheme://authority/path?query`.
+/// The primary key bytes: each part length-prefixed; the authority normalised.
 pub fn primary(scheme: &str, host: &str, path: &str, query: Option<&str>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + host.len() + path.len());
     let default_port = if scheme == "https" { 443 } else { 80 };
-    let authority = normalise_authority(host, default_port);
-    for part in [
-        scheme.as_bytes(),
-        authority.as_bytes(),
-        path.as_bytes(),
-        query.map_or(&b"\xff"[..], str::as_bytes), // no query ≠ empty query
-    ] {
-        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        out.extend_from_slice(part);
-    }
+    let (name, port) = split_authority(host, default_port);
+    let mut port_text = itoa::Buffer::new();
+    let port = port_text.format(port).as_bytes();
+    let query = query.map_or(&b"\xff"[..], str::as_bytes); // no query ≠ empty query
+    let mut out =
+        Vec::with_capacity(20 + scheme.len() + name.len() + port.len() + path.len() + query.len());
+    let frame = |out: &mut Vec<u8>, len: usize| out.extend_from_slice(&(len as u32).to_be_bytes());
+    frame(&mut out, scheme.len());
+    out.extend_from_slice(scheme.as_bytes());
+    // `name:port`, lower-cased as it is copied (no intermediate strings).
+    frame(&mut out, name.len() + 1 + port.len());
+    out.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
+    out.push(b':');
+    out.extend_from_slice(port);
+    frame(&mut out, path.len());
+    out.extend_from_slice(path.as_bytes());
+    frame(&mut out, query.len());
+    out.extend_from_slice(query);
     out
 }
 
-/// `host[:port]` lower-cased, trailing dot dropped, port always present.
-fn normalise_authority(host: &str, default_port: u16) -> String {
+/// `host[:port]` split, the trailing dot of the name dropped, the port defaulted.
+fn split_authority(host: &str, default_port: u16) -> (&str, u16) {
     let host = host.trim();
     let (name, port) = match host.rsplit_once(':') {
         // An IPv6 literal without a port has colons but ends with `]`.
@@ -44,26 +55,44 @@ fn normalise_authority(host: &str, default_port: u16) -> String {
         }
         _ => (host, default_port),
     };
-    format!("{}:{port}", name.trim_end_matches('.').to_ascii_lowercase())
+    (name.trim_end_matches('.'), port)
+}
+
+/// A cache key whose primary hash is computed once, here.
+///
+/// pingora-cache would hash the primary bytes with Blake2b on every `primary_bin` call (a hit
+/// makes several: storage, LRU, lock), ~2% of a hit's CPU. The hash is only ever compared within
+/// this process (the storage is in memory, purges build their keys here too), so it need not be
+/// stable across restarts, only collision-free under attack: a client able to make two URLs
+/// collide could have one URL's response served for the other. It is SipHash-1-3 with a random
+/// per-process key (std's `RandomState`), computed twice with different domain bytes: 128 bits
+/// that no client can aim at without the key.
+fn keyed(primary: Vec<u8>) -> CacheKey {
+    static KEY: OnceLock<RandomState> = OnceLock::new();
+    let state = KEY.get_or_init(RandomState::new);
+    let half = |domain: u8| {
+        let mut h = state.build_hasher();
+        h.write_u8(domain);
+        h.write(&primary);
+        h.finish().to_le_bytes()
+    };
+    let mut hash: HashBinary = [0; 16];
+    hash[..8].copy_from_slice(&half(0));
+    hash[8..].copy_from_slice(&half(1));
+    let mut key = CacheKey::new(primary, String::new());
+    key.set_primary_bin_override(hash);
+    key
 }
 
 /// The key for a request on a caching route; `host` is the client's Host (or target authority).
 pub fn for_request(req: &RequestHeader, host: &str, tls: bool) -> CacheKey {
     let scheme = if tls { "https" } else { "http" };
-    let mut key = CacheKey::new(
-        primary(scheme, host, req.uri.path(), req.uri.query()),
-        String::new(),
-    );
-    // `primary_bin` hashes the key (Blake2b) on every call, and a hit calls it several times
-    // (storage, LRU, lock): hash it once. The override is that same hash.
-    let hash = key.primary_bin();
-    key.set_primary_bin_override(hash);
-    key
+    keyed(primary(scheme, host, req.uri.path(), req.uri.query()))
 }
 
 /// The keys of one URL under both schemes (purge and invalidation remove both).
 pub fn both_schemes(host: &str, path: &str, query: Option<&str>) -> [CacheKey; 2] {
-    ["http", "https"].map(|scheme| CacheKey::new(primary(scheme, host, path, query), String::new()))
+    ["http", "https"].map(|scheme| keyed(primary(scheme, host, path, query)))
 }
 
 /// The variance of a request: the route's key headers plus the headers `vary` names.
@@ -147,6 +176,74 @@ pub fn vary_names(headers: &http::HeaderMap) -> Option<Vec<HeaderName>> {
 mod tests {
     use super::*;
     use pingora::cache::key::CacheHashKey;
+
+    /// The key bytes as they were built before `primary` wrote the authority in place: the
+    /// same bytes, so the same URLs share entries.
+    fn reference_primary(scheme: &str, host: &str, path: &str, query: Option<&str>) -> Vec<u8> {
+        let default_port = if scheme == "https" { 443 } else { 80 };
+        let host = host.trim();
+        let (name, port) = match host.rsplit_once(':') {
+            Some((n, p)) if !p.contains(']') && p.bytes().all(|b| b.is_ascii_digit()) => {
+                (n, p.parse::<u16>().unwrap_or(default_port))
+            }
+            _ => (host, default_port),
+        };
+        let authority = format!("{}:{port}", name.trim_end_matches('.').to_ascii_lowercase());
+        let mut out = Vec::new();
+        for part in [
+            scheme.as_bytes(),
+            authority.as_bytes(),
+            path.as_bytes(),
+            query.map_or(&b"\xff"[..], str::as_bytes),
+        ] {
+            out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    #[test]
+    fn primary_keys_are_the_reference_bytes() {
+        let hosts = [
+            "Example.COM",
+            "example.com:8080",
+            "example.com.",
+            "EXAMPLE.com.:443",
+            " spaced.test ",
+            "[::1]",
+            "[::1]:8443",
+            "caf\u{e9}.test",
+            "h:99999",
+            "h:",
+            "",
+        ];
+        for scheme in ["http", "https"] {
+            for host in hosts {
+                for (path, query) in [("/", None), ("/a/b", Some("")), ("/x", Some("q=1&r"))] {
+                    assert_eq!(
+                        primary(scheme, host, path, query),
+                        reference_primary(scheme, host, path, query),
+                        "{scheme} {host:?} {path} {query:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn primary_hashes_are_per_key_and_stable_within_the_process() {
+        let req = |p: &[u8]| RequestHeader::build("GET", p, None).unwrap();
+        let a = for_request(&req(b"/a"), "h", false).primary_bin();
+        assert_eq!(a, for_request(&req(b"/a"), "H:80", false).primary_bin());
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..10_000 {
+            let path = format!("/p/{i}");
+            let h = for_request(&req(path.as_bytes()), "h", false).primary_bin();
+            // Both halves carry the key: neither is constant or equal to the other.
+            assert_ne!(h[..8], h[8..]);
+            assert!(seen.insert(h), "collision at {path}");
+        }
+    }
 
     #[test]
     fn primary_keys_frame_their_parts_and_normalise_the_host() {
