@@ -172,34 +172,54 @@ pub fn format_line(format: AccessLogFormat, e: &Entry<'_>, out: &mut Vec<u8>) {
 /// `e` as one JSON object, appended to `out`: the bytes `serde_json` writes for `Entry` (a test
 /// holds the two equal), without its per-field serializer calls.
 fn json(out: &mut Vec<u8>, e: &Entry<'_>) {
-    let mut ints = itoa::Buffer::new();
-    let mut int = |out: &mut Vec<u8>, key: &[u8], v: u64| {
-        out.extend_from_slice(key);
-        out.extend_from_slice(ints.format(v).as_bytes());
+    let strings = |out: &mut Vec<u8>, fields: &[(&[u8], &str)]| {
+        for (key, v) in fields {
+            out.extend_from_slice(key);
+            json_str(out, v);
+        }
     };
-    out.extend_from_slice(b"{\"time\":");
-    json_str(out, e.time);
-    out.extend_from_slice(b",\"request_id\":");
-    json_str(out, e.request_id);
-    out.extend_from_slice(b",\"client\":");
-    json_str(out, e.client);
-    out.extend_from_slice(b",\"method\":");
-    json_str(out, e.method);
-    out.extend_from_slice(b",\"host\":");
-    json_str(out, e.host);
-    out.extend_from_slice(b",\"path\":");
-    json_str(out, e.path);
-    int(out, b",\"status\":", e.status.into());
-    int(out, b",\"bytes_in\":", e.bytes_in as u64);
-    int(out, b",\"bytes_out\":", e.bytes_out as u64);
-    out.extend_from_slice(b",\"route\":");
-    json_str(out, e.route);
-    out.extend_from_slice(b",\"upstream\":");
-    json_str(out, e.upstream);
-    out.extend_from_slice(b",\"backend\":");
-    json_str(out, e.backend);
-    int(out, b",\"attempts\":", e.attempts as u64);
-    int(out, b",\"retries\":", e.retries as u64);
+    let mut digits = itoa::Buffer::new();
+    let mut ints = |out: &mut Vec<u8>, fields: &[(&[u8], u64)]| {
+        for (key, v) in fields {
+            out.extend_from_slice(key);
+            out.extend_from_slice(digits.format(*v).as_bytes());
+        }
+    };
+    out.push(b'{');
+    strings(
+        out,
+        &[
+            (b"\"time\":", e.time),
+            (b",\"request_id\":", e.request_id),
+            (b",\"client\":", e.client),
+            (b",\"method\":", e.method),
+            (b",\"host\":", e.host),
+            (b",\"path\":", e.path),
+        ],
+    );
+    ints(
+        out,
+        &[
+            (b",\"status\":", e.status.into()),
+            (b",\"bytes_in\":", e.bytes_in as u64),
+            (b",\"bytes_out\":", e.bytes_out as u64),
+        ],
+    );
+    strings(
+        out,
+        &[
+            (b",\"route\":", e.route),
+            (b",\"upstream\":", e.upstream),
+            (b",\"backend\":", e.backend),
+        ],
+    );
+    ints(
+        out,
+        &[
+            (b",\"attempts\":", e.attempts as u64),
+            (b",\"retries\":", e.retries as u64),
+        ],
+    );
     out.extend_from_slice(b",\"upstream_ms\":");
     match e.upstream_ms {
         Some(v) => json_f64(out, v),
@@ -207,12 +227,14 @@ fn json(out: &mut Vec<u8>, e: &Entry<'_>) {
     }
     out.extend_from_slice(b",\"total_ms\":");
     json_f64(out, e.total_ms);
-    out.extend_from_slice(b",\"unavailable\":");
-    json_opt_str(out, e.unavailable);
-    out.extend_from_slice(b",\"cache\":");
-    json_opt_str(out, e.cache);
-    out.extend_from_slice(b",\"error\":");
-    json_opt_str(out, e.error.as_deref());
+    for (key, v) in [
+        (&b",\"unavailable\":"[..], e.unavailable),
+        (b",\"cache\":", e.cache),
+        (b",\"error\":", e.error.as_deref()),
+    ] {
+        out.extend_from_slice(key);
+        json_opt_str(out, v);
+    }
     out.push(b'}');
 }
 
