@@ -18,6 +18,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::proxy::caching::CacheStatus;
 use crate::runtime::RuntimeState;
 use crate::upstream::breaker::BreakerState;
 
@@ -366,12 +367,16 @@ impl RouteMetrics {
             .inc_by(bytes_out);
     }
 
-    /// One cache lookup with result `label`, the `index`th (< [`CACHE_RESULTS`]) of its kind.
-    pub fn cache_lookup(&self, index: usize, label: &'static str) {
+    /// One cache lookup and what the cache did.
+    pub fn cache_lookup(&self, status: CacheStatus) {
         let route = self.route.as_str();
-        if let Some(slot) = self.cache.get(index) {
-            slot.get_or_init(|| metrics().cache_lookups.with_label_values(&[route, label]))
-                .inc();
+        if let Some(slot) = self.cache.get(status.index()) {
+            slot.get_or_init(|| {
+                metrics()
+                    .cache_lookups
+                    .with_label_values(&[route, status.label()])
+            })
+            .inc();
         }
     }
 }
@@ -603,7 +608,7 @@ mod tests {
         rm.record(&http::Method::GET, 200, 0.01, 3, 1024);
         rm.record(&http::Method::GET, 204, 0.01, 0, 0);
         rm.record(&http::Method::from_bytes(b"BREW").unwrap(), 0, 0.5, 0, 0);
-        rm.cache_lookup(0, "hit");
+        rm.cache_lookup(CacheStatus::Hit);
         let m = metrics();
         assert_eq!(
             m.requests.with_label_values(&[route, "GET", "2xx"]).get(),

@@ -12,11 +12,11 @@
 //! spellings browsers send make a handful of variants, not thousands. A purge by URL removes
 //! every variant.
 
-use http::HeaderName;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;
 
+use http::HeaderName;
 use pingora::cache::key::HashBinary;
 use pingora::cache::{CacheKey, VarianceBuilder};
 use pingora::http::RequestHeader;

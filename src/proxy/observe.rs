@@ -68,7 +68,7 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         bytes_out as u64,
     );
     if let Some(status) = ctx.cache_status {
-        rm.cache_lookup(status.index(), status.label());
+        rm.cache_lookup(status);
     }
     let upstream = ctx.upstream.as_ref().map_or("", |u| u.name.as_str());
     let backend = ctx.last_backend.as_deref().map_or("", |b| b.label());
