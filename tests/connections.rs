@@ -203,6 +203,7 @@ async fn connections_over_the_per_address_cap_get_503() {
     let gw = GatewayConfig::new(one_route(up.addr))
         .server("max_connections_per_ip: 3")
         .start();
+    gw.settled().await;
     let addr = gw.addr;
     let (statuses, refused, after, retries_refused) = tokio::task::spawn_blocking(move || {
         let (mut open, statuses) = kept_open(addr, 3);
@@ -253,6 +254,7 @@ async fn trusted_proxies_are_exempt_from_the_address_cap_not_the_global_one() {
     let gw = GatewayConfig::new(body)
         .server("max_connections_per_ip: 1\nmax_connections: 2")
         .start();
+    gw.settled().await;
     let addr = gw.addr;
     let (statuses, refused) = tokio::task::spawn_blocking(move || {
         let (_open, statuses) = kept_open(addr, 2);
@@ -490,8 +492,8 @@ async fn the_connection_gauge_counts_connections_not_requests() {
     let gw = GatewayConfig::new(one_route(up.addr))
         .listener("h2c: true")
         .start();
-    // The harness's readiness probes have closed.
-    assert_eq!(open_connections_reach(&gw, 0.0).await, 0.0);
+    // The harness's readiness probes have been admitted and closed.
+    gw.settled().await;
     let total =
         || async { common::metric(&gw.metrics().await, "tollgate_downstream_connections_total") };
     let before = total().await;

@@ -62,6 +62,8 @@ pub struct TestGateway {
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Connections the readiness check made to the proxy listener (see [`TestGateway::settled`]).
+    probes: usize,
 }
 
 /// Builder for the YAML a gateway runs: the harness writes `server`, `listeners` and `admin`;
@@ -206,6 +208,7 @@ impl TestGateway {
             admin: format!("127.0.0.1:{admin_port}").parse().unwrap(),
             dir,
             child: Some(child),
+            probes: 0,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
@@ -220,8 +223,11 @@ impl TestGateway {
                 gw.child = None;
                 return None; // most likely a port race: try again with new ports
             }
-            if TcpStream::connect(gw.addr).is_ok() && TcpStream::connect(gw.admin).is_ok() {
-                return Some(gw);
+            if TcpStream::connect(gw.addr).is_ok() {
+                gw.probes += 1;
+                if TcpStream::connect(gw.admin).is_ok() {
+                    return Some(gw);
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -404,6 +410,28 @@ pub fn example(name: &str) -> PathBuf {
 
 impl TestGateway {
     /// The admin listener's `/metrics` text.
+    /// Wait (5 s at most) until the readiness check's connections have been admitted and closed.
+    /// The gateway admits a connection in the task it spawns for it, and tasks may run out of
+    /// order: a probe still waiting could otherwise be counted against a connection cap by a
+    /// test that opened its own connections meanwhile.
+    pub async fn settled(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = self.metrics().await;
+            let admitted = metric(&m, "tollgate_downstream_connections_total");
+            let open = metric(&m, "tollgate_downstream_connections");
+            if admitted >= self.probes as f64 && open == 0.0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "readiness probes not settled: {admitted} admitted of {}, {open} open",
+                self.probes
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn metrics(&self) -> String {
         client()
             .get(format!("http://{}/metrics", self.admin))
