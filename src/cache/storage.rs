@@ -8,11 +8,12 @@
 //!   follow the writer through a `watch` channel). A writer that gives up (the response was too
 //!   large, the upstream failed) makes its readers fail rather than end short, so a truncated
 //!   body is never passed off as complete.
-//! - **Size.** Each finished entry weighs its body, its serialized header and a fixed overhead;
+//! - **Size.** Each finished entry weighs its body, its serialized header, its decoded header
+//!   when one is kept (estimated, [`StoredMeta::len`]) and a fixed overhead;
 //!   pingora-cache's LRU manager admits it against `cache.max_size` and has the least recently
 //!   used entries purged here (`PurgeType::Eviction`). Objects still being written are not in
 //!   the weight yet: each is bounded by the route's `max_object_size`.
-//! - **Meta** is stored serialized (its size is what the LRU weighs) and, when it can be rebuilt
+//! - **Meta** is stored serialized and, when it can be rebuilt
 //!   exactly through pingora-cache's public API, also decoded once: a hit then builds its
 //!   `CacheMeta` from the decoded copy instead of decompressing the header per hit (`CacheMeta` is
 //!   not `Clone`). "Exactly" is checked at store time: the rebuilt meta must serialize to the
@@ -44,6 +45,10 @@ use tokio::sync::watch;
 
 /// Bytes counted per entry on top of its body and header (maps, `Arc`s, chunk list, LRU node).
 pub const ENTRY_OVERHEAD: usize = 256;
+
+/// Bytes counted per field of a decoded header on top of its name and value (the header map's
+/// entry and index, the case map's entry, two `Bytes` handles).
+const DECODED_FIELD_OVERHEAD: usize = 96;
 
 /// Primary hash and variance hash: one stored object.
 type Slot = (HashBinary, Option<HashBinary>);
@@ -123,8 +128,17 @@ impl StoredMeta {
         }
     }
 
+    /// Bytes it holds: the serialized meta, plus for a decoded header its names and values, the
+    /// header-case map's copy of each name and [`DECODED_FIELD_OVERHEAD`] per field.
     fn len(&self) -> usize {
-        self.bytes.0.len() + self.bytes.1.len()
+        let decoded = self.template.as_ref().map_or(0, |t| {
+            t.header
+                .headers
+                .iter()
+                .map(|(name, value)| 2 * name.as_str().len() + value.len() + DECODED_FIELD_OVERHEAD)
+                .sum()
+        });
+        self.bytes.0.len() + self.bytes.1.len() + decoded
     }
 }
 
@@ -690,6 +704,23 @@ mod tests {
         let mut m = meta();
         m.update_freshness(SystemTime::now() + Duration::from_secs(60), 0, 0);
         assert!(!round_trip(&m));
+    }
+
+    /// A kept decoded header is weighed too, so `cache.max_size` bounds what is really held.
+    #[test]
+    fn a_decoded_header_counts_in_the_weight() {
+        let serialized = |s: &StoredMeta| s.bytes.0.len() + s.bytes.1.len();
+        let kept = StoredMeta::new(&meta()).unwrap();
+        // 4 fields: content-type/text/plain, x-custom-case/kept, set-thing/a, set-thing/b.
+        let fields = (2 * 12 + 10) + (2 * 13 + 4) + (2 * 9 + 1) + (2 * 9 + 1);
+        assert_eq!(
+            kept.len(),
+            serialized(&kept) + fields + 4 * DECODED_FIELD_OVERHEAD
+        );
+        let mut m = meta();
+        m.update_freshness(SystemTime::now() + Duration::from_secs(60), 0, 0);
+        let decoded_per_hit = StoredMeta::new(&m).unwrap();
+        assert_eq!(decoded_per_hit.len(), serialized(&decoded_per_hit));
     }
 
     #[test]
