@@ -531,8 +531,8 @@ fn upstream_families(state: &RuntimeState) -> Vec<prometheus::proto::MetricFamil
             .with_label_values(&[name])
             .inc_by(get(&s.discovery_failures));
         for b in &members.backends {
-            let addr = b.addr.to_string();
-            let l = [name, addr.as_str()];
+            let addr = b.label();
+            let l = [name, addr];
             healthy.with_label_values(&l).set(i64::from(b.is_healthy()));
             backend_in_flight
                 .with_label_values(&l)
@@ -544,10 +544,10 @@ fn upstream_families(state: &RuntimeState) -> Vec<prometheus::proto::MetricFamil
                 BreakerState::HalfOpen,
             ] {
                 breaker
-                    .with_label_values(&[name, &addr, st.as_str()])
+                    .with_label_values(&[name, addr, st.as_str()])
                     .set(i64::from(st == current));
                 transitions
-                    .with_label_values(&[name, &addr, st.as_str()])
+                    .with_label_values(&[name, addr, st.as_str()])
                     .inc_by(b.transitions(st));
             }
         }

@@ -171,7 +171,7 @@ fn upstreams(state: &RuntimeState) -> Value {
                 .iter()
                 .map(|b| {
                     json!({
-                        "address": b.addr.to_string(),
+                        "address": b.label(),
                         "weight": b.weight,
                         "healthy": b.is_healthy(),
                         "breaker": b.breaker_state(now).as_str(),
