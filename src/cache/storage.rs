@@ -9,7 +9,7 @@
 //!   large, the upstream failed) makes its readers fail rather than end short, so a truncated
 //!   body is never passed off as complete.
 //! - **Size.** Each finished entry weighs its body, its serialized header, its decoded header
-//!   when one is kept (estimated, [`StoredMeta::len`]) and a fixed overhead;
+//!   when one is kept (estimated, `StoredMeta::len`) and a fixed overhead;
 //!   pingora-cache's LRU manager admits it against `cache.max_size` and has the least recently
 //!   used entries purged here (`PurgeType::Eviction`). Objects still being written are not in
 //!   the weight yet: each is bounded by the route's `max_object_size`.
