@@ -42,6 +42,9 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// `tollgate_downstream_connections_total`: accepted client connections.
     pub connections_total: IntCounter,
+    /// `tollgate_tunnels_open`: upgraded connections (WebSockets) relayed by the gateway's own
+    /// tunnel after the handshake (`wire::tunnel`).
+    pub tunnels: IntGauge,
     /// `tollgate_request_bytes_total{route}`: request body bytes received.
     pub bytes_in: IntCounterVec,
     /// `tollgate_response_bytes_total{route}`: response body bytes sent.
@@ -123,6 +126,13 @@ pub fn metrics() -> &'static Metrics {
                 IntCounter::new(
                     "tollgate_downstream_connections_total",
                     "Client connections accepted.",
+                ),
+            ),
+            tunnels: reg(
+                r,
+                IntGauge::new(
+                    "tollgate_tunnels_open",
+                    "Upgraded connections (WebSockets) relayed by the gateway's own tunnel.",
                 ),
             ),
             bytes_in: reg(

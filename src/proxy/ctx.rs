@@ -53,6 +53,8 @@ pub struct RequestCtx {
     pub last_backend: Option<Arc<Backend>>,
     /// Time from choosing the last backend to its response head.
     pub upstream_time: Option<Duration>,
+    /// A WebSocket upgrade whose backend connection may be spliced (`proxy::upgrade`).
+    pub splice_armed: bool,
     /// The in-flight gauge guard.
     pub in_flight: Option<RequestGuard>,
     /// Filters' per-request state.

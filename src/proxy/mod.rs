@@ -5,12 +5,14 @@
 //! ```text
 //! early_request_filter     snapshot, client address, request id, keep-alive, hop-by-hop strip
 //! request_filter           path normalisation (400), route match → 404/405 JSON, forwarded path
-//! upstream_peer            selection (skips backends that refused to connect) → HttpPeer
+//! upstream_peer            selection (skips backends that refused to connect) → HttpPeer;
+//!                          a WebSocket upgrade is armed to leave Pingora after its 101
 //! fail_to_connect          retry another backend while attempts remain
 //! upstream_request_filter  X-Forwarded-*, X-Request-Id, path rewrite, Host override
 //! upstream_response_filter hop-by-hop strip on the response
 //! response_filter          X-Request-Id to the client
 //! fail_to_proxy            502/504/… as JSON
+//! logging                  metrics and access log (a spliced upgrade's: when its tunnel ends)
 //! ```
 
 mod attempt;
@@ -25,6 +27,7 @@ pub(crate) mod hygiene;
 pub(crate) mod observe;
 pub mod request_id;
 mod resilience;
+mod upgrade;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -276,7 +279,9 @@ impl ProxyHttp for Gateway {
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream chosen"))?;
         let key = hash_key(upstream.config.hash_key.as_ref(), session.req_header(), ctx);
-        resilience::choose(&upstream, &key, ctx).await
+        let mut peer = resilience::choose(&upstream, &key, ctx).await?;
+        upgrade::arm(session, &upstream, &mut peer, ctx);
+        Ok(peer)
     }
 
     fn fail_to_connect(
@@ -414,6 +419,9 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         caching::finish(session, ctx);
+        if upgrade::defer(session, ctx) {
+            return; // recorded when its tunnel ends
+        }
         observe::finish(session, e, ctx);
         // The connection guard may answer a refusal of the next head only once this response
         // is complete.

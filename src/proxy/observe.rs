@@ -49,16 +49,27 @@ impl Drop for RequestGuard {
 
 /// Record a finished request: metrics, then the access log line.
 pub fn finish(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+    let status = session.response_written().map_or(0, |r| r.status.as_u16());
+    let bytes = (session.body_bytes_read(), session.body_bytes_sent());
+    record(session.req_header(), status, bytes, e.map(|e| e as _), ctx);
+}
+
+/// Record a request answered `status` with `(in, out)` body bytes: metrics, then the access
+/// log line. (A spliced upgrade's record is made when its tunnel ends.)
+pub fn record(
+    req: &RequestHeader,
+    status: u16,
+    (bytes_in, bytes_out): (usize, usize),
+    e: Option<&dyn std::fmt::Display>,
+    ctx: &RequestCtx,
+) {
     let Some(state) = ctx.state.as_ref() else {
         return;
     };
-    let status = session.response_written().map_or(0, |r| r.status.as_u16());
-    let req = session.req_header();
     let route = ctx
         .route
         .map_or("", |i| state.router.route(i).name.as_str());
     let elapsed = ctx.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-    let (bytes_in, bytes_out) = (session.body_bytes_read(), session.body_bytes_sent());
     let rm = state.route_metrics(ctx.route);
     rm.record(
         &req.method,

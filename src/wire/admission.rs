@@ -22,6 +22,7 @@ use pingora_core::protocols::ALPN;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::framing::Limits;
+use super::splice::Splice;
 use super::stream::{GuardedStream, LINGER, LINGER_BYTES};
 use crate::runtime::RuntimeState;
 
@@ -183,13 +184,22 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             }
         };
         let _open = crate::proxy::observe::ConnectionGuard::open();
+        let mut splice = None;
         let mut stream = if stream.selected_alpn_proto() == Some(ALPN::H2) {
             stream
         } else {
-            Box::new(GuardedStream::new(stream, limits, head_timeout, keepalive)) as Stream
+            let s = splice.insert(Arc::new(Splice::default()));
+            let guarded =
+                GuardedStream::new(stream, limits, head_timeout, keepalive, Arc::clone(s));
+            Box::new(guarded) as Stream
         };
         while let Some(reused) = self.inner.process_new(stream, shutdown).await {
             stream = reused;
+        }
+        // An upgrade spliced out of Pingora's session runs here, still counted as an open
+        // connection and under its admission permit.
+        if let Some((ends, deferred)) = splice.and_then(|s| s.take_tunnel()) {
+            super::tunnel::run(ends, deferred).await;
         }
         None
     }

@@ -5,10 +5,15 @@
 //! request byte stream with the strict [`framing::Framing`] reader, holds heads back until they
 //! are valid, and enforces the head deadline. HTTP/2 (ALPN `h2`) goes to Pingora directly: its
 //! framing is the h2 crate's, and its limits are `server.http2`.
+//!
+//! An HTTP/1 connection upgraded to a WebSocket on a plain-HTTP backend leaves Pingora once
+//! the handshake is done: [`splice`] joins the two sockets, and [`tunnel`] relays them.
 
 pub mod admission;
 pub mod framing;
+pub mod splice;
 pub mod stream;
+pub mod tunnel;
 
 pub use admission::{Admission, Guarded};
 pub use stream::GuardedStream;

@@ -14,6 +14,7 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
@@ -31,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::framing::{Framing, Limits, Phase, Violation};
+use super::splice::Splice;
 
 /// Bytes read at a time into `held`.
 const READ_CHUNK: usize = 4096;
@@ -75,9 +77,11 @@ pub struct GuardedStream {
     answered_at: AtomicU64,
     /// A reader waiting for the response in flight to finish (to answer a refusal).
     answered_waker: AtomicWaker,
-    /// The reader waiting while an upgrade's answer is unknown.
+    /// The reader waiting while an upgrade's answer is unknown (or its `101` head unwritten).
     parked: Option<Waker>,
     answer: AnswerWatch,
+    /// Where an upgraded connection may leave Pingora (`super::splice`).
+    splice: Arc<Splice>,
 }
 
 /// The status line of the answer to an upgrade request, as Pingora writes it.
@@ -87,6 +91,8 @@ struct AnswerWatch {
     len: usize,
     /// Inside an interim (1xx) head: skip to its end.
     skipping: bool,
+    /// Inside a `101` head: the tunnel starts at its end.
+    upgrade_head: bool,
     last4: u32,
 }
 
@@ -117,12 +123,14 @@ pub fn refused_metric(status: u16) {
 
 impl GuardedStream {
     /// Guard `inner`. The first head's deadline starts now; an idle kept-alive connection is
-    /// closed `keepalive` after its last response.
+    /// closed `keepalive` after its last response. An upgrade may leave Pingora through
+    /// `splice`.
     pub fn new(
         inner: Stream,
         limits: Limits,
         head_timeout: Duration,
         keepalive: Duration,
+        splice: Arc<Splice>,
     ) -> GuardedStream {
         let born = Instant::now();
         GuardedStream {
@@ -147,7 +155,13 @@ impl GuardedStream {
             answered_waker: AtomicWaker::new(),
             parked: None,
             answer: AnswerWatch::default(),
+            splice,
         }
+    }
+
+    /// This connection's splice.
+    pub fn splice(&self) -> &Arc<Splice> {
+        &self.splice
     }
 
     /// Pingora finished a response on this connection (called from the `logging` phase).
@@ -430,18 +444,25 @@ impl GuardedStream {
         }
     }
 
-    /// Note the status of an upgrade's answer as Pingora writes it.
+    /// Note the status of an upgrade's answer from the bytes of it written to the client;
+    /// at the end of a `101` head, join the splice.
     fn watch_answer(&mut self, buf: &[u8]) {
-        if !self.framing.awaiting_answer() {
+        if !self.answer.upgrade_head && !self.framing.awaiting_answer() {
             self.answer = AnswerWatch::default();
             return;
         }
-        let w = &mut self.answer;
         for &b in buf {
-            if w.skipping {
+            let w = &mut self.answer;
+            if w.skipping || w.upgrade_head {
                 w.last4 = w.last4 << 8 | u32::from(b);
                 if w.last4 == u32::from_be_bytes(*b"\r\n\r\n") {
+                    let upgraded = w.upgrade_head;
                     *w = AnswerWatch::default();
+                    if upgraded {
+                        self.join_splice();
+                        self.wake_parked();
+                        return;
+                    }
                 }
                 continue;
             }
@@ -454,19 +475,41 @@ impl GuardedStream {
             *w = AnswerWatch::default();
             match &line[9..12] {
                 _ if !line.starts_with(b"HTTP/1.") => self.framing.upgrade_refused(),
-                b"101" => self.framing.upgraded(),
+                b"101" => {
+                    // The reader stays parked until the head is written: the client's early
+                    // bytes go to the tunnel if it is joined there.
+                    self.framing.upgraded();
+                    self.answer.upgrade_head = true;
+                    continue;
+                }
                 [b'1', _, _] => {
                     // Interim: the final answer follows its head.
-                    w.skipping = true;
+                    self.answer.skipping = true;
                     continue;
                 }
                 _ => self.framing.upgrade_refused(),
             }
-            if let Some(waker) = self.parked.take() {
-                waker.wake();
-            }
+            self.wake_parked();
             return;
         }
+    }
+
+    fn wake_parked(&mut self) {
+        if let Some(waker) = self.parked.take() {
+            waker.wake();
+        }
+    }
+
+    /// The `101` head is written: if the backend's end waits in the splice, give it this
+    /// connection (and what the client sent after the upgrade request) and read as closed.
+    fn join_splice(&mut self) {
+        let splice = Arc::clone(&self.splice);
+        splice.join(|| {
+            let client = std::mem::replace(&mut self.inner, super::splice::detached());
+            let early = self.held.get(self.delivered..).unwrap_or_default().to_vec();
+            self.clear_held();
+            (client, early)
+        });
     }
 }
 
@@ -497,6 +540,10 @@ impl AsyncRead for GuardedStream {
         loop {
             if this.refusal.is_some() {
                 return this.poll_refusal(cx);
+            }
+            if this.answer.upgrade_head {
+                this.parked = Some(cx.waker().clone());
+                return Poll::Pending;
             }
             if this.delivered < this.ready {
                 this.deliver(out);
@@ -550,8 +597,9 @@ impl AsyncWrite for GuardedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.watch_answer(buf);
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.watch_answer(&buf[..n]);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_write_vectored(
@@ -560,10 +608,17 @@ impl AsyncWrite for GuardedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
-            this.watch_answer(first);
+        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        let mut left = n;
+        for b in bufs {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(b.len());
+            this.watch_answer(&b[..take]);
+            left -= take;
         }
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {

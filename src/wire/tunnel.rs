@@ -1,0 +1,370 @@
+//! The tunnel of a spliced upgraded connection ([`super::splice`]): bytes both ways between
+//! the client and the backend, with no buffer held while the connection is idle.
+//!
+//! Each direction reads into a stack buffer and writes straight on; only what the other side
+//! does not take at once is kept (at most one read's worth), so a slow reader holds the other
+//! side back instead of growing memory. An end of stream is passed on as a write shutdown (TCP
+//! half-close) and the other direction goes on. The timeouts are those Pingora applies to an
+//! upgraded connection it relays itself: a direction that makes no progress for its
+//! timeout (the backend's `timeouts.read`, the client's `server.connections.body_idle_timeout`)
+//! ends the tunnel.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pingora::protocols::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Bytes read at a time (on the stack).
+const CHUNK: usize = 16 << 10;
+/// Reads per direction before yielding to other tasks.
+const READS_PER_POLL: usize = 32;
+
+/// Both ends of a spliced connection.
+#[derive(Debug)]
+pub struct Ends {
+    /// The client's connection (under TLS if the listener has it).
+    pub client: Stream,
+    /// What the client sent after the upgrade request, before the answer.
+    pub client_early: Vec<u8>,
+    /// The backend's connection.
+    pub backend: TcpStream,
+    /// What the backend sent after its `101` head.
+    pub backend_early: Vec<u8>,
+}
+
+/// How long each direction may make no progress.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Backend to client (the upstream's `timeouts.read`).
+    pub backend: Duration,
+    /// Client to backend (`server.connections.body_idle_timeout`).
+    pub client: Duration,
+}
+
+/// How a tunnel ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Bytes from the client to the backend.
+    pub bytes_in: u64,
+    /// Bytes from the backend to the client.
+    pub bytes_out: u64,
+    /// Why it ended, if not by both sides closing.
+    pub error: Option<io::Error>,
+}
+
+/// The request's record, made when the tunnel ends (metrics, access log, in-flight counts).
+pub struct Deferred {
+    /// The tunnel's timeouts.
+    pub timeouts: Timeouts,
+    /// Records the request.
+    pub record: Box<dyn FnOnce(&Outcome) + Send + Sync>,
+}
+
+impl fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deferred")
+            .field("timeouts", &self.timeouts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts one tunnel in `tollgate_tunnels_open` until dropped.
+struct Open;
+
+impl Open {
+    fn new() -> Open {
+        crate::metrics::metrics().tunnels.inc();
+        Open
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        crate::metrics::metrics().tunnels.dec();
+    }
+}
+
+/// Run the tunnel to its end, then record the request.
+pub async fn run(ends: Ends, deferred: Deferred) {
+    let _open = Open::new();
+    let outcome = relay(
+        ends.client,
+        ends.client_early,
+        ends.backend,
+        ends.backend_early,
+        deferred.timeouts,
+    )
+    .await;
+    if let Some(e) = &outcome.error {
+        log::debug!("tunnel ended: {e}");
+    }
+    (deferred.record)(&outcome);
+}
+
+/// Relay between `client` and `backend` until both have closed, one fails, or a direction
+/// stalls past its timeout. The early bytes go first.
+pub async fn relay<C, B>(
+    mut client: C,
+    client_early: Vec<u8>,
+    mut backend: B,
+    backend_early: Vec<u8>,
+    timeouts: Timeouts,
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let now = Instant::now();
+    let mut up = Pipe::new(client_early, timeouts.client, now, "client");
+    let mut down = Pipe::new(backend_early, timeouts.backend, now, "backend");
+    // The `101` head may still sit in the client connection's write buffer.
+    down.unflushed = true;
+    let sleep = tokio::time::sleep_until(now + timeouts.client.min(timeouts.backend));
+    tokio::pin!(sleep);
+    let error = std::future::poll_fn(|cx| {
+        loop {
+            let u = up.poll(cx, &mut client, &mut backend);
+            let d = down.poll(cx, &mut backend, &mut client);
+            match (u, d) {
+                (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
+                    return Poll::Ready(Some(e));
+                }
+                (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(None),
+                _ => {}
+            }
+            let stalled = [&up, &down]
+                .into_iter()
+                .filter(|p| !p.finished)
+                .min_by_key(|p| p.deadline());
+            let Some(p) = stalled else {
+                continue;
+            };
+            let at = p.deadline();
+            if Instant::now() >= at {
+                return Poll::Ready(Some(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("tunnel: the {} sent nothing for {:?}", p.from, p.idle),
+                )));
+            }
+            if sleep.deadline() != at {
+                sleep.as_mut().reset(at);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await;
+    Outcome {
+        bytes_in: up.bytes,
+        bytes_out: down.bytes,
+        error,
+    }
+}
+
+/// One direction of the tunnel.
+struct Pipe {
+    /// Read but not yet written: `pending[at..]`.
+    pending: Vec<u8>,
+    at: usize,
+    unflushed: bool,
+    /// The reader reached end of stream.
+    eof: bool,
+    /// End of stream passed on: this direction is done.
+    finished: bool,
+    bytes: u64,
+    /// The last read or write in this direction.
+    last: Instant,
+    idle: Duration,
+    from: &'static str,
+}
+
+impl Pipe {
+    fn new(early: Vec<u8>, idle: Duration, now: Instant, from: &'static str) -> Pipe {
+        Pipe {
+            bytes: early.len() as u64,
+            pending: early,
+            at: 0,
+            unflushed: false,
+            eof: false,
+            finished: false,
+            last: now,
+            idle,
+            from,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        self.last + self.idle
+    }
+
+    /// Move bytes from `r` to `w`; ready once the end of stream has been passed on.
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        let mut scratch = [MaybeUninit::<u8>::uninit(); CHUNK];
+        for _ in 0..READS_PER_POLL {
+            while self.at < self.pending.len() {
+                let n = ready!(write(cx, w, &self.pending[self.at..]))?;
+                self.at += n;
+                self.last = Instant::now();
+            }
+            if !self.pending.is_empty() {
+                // Written: give the memory back.
+                self.pending = Vec::new();
+                self.at = 0;
+                self.unflushed = true;
+            }
+            if self.unflushed {
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                self.unflushed = false;
+            }
+            if self.eof {
+                // The other side may be gone already; the direction is done either way.
+                let _ = ready!(Pin::new(&mut *w).poll_shutdown(cx));
+                self.finished = true;
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::uninit(&mut scratch);
+            ready!(Pin::new(&mut *r).poll_read(cx, &mut buf))?;
+            let data = buf.filled();
+            if data.is_empty() {
+                self.eof = true;
+                continue;
+            }
+            self.bytes += data.len() as u64;
+            self.last = Instant::now();
+            let mut off = 0;
+            while off < data.len() {
+                match write(cx, w, &data[off..]) {
+                    Poll::Ready(Ok(n)) => off += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if off < data.len() {
+                self.pending = data[off..].to_vec();
+            }
+            self.unflushed = true;
+        }
+        // Let other tasks run; come back at once.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+fn write<W: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
+    w: &mut W,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
+    match ready!(Pin::new(w).poll_write(cx, buf)) {
+        Ok(0) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+        r => Poll::Ready(r),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const T: Timeouts = Timeouts {
+        backend: Duration::from_secs(30),
+        client: Duration::from_secs(60),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn relays_both_ways_early_bytes_first_and_half_closes() {
+        let (client, mut c) = tokio::io::duplex(64);
+        let (backend, mut b) = tokio::io::duplex(64);
+        let tunnel = tokio::spawn(relay(
+            client,
+            b"early-c".to_vec(),
+            backend,
+            b"early-b".to_vec(),
+            T,
+        ));
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let send = big.clone();
+        let backend_side = tokio::spawn(async move {
+            let mut got = vec![0; 7 + 5];
+            b.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, b"early-chello");
+            b.write_all(&send).await.unwrap();
+            // The client half-closed: the rest still flows back.
+            let mut rest = Vec::new();
+            b.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            b.write_all(b"bye").await.unwrap();
+            b.shutdown().await.unwrap();
+        });
+        c.write_all(b"hello").await.unwrap();
+        let mut got = vec![0; 7 + big.len()];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..7], b"early-b");
+        assert!(got[7..] == big[..], "backend bytes corrupted");
+        c.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"bye");
+        backend_side.await.unwrap();
+        let o = tunnel.await.unwrap();
+        assert!(o.error.is_none(), "{:?}", o.error);
+        assert_eq!(o.bytes_in, 12);
+        assert_eq!(o.bytes_out, 7 + big.len() as u64 + 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_backend_ends_the_tunnel_after_its_timeout() {
+        let (client, mut c) = tokio::io::duplex(64);
+        let (backend, _b) = tokio::io::duplex(64);
+        let started = Instant::now();
+        let tunnel = tokio::spawn(relay(client, Vec::new(), backend, Vec::new(), T));
+        // The client keeps talking, which does not keep the backend's direction alive.
+        for _ in 0..3 {
+            c.write_all(b"ping").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        let o = tunnel.await.unwrap();
+        let e = o.error.expect("timed out");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("backend"), "{e}");
+        assert_eq!(started.elapsed(), T.backend);
+        assert_eq!(o.bytes_in, 12);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_read_holds_the_backend_back() {
+        let (client, _c) = tokio::io::duplex(1024);
+        let (backend, mut b) = tokio::io::duplex(1024);
+        let tunnel = tokio::spawn(relay(client, Vec::new(), backend, Vec::new(), T));
+        // Write until the tunnel stops taking bytes: only the two pipes' buffers and one
+        // pending read fit.
+        let chunk = [7u8; 1024];
+        let mut sent = 0;
+        while tokio::time::timeout(Duration::from_millis(100), b.write_all(&chunk))
+            .await
+            .is_ok()
+        {
+            sent += chunk.len();
+            assert!(sent <= 1024 + 1024 + CHUNK, "unbounded: {sent} bytes taken");
+        }
+        // Then the stalled direction times out.
+        let o = tunnel.await.unwrap();
+        assert_eq!(o.error.unwrap().kind(), io::ErrorKind::TimedOut);
+    }
+}
