@@ -176,14 +176,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
                 ip,
             )
         };
-        let _permit = match self.admission.admit(ip, max, max_per_ip) {
+        let permit = match self.admission.admit(ip, max, max_per_ip) {
             Ok(p) => p,
             Err(cap) => {
                 refuse(stream, cap).await;
                 return None;
             }
         };
-        let _open = crate::proxy::observe::ConnectionGuard::open();
+        let open = crate::proxy::observe::ConnectionGuard::open();
         let mut splice = None;
         let mut stream = if stream.selected_alpn_proto() == Some(ALPN::H2) {
             stream
@@ -196,10 +196,16 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         while let Some(reused) = self.inner.process_new(stream, shutdown).await {
             stream = reused;
         }
-        // An upgrade spliced out of Pingora's session runs here, still counted as an open
-        // connection and under its admission permit.
+        // An upgrade spliced out of Pingora's session runs in a task of its own (this one's
+        // future is sized for Pingora's session and TLS handshake: ~9 KiB), still counted as
+        // an open connection and under its admission permit.
         if let Some((ends, deferred)) = splice.and_then(|s| s.take_tunnel()) {
-            super::tunnel::run(ends, deferred).await;
+            tokio::spawn(async move {
+                super::tunnel::run(ends, deferred).await;
+                drop((open, permit));
+            });
+        } else {
+            drop((open, permit));
         }
         None
     }
