@@ -23,7 +23,8 @@ use common::tls::{
     h2_handshake_driven, h2_tls, h2c, https_builder, https_client, served_cert, tls_connect,
 };
 use common::{
-    Behavior, GatewayConfig, TestGateway, Upstream, check_config, client, error_json, pattern,
+    Behavior, GatewayConfig, TestGateway, Upstream, WsUpstream, check_config, client, error_json,
+    metric, pattern,
 };
 use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
@@ -823,6 +824,38 @@ async fn h2c_listener_takes_prior_knowledge_and_http11_and_others_refuse_it() {
 }
 
 // ---------------------------------------------------------------- 6. forwarding and routing
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_over_tls_leaves_pingora_and_crosses_intact() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let pki = Pki::new();
+    let ws = WsUpstream::start().await;
+    let (gw, _) = tls_gateway(&pki, ws.addr, "");
+    let conn = tls_connect(
+        gw.addr,
+        Some("a.test"),
+        &ClientOpts::default().alpn(&[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let (mut socket, resp) = tokio_tungstenite::client_async("wss://a.test/chat", conn.stream)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    // The client's TLS session is the tunnel's: messages larger than a TLS record both ways.
+    for size in [5, 40_000, 200_000] {
+        let blob = pattern(size as u64, size);
+        socket.send(Message::Binary(blob.clone())).await.unwrap();
+        let echo = socket.next().await.unwrap();
+        assert_eq!(
+            echo.unwrap_or_else(|e| panic!("{size}: {e}\n{}", gw.log())),
+            Message::Binary(blob)
+        );
+    }
+    assert_eq!(metric(&gw.metrics().await, "tollgate_tunnels_open"), 1.0);
+    socket.close(None).await.unwrap();
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_forwarded_proto_is_https_over_tls_and_http_on_plain() {
