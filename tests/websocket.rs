@@ -245,3 +245,28 @@ async fn an_upgrade_the_backend_answers_with_200_is_an_ordinary_response() {
     assert_eq!(up.count(), 2);
     assert_eq!(metric(&gw.metrics().await, "tollgate_tunnels_open"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_to_a_backend_that_answers_at_once_stay_open() {
+    // cloudflare/pingora#946: relaying an upgrade itself, Pingora 0.9.1 can take the end of
+    // the request's empty body, read after an instant 101, for the client closing the tunnel.
+    // A spliced tunnel is not Pingora's to close.
+    let ws = WsUpstream::answering_after(Duration::ZERO).await;
+    let gw = TestGateway::start(&config(&ws.addr, "", ""));
+    for i in 0..50 {
+        let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/now", gw.addr))
+            .await
+            .unwrap();
+        for j in 0..3 {
+            let text = format!("{i}.{j}");
+            socket.send(Message::Text(text.clone())).await.unwrap();
+            let echo = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
+            assert!(
+                matches!(&echo, Ok(Some(Ok(m))) if *m == Message::Text(text.clone())),
+                "session {i} message {j}: {echo:?}\n{}",
+                gw.log()
+            );
+        }
+        socket.close(None).await.unwrap();
+    }
+}

@@ -418,7 +418,14 @@ impl Drop for WsUpstream {
 }
 
 impl WsUpstream {
+    /// Answering each handshake 10 ms late, as any non-loopback network would: Pingora 0.9.1
+    /// tears an upgrade it relays itself down when the 101 is read before the request's empty
+    /// body end (cloudflare/pingora#946, docs/architecture.md).
     pub async fn start() -> WsUpstream {
+        Self::answering_after(std::time::Duration::from_millis(10)).await
+    }
+
+    pub async fn answering_after(delay: std::time::Duration) -> WsUpstream {
         use futures_util::{SinkExt, StreamExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -447,10 +454,7 @@ impl WsUpstream {
                         );
                         Ok(resp)
                     };
-                    // Answer the handshake 10 ms late, as any non-loopback network would:
-                    // Pingora 0.9.1 tears an upgrade down when the 101 is read before the
-                    // request's empty body end (cloudflare/pingora#946, docs/architecture.md).
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    tokio::time::sleep(delay).await;
                     let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, cb).await else {
                         return;
                     };
