@@ -181,7 +181,7 @@ async fn early_bytes_on_both_sides_cross_the_splice_even_with_an_instant_101() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_websocket_the_backend_leaves_silent_is_closed_after_its_read_timeout() {
+async fn a_websocket_on_which_nothing_moves_is_closed_after_the_read_timeout() {
     let ws = WsUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
@@ -221,7 +221,7 @@ async fn a_websocket_the_backend_leaves_silent_is_closed_after_its_read_timeout(
     let entries = log_entries(&log);
     let e = entries.iter().find(|e| e["status"] == 101).unwrap();
     let error = e["error"].as_str().unwrap_or_default();
-    assert!(error.contains("backend sent nothing for 1s"), "{e}");
+    assert!(error.contains("nothing moved either way for 1s"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

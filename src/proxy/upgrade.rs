@@ -54,15 +54,16 @@ pub fn defer(session: &Session, ctx: &mut RequestCtx) -> bool {
     // A spliced request always chose a backend on a snapshot; the fallback is Pingora's own
     // per-read default.
     let fallback = std::time::Duration::from_secs(60);
+    let (read, write) = ctx.upstream.as_ref().map_or((fallback, fallback), |u| {
+        (u.config.read_timeout, u.config.write_timeout)
+    });
+    let body_idle = ctx
+        .state
+        .as_ref()
+        .map_or(fallback, |s| s.config.server.connections.body_idle_timeout);
     let timeouts = Timeouts {
-        backend: ctx
-            .upstream
-            .as_ref()
-            .map_or(fallback, |u| u.config.read_timeout),
-        client: ctx
-            .state
-            .as_ref()
-            .map_or(fallback, |s| s.config.server.connections.body_idle_timeout),
+        idle: read.min(body_idle),
+        write,
     };
     let status = session
         .response_written()

@@ -98,13 +98,16 @@ impl Splice {
             timeout: peer.options.connection_timeout,
         };
         peer.options.custom_l4 = Some(Arc::new(connect));
-        // Pingora's pool key ignores the connector: keep these connections apart, so that an
-        // upgrade opens its own connection and no other request reuses one of them.
+        // Pingora's pool key ignores the connector: keep these connections apart, so that no
+        // other request is offered one. They cannot be reused anyway (a virtual socket has no
+        // fd for the pool's checks, and its id is -1 for all of them): a refused upgrade's
+        // connection, handed back to the pool, is closed at once.
         peer.group_key ^= SPLICE_GROUP;
+        peer.options.idle_timeout = Some(Duration::ZERO);
     }
 
     /// Step 1: the backend answered `101`; keep its socket if `id` is still the armed attempt.
-    fn deposit(&self, id: u64, socket: TcpStream, early: Vec<u8>) -> Option<TcpStream> {
+    pub(super) fn deposit(&self, id: u64, socket: TcpStream, early: Vec<u8>) -> Option<TcpStream> {
         let mut s = self.state.lock();
         if s.armed != id || s.ends.is_some() {
             return Some(socket);
@@ -141,6 +144,12 @@ impl Splice {
         s.armed = 0;
         s.wake_parked();
         true
+    }
+
+    /// Both ends are joined.
+    #[cfg(test)]
+    pub fn is_joined(&self) -> bool {
+        self.state.lock().ends.is_some()
     }
 
     /// The request's session is over: were both ends joined (the connection is the
@@ -301,22 +310,6 @@ impl AsyncWrite for UpstreamSide {
             None if buf.is_empty() => Poll::Ready(Ok(0)),
             None => Poll::Ready(Err(spliced_away())),
         }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut().socket.as_mut() {
-            Some(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            None if bufs.iter().all(|b| b.is_empty()) => Poll::Ready(Ok(0)),
-            None => Poll::Ready(Err(spliced_away())),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -494,6 +494,15 @@ impl GuardedStream {
         }
     }
 
+    /// A write to the client failed: a `101` head being written never completes, so nothing
+    /// is joined (an error answer Pingora may write next is not the end of that head).
+    fn write_failed(&mut self) {
+        if self.answer.upgrade_head {
+            self.answer = AnswerWatch::default();
+            self.wake_parked();
+        }
+    }
+
     fn wake_parked(&mut self) {
         if let Some(waker) = self.parked.take() {
             waker.wake();
@@ -597,7 +606,9 @@ impl AsyncWrite for GuardedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf)).inspect_err(|_| {
+            this.write_failed();
+        })?;
         this.watch_answer(&buf[..n]);
         Poll::Ready(Ok(n))
     }
@@ -608,7 +619,10 @@ impl AsyncWrite for GuardedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        let n =
+            ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)).inspect_err(|_| {
+                this.write_failed();
+            })?;
         let mut left = n;
         for b in bufs {
             if left == 0 {
@@ -722,5 +736,142 @@ impl Peek for GuardedStream {
         buf[..n].copy_from_slice(&self.held[..n]);
         buf[n..].fill(0);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod splice_tests {
+    use super::*;
+    use pingora_core::protocols::l4::stream::Stream as L4Stream;
+    use pingora_core::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// The client's socket: a duplex pipe whose writes fail once after `fail_at` bytes.
+    #[derive(Debug)]
+    struct Sock {
+        io: DuplexStream,
+        written: usize,
+        fail_at: Option<usize>,
+    }
+
+    impl VirtualSocket for Sock {
+        fn set_socket_option(&self, _: VirtualSockOpt) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl AsyncRead for Sock {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Sock {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let buf = match self.fail_at {
+                Some(at) if self.written == at => {
+                    self.fail_at = None;
+                    return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+                }
+                Some(at) => &buf[..buf.len().min(at - self.written)],
+                None => buf,
+            };
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+            self.written += n;
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    const REQUEST: &[u8] =
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+    const SWITCH: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n";
+
+    /// A guard that has handed Pingora an upgrade request (the client's early bytes held),
+    /// and a splice holding a backend's socket for the armed attempt.
+    async fn upgraded(fail_at: Option<usize>) -> (GuardedStream, Arc<Splice>, DuplexStream) {
+        let (io, mut client) = tokio::io::duplex(4096);
+        let sock = Sock {
+            io,
+            written: 0,
+            fail_at,
+        };
+        let inner: Stream = Box::new(L4Stream::from(VirtualSocketStream::new(Box::new(sock))));
+        let limits = Limits {
+            max_request_line: 8192,
+            max_header_size: 65536,
+            max_header_count: 100,
+            h2c: false,
+        };
+        let splice = Arc::new(Splice::default());
+        let secs = Duration::from_secs(60);
+        let mut guard = GuardedStream::new(inner, limits, secs, secs, Arc::clone(&splice));
+        client
+            .write_all(&[REQUEST, b"EARLY"].concat())
+            .await
+            .unwrap();
+        let mut head = vec![0; 4096];
+        let n = guard.read(&mut head).await.unwrap();
+        assert_eq!(&head[..n], REQUEST);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let id = splice.arm();
+        assert!(splice.deposit(id, backend, b"LATE".to_vec()).is_none());
+        (guard, splice, client)
+    }
+
+    #[tokio::test]
+    async fn the_whole_101_head_written_joins_the_splice_with_the_early_bytes() {
+        let (mut guard, splice, mut client) = upgraded(None).await;
+        // Written in two parts: only the head's end joins.
+        guard.write_all(&SWITCH[..20]).await.unwrap();
+        assert!(!splice.is_joined());
+        guard.write_all(&SWITCH[20..]).await.unwrap();
+        assert!(splice.is_joined());
+        let mut got = vec![0; SWITCH.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, SWITCH);
+        // Pingora sees end of stream, and may write nothing more.
+        let mut rest = Vec::new();
+        assert_eq!(guard.read_to_end(&mut rest).await.unwrap(), 0);
+        assert!(guard.write_all(b"x").await.is_err());
+        splice.defer(crate::wire::tunnel::Deferred {
+            timeouts: crate::wire::tunnel::Timeouts {
+                idle: Duration::from_secs(1),
+                write: Duration::from_secs(1),
+            },
+            record: Box::new(|_| {}),
+        });
+        let (ends, _) = splice.take_tunnel().unwrap();
+        assert_eq!(ends.client_early, b"EARLY");
+        assert_eq!(ends.backend_early, b"LATE");
+    }
+
+    #[tokio::test]
+    async fn a_101_head_whose_write_failed_joins_nothing() {
+        let (mut guard, splice, _client) = upgraded(Some(20)).await;
+        assert!(guard.write_all(SWITCH).await.is_err());
+        // Pingora's error answer, written next, is not the end of that head.
+        guard
+            .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(!splice.is_joined());
+        assert!(!splice.settle());
     }
 }

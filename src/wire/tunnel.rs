@@ -4,10 +4,13 @@
 //! Each direction reads into a stack buffer and writes straight on; only what the other side
 //! does not take at once is kept (at most one read's worth), so a slow reader holds the other
 //! side back instead of growing memory. An end of stream is passed on as a write shutdown (TCP
-//! half-close) and the other direction goes on. The timeouts are those Pingora applies to an
-//! upgraded connection it relays itself: a direction that makes no progress for its
-//! timeout (the backend's `timeouts.read`, the client's `server.connections.body_idle_timeout`)
-//! ends the tunnel.
+//! half-close) and the other direction goes on.
+//!
+//! Timeouts: Pingora, relaying an upgraded connection itself, restarts both sides' per-read
+//! timeouts whenever either side moves, so it closes one on which nothing moved either way for
+//! the shorter of the backend's `timeouts.read` and the client's `body_idle_timeout`; the
+//! tunnel does the same. In addition, a write that nobody takes (a peer that stopped reading
+//! while the other side still talks) ends the tunnel after the upstream's `timeouts.write`.
 
 use std::fmt;
 use std::future::Future;
@@ -40,13 +43,14 @@ pub struct Ends {
     pub backend_early: Vec<u8>,
 }
 
-/// How long each direction may make no progress.
+/// How long a tunnel may stall.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    /// Backend to client (the upstream's `timeouts.read`).
-    pub backend: Duration,
-    /// Client to backend (`server.connections.body_idle_timeout`).
-    pub client: Duration,
+    /// Nothing moved either way (the shorter of the upstream's `timeouts.read` and
+    /// `server.connections.body_idle_timeout`).
+    pub idle: Duration,
+    /// Bytes waiting for a peer that takes none (the upstream's `timeouts.write`).
+    pub write: Duration,
 }
 
 /// How a tunnel ended.
@@ -109,8 +113,8 @@ pub async fn run(ends: Ends, deferred: Deferred) {
     (deferred.record)(&outcome);
 }
 
-/// Relay between `client` and `backend` until both have closed, one fails, or a direction
-/// stalls past its timeout. The early bytes go first.
+/// Relay between `client` and `backend` until both have closed, one fails, or the tunnel
+/// stalls past a timeout. The early bytes go first.
 pub async fn relay<C, B>(
     mut client: C,
     client_early: Vec<u8>,
@@ -123,16 +127,20 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let now = Instant::now();
-    let mut up = Pipe::new(client_early, timeouts.client, now, "client");
-    let mut down = Pipe::new(backend_early, timeouts.backend, now, "backend");
+    let mut up = Pipe::new(client_early, now, "backend");
+    let mut down = Pipe::new(backend_early, now, "client");
     // The `101` head may still sit in the client connection's write buffer.
     down.unflushed = true;
-    let sleep = tokio::time::sleep_until(now + timeouts.client.min(timeouts.backend));
+    let mut last = now;
+    let sleep = tokio::time::sleep_until(now + timeouts.idle.min(timeouts.write));
     tokio::pin!(sleep);
     let error = std::future::poll_fn(|cx| {
         loop {
             let u = up.poll(cx, &mut client, &mut backend);
             let d = down.poll(cx, &mut backend, &mut client);
+            if std::mem::take(&mut up.moved) | std::mem::take(&mut down.moved) {
+                last = Instant::now();
+            }
             match (u, d) {
                 (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
                     return Poll::Ready(Some(e));
@@ -140,19 +148,20 @@ where
                 (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(None),
                 _ => {}
             }
-            let stalled = [&up, &down]
+            let idle_at = last + timeouts.idle;
+            let stuck = [&up, &down]
                 .into_iter()
-                .filter(|p| !p.finished)
-                .min_by_key(|p| p.deadline());
-            let Some(p) = stalled else {
-                continue;
-            };
-            let at = p.deadline();
+                .filter_map(|p| Some((p.waiting_since?, p.to)))
+                .min();
+            let at = stuck.map_or(idle_at, |(since, _)| idle_at.min(since + timeouts.write));
             if Instant::now() >= at {
-                return Poll::Ready(Some(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("tunnel: the {} sent nothing for {:?}", p.from, p.idle),
-                )));
+                let why = match stuck {
+                    Some((since, to)) if since + timeouts.write <= idle_at => {
+                        format!("tunnel: the {to} took nothing for {:?}", timeouts.write)
+                    }
+                    _ => format!("tunnel: nothing moved either way for {:?}", timeouts.idle),
+                };
+                return Poll::Ready(Some(io::Error::new(io::ErrorKind::TimedOut, why)));
             }
             if sleep.deadline() != at {
                 sleep.as_mut().reset(at);
@@ -181,29 +190,27 @@ struct Pipe {
     /// End of stream passed on: this direction is done.
     finished: bool,
     bytes: u64,
-    /// The last read or write in this direction.
-    last: Instant,
-    idle: Duration,
-    from: &'static str,
+    /// Bytes moved since the relay last looked.
+    moved: bool,
+    /// Since when `pending` has waited without the writer taking any of it.
+    waiting_since: Option<Instant>,
+    /// Who the bytes go to.
+    to: &'static str,
 }
 
 impl Pipe {
-    fn new(early: Vec<u8>, idle: Duration, now: Instant, from: &'static str) -> Pipe {
+    fn new(early: Vec<u8>, now: Instant, to: &'static str) -> Pipe {
         Pipe {
             bytes: early.len() as u64,
+            waiting_since: (!early.is_empty()).then_some(now),
             pending: early,
             at: 0,
             unflushed: false,
             eof: false,
             finished: false,
-            last: now,
-            idle,
-            from,
+            moved: false,
+            to,
         }
-    }
-
-    fn deadline(&self) -> Instant {
-        self.last + self.idle
     }
 
     /// Move bytes from `r` to `w`; ready once the end of stream has been passed on.
@@ -220,13 +227,15 @@ impl Pipe {
             while self.at < self.pending.len() {
                 let n = ready!(write(cx, w, &self.pending[self.at..]))?;
                 self.at += n;
-                self.last = Instant::now();
+                self.moved = true;
+                self.waiting_since = Some(Instant::now());
             }
             if !self.pending.is_empty() {
                 // Written: give the memory back.
                 self.pending = Vec::new();
                 self.at = 0;
                 self.unflushed = true;
+                self.waiting_since = None;
             }
             if self.unflushed {
                 ready!(Pin::new(&mut *w).poll_flush(cx))?;
@@ -246,7 +255,7 @@ impl Pipe {
                 continue;
             }
             self.bytes += data.len() as u64;
-            self.last = Instant::now();
+            self.moved = true;
             let mut off = 0;
             while off < data.len() {
                 match write(cx, w, &data[off..]) {
@@ -257,6 +266,7 @@ impl Pipe {
             }
             if off < data.len() {
                 self.pending = data[off..].to_vec();
+                self.waiting_since = Some(Instant::now());
             }
             self.unflushed = true;
         }
@@ -283,8 +293,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const T: Timeouts = Timeouts {
-        backend: Duration::from_secs(30),
-        client: Duration::from_secs(60),
+        idle: Duration::from_secs(30),
+        write: Duration::from_secs(20),
     };
 
     #[tokio::test(start_paused = true)]
@@ -329,28 +339,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_silent_backend_ends_the_tunnel_after_its_timeout() {
+    async fn traffic_either_way_keeps_the_tunnel_open_and_silence_both_ways_ends_it() {
         let (client, mut c) = tokio::io::duplex(64);
-        let (backend, _b) = tokio::io::duplex(64);
+        let (backend, mut b) = tokio::io::duplex(64);
         let started = Instant::now();
         let tunnel = tokio::spawn(relay(client, Vec::new(), backend, Vec::new(), T));
-        // The client keeps talking, which does not keep the backend's direction alive.
-        for _ in 0..3 {
+        // The client talks every 20 s for two minutes; the backend reads but never answers.
+        let mut got = [0u8; 4];
+        for _ in 0..6 {
             c.write_all(b"ping").await.unwrap();
-            tokio::time::sleep(Duration::from_secs(10)).await;
+            b.read_exact(&mut got).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(20)).await;
         }
+        assert!(!tunnel.is_finished(), "closed while the client talked");
+        // Then nothing moves either way: closed 30 s after the last ping.
         let o = tunnel.await.unwrap();
         let e = o.error.expect("timed out");
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
-        assert!(e.to_string().contains("backend"), "{e}");
-        assert_eq!(started.elapsed(), T.backend);
-        assert_eq!(o.bytes_in, 12);
+        assert!(
+            e.to_string().contains("nothing moved either way for 30s"),
+            "{e}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(100 + 30));
+        assert_eq!(o.bytes_in, 24);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_client_that_does_not_read_holds_the_backend_back() {
-        let (client, _c) = tokio::io::duplex(1024);
+    async fn a_client_that_does_not_read_holds_the_backend_back_then_times_out() {
+        let (client, mut c) = tokio::io::duplex(1024);
         let (backend, mut b) = tokio::io::duplex(1024);
+        let started = Instant::now();
         let tunnel = tokio::spawn(relay(client, Vec::new(), backend, Vec::new(), T));
         // Write until the tunnel stops taking bytes: only the two pipes' buffers and one
         // pending read fit.
@@ -363,8 +381,28 @@ mod tests {
             sent += chunk.len();
             assert!(sent <= 1024 + 1024 + CHUNK, "unbounded: {sent} bytes taken");
         }
-        // Then the stalled direction times out.
+        // The client keeps sending (so the tunnel is not idle) but never reads: the write
+        // waiting for it ends the tunnel after the write timeout.
+        let talk = tokio::spawn(async move {
+            loop {
+                if c.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
         let o = tunnel.await.unwrap();
-        assert_eq!(o.error.unwrap().kind(), io::ErrorKind::TimedOut);
+        talk.abort();
+        let e = o.error.unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            e.to_string().contains("the client took nothing for 20s"),
+            "{e}"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(20) && waited < Duration::from_secs(21),
+            "{waited:?}"
+        );
     }
 }
