@@ -27,6 +27,24 @@ fn log_entries(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A gateway writing its access log to a file (returned with the directory that holds it).
+fn logging_gateway(
+    up: &SocketAddr,
+    upstream_extra: &str,
+) -> (TestGateway, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let top = format!(
+        "access_log: {{ format: json, path: \"{}\" }}\n",
+        log.display()
+    );
+    (
+        TestGateway::start(&config(up, upstream_extra, &top)),
+        log,
+        dir,
+    )
+}
+
 async fn gauges(gw: &TestGateway) -> [f64; 3] {
     let m = gw.metrics().await;
     [
@@ -39,16 +57,7 @@ async fn gauges(gw: &TestGateway) -> [f64; 3] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_is_tunnelled_counted_while_open_and_logged_when_closed() {
     let ws = WsUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let gw = TestGateway::start(&config(
-        &ws.addr,
-        "",
-        &format!(
-            "access_log: {{ format: json, path: \"{}\" }}\n",
-            log.display()
-        ),
-    ));
+    let (gw, log, _dir) = logging_gateway(&ws.addr, "");
     gw.settled().await;
     let (mut socket, resp) = tokio_tungstenite::connect_async(format!("ws://{}/chat", gw.addr))
         .await
@@ -183,16 +192,7 @@ async fn early_bytes_on_both_sides_cross_the_splice_even_with_an_instant_101() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_on_which_nothing_moves_is_closed_after_the_read_timeout() {
     let ws = WsUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let gw = TestGateway::start(&config(
-        &ws.addr,
-        "    timeouts: { read: 1s }\n",
-        &format!(
-            "access_log: {{ format: json, path: \"{}\" }}\n",
-            log.display()
-        ),
-    ));
+    let (gw, log, _dir) = logging_gateway(&ws.addr, "    timeouts: { read: 1s }\n");
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/idle", gw.addr))
         .await
         .unwrap();
