@@ -180,7 +180,11 @@ impl Splice {
     }
 }
 
-/// The connector Pingora uses for an armed upgrade's backend connection.
+/// The connector Pingora uses for an armed upgrade's backend connection. It replaces
+/// Pingora's TCP connect, so it does what tollgate's peers use: the connect timeout, and (set
+/// by Pingora after connecting, through [`VirtualSocket::set_socket_option`]) nodelay and TCP
+/// keepalive. Peer options tollgate never sets (bind address or port range, TCP fast open,
+/// receive buffer, DSCP, a socket tweak hook) are not applied here: arm nothing that sets them.
 #[derive(Debug)]
 pub struct SpliceConnect {
     splice: Arc<Splice>,
