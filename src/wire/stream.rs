@@ -10,6 +10,10 @@
 //! A refusal is answered once no response is in flight on the connection (an answer would
 //! land inside it, and an early close would abort it): [`GuardedStream::response_done`],
 //! called from the proxy's `logging` phase, counts the finished ones.
+//!
+//! After an upgrade request, the client's bytes are held until the answer is known; once the
+//! whole `101` head is written, the guard joins the connection's [`Splice`] if the backend's
+//! end waits there, and from then on reads as closed to Pingora (`super::splice`).
 
 use std::io;
 use std::mem::MaybeUninit;
