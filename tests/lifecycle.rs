@@ -164,6 +164,94 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     );
 }
 
+/// Idle connections (between requests, or before the first) wait for their next request in
+/// the connection guard, not in Pingora: shutting down must still close them at once, as
+/// Pingora closes the idle connections it waits on, while a request in flight is finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_connections_at_once_and_finishes_busy_ones() {
+    use std::io::{Read, Write};
+    let up = Upstream::with(Behavior {
+        delay: Duration::from_millis(1500),
+        ..Behavior::default()
+    })
+    .await;
+    let mut gw = GatewayConfig::new(format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes: [{{ name: all, upstream: u }}]\n",
+        up.addr
+    ))
+    .server("grace_period: 3s\ngraceful_shutdown_timeout: 1s\ndownstream_keepalive_timeout: 60s\nrequest_head_timeout: 30s")
+    .start();
+    let addr = gw.addr;
+    // One connection kept alive after an answered request, one that never sent anything.
+    let mut kept = std::net::TcpStream::connect(addr).unwrap();
+    kept.write_all(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let answered = loop {
+        let n = kept.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("a content-length");
+            if got.len() >= end + 4 + len {
+                break text;
+            }
+        }
+    };
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    let mut silent = std::net::TcpStream::connect(addr).unwrap();
+    // A request in flight when the signal comes.
+    let url = gw.url("/busy");
+    let busy =
+        tokio::spawn(async move { client().get(url).send().await.map(|r| r.status().as_u16()) });
+    // Until the upstream holds it (the first request may still count as active a moment).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.received().len() < 2 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t = Instant::now();
+    gw.signal(Signal::SIGTERM);
+    let closed = tokio::task::spawn_blocking(move || {
+        [&mut kept, &mut silent].map(|s| {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut rest = Vec::new();
+            // A reset is a close too; a timeout is not.
+            let timed_out = matches!(&s.read_to_end(&mut rest), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut);
+            (t.elapsed(), timed_out, rest)
+        })
+    })
+    .await
+    .unwrap();
+    for (which, (after, timed_out, rest)) in ["kept-alive", "silent"].iter().zip(&closed) {
+        assert!(!timed_out, "the {which} connection stayed open");
+        assert!(
+            *after < Duration::from_millis(1000),
+            "the {which} connection closed {after:?} after SIGTERM (grace 3 s)"
+        );
+        assert!(rest.is_empty(), "the {which} connection was sent {rest:?}");
+    }
+    let busy = busy.await.unwrap();
+    assert_eq!(
+        busy.as_ref().ok(),
+        Some(&200),
+        "the busy request was cut off: {busy:?}; the gateway's log: {}",
+        gw.log()
+    );
+    assert_eq!(gw.wait(Duration::from_secs(10)), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_health_answers() {
     let up = Upstream::start().await;

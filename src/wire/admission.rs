@@ -15,7 +15,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora_core::protocols::ALPN;
@@ -142,7 +142,7 @@ impl<A> Guarded<A> {
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -179,27 +179,45 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         let permit = match self.admission.admit(ip, max, max_per_ip) {
             Ok(p) => p,
             Err(cap) => {
-                refuse(stream, cap).await;
+                // Boxed: its buffers would otherwise size every connection's future.
+                Box::pin(refuse(stream, cap)).await;
                 return None;
             }
         };
         let open = crate::proxy::observe::ConnectionGuard::open();
-        let mut splice = None;
-        let mut stream = if stream.selected_alpn_proto() == Some(ALPN::H2) {
-            stream
-        } else {
-            let s = splice.insert(Arc::new(Splice::default()));
-            let guarded =
-                GuardedStream::new(stream, limits, head_timeout, keepalive, Arc::clone(s));
-            Box::new(guarded) as Stream
-        };
-        while let Some(reused) = self.inner.process_new(stream, shutdown).await {
-            stream = reused;
+        if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            ServerApp::process_new(&self.inner, stream, shutdown).await;
+            drop((open, permit));
+            return None;
+        }
+        let splice = Arc::new(Splice::default());
+        let mut guarded = Box::new(GuardedStream::new(
+            stream,
+            limits,
+            head_timeout,
+            keepalive,
+            Arc::clone(&splice),
+        ));
+        // Until the first request's bytes arrive, the connection holds none of Pingora's
+        // per-request state (`super::idle`).
+        if super::idle::next_request(&mut guarded, shutdown).await {
+            let h2 = if self.h2c {
+                super::idle::h2_preface(&mut guarded).await
+            } else {
+                Some(false)
+            };
+            match h2 {
+                Some(false) => super::idle::serve_http1(&self.inner, guarded, shutdown).await,
+                Some(true) => {
+                    ServerApp::process_new(&self.inner, guarded, shutdown).await;
+                }
+                None => {}
+            }
         }
         // An upgrade spliced out of Pingora's session runs in a task of its own (this one's
         // future is sized for Pingora's session and TLS handshake: ~9 KiB), still counted as
         // an open connection and under its admission permit.
-        if let Some((ends, deferred)) = splice.and_then(|s| s.take_tunnel()) {
+        if let Some((ends, deferred)) = splice.take_tunnel() {
             tokio::spawn(async move {
                 super::tunnel::run(ends, deferred).await;
                 drop((open, permit));

@@ -11,6 +11,7 @@
 
 pub mod admission;
 pub mod framing;
+pub mod idle;
 pub mod splice;
 pub mod stream;
 pub mod tunnel;

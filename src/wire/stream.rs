@@ -48,7 +48,7 @@ pub const LINGER: Duration = Duration::from_secs(1);
 /// And at most this much.
 pub const LINGER_BYTES: usize = 64 << 10;
 /// What Pingora's h2c detection peeks for (its only use of `try_peek`).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The request-stream guard around one client connection.
 #[derive(Debug)]
@@ -179,6 +179,41 @@ impl GuardedStream {
     /// The guard under a Pingora stream, if it is one.
     pub fn of(stream: &Stream) -> Option<&GuardedStream> {
         (**stream).as_any().downcast_ref::<GuardedStream>()
+    }
+
+    /// Wait for the next request's first bytes (`super::idle`): `Ok(true)` once Pingora has
+    /// something to read (bytes of a head, a refusal to answer, or any state other than a
+    /// quiet connection between requests), `Ok(false)` when the connection ended or was closed
+    /// quietly (the keep-alive timeout, or a first head's deadline with nothing sent).
+    ///
+    /// The deadlines are the ones a read would keep, so waiting here instead of in Pingora's
+    /// `read_request` changes nothing the client sees.
+    pub async fn next_request(&mut self) -> io::Result<bool> {
+        std::future::poll_fn(|cx| self.poll_next_request(cx)).await
+    }
+
+    fn poll_next_request(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        loop {
+            let quiet = self.refusal.is_none()
+                && self.failed.is_none()
+                && self.violation.is_none()
+                && self.held.is_empty()
+                && !self.answer.upgrade_head
+                && self.framing.phase() == Phase::Head
+                && !self.framing.head_started()
+                && self.idle();
+            if !quiet {
+                return Poll::Ready(Ok(true));
+            }
+            if ready!(self.poll_more(cx))? == 0 {
+                // End of stream, or closed quietly: nothing left to answer.
+                let answer = self
+                    .refusal
+                    .as_ref()
+                    .is_some_and(|r| r.stage != Stage::Done);
+                return Poll::Ready(Ok(answer || self.violation.is_some()));
+            }
+        }
     }
 
     /// No response in flight: a refusal may be answered.
@@ -744,7 +779,7 @@ impl Peek for GuardedStream {
 }
 
 #[cfg(test)]
-mod splice_tests {
+mod tests {
     use super::*;
     use pingora_core::protocols::l4::stream::Stream as L4Stream;
     use pingora_core::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
@@ -877,5 +912,96 @@ mod splice_tests {
             .unwrap();
         assert!(!splice.is_joined());
         assert!(!splice.settle());
+    }
+
+    /// A guard over a fresh client connection (head deadline `head`, keep-alive `keepalive`).
+    fn fresh(head: Duration, keepalive: Duration) -> (GuardedStream, DuplexStream) {
+        let (io, client) = tokio::io::duplex(4096);
+        let sock = Sock {
+            io,
+            written: 0,
+            fail_at: None,
+        };
+        let inner: Stream = Box::new(L4Stream::from(VirtualSocketStream::new(Box::new(sock))));
+        let limits = Limits {
+            max_request_line: 8192,
+            max_header_size: 65536,
+            max_header_count: 100,
+            h2c: false,
+        };
+        let splice = Arc::new(Splice::default());
+        let guard = GuardedStream::new(inner, limits, head, keepalive, splice);
+        (guard, client)
+    }
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+
+    /// Pingora reads one whole request and answers it.
+    async fn one_request(guard: &mut GuardedStream, client: &mut DuplexStream) {
+        client.write_all(GET).await.unwrap();
+        let mut head = vec![0; 4096];
+        let n = guard.read(&mut head).await.unwrap();
+        assert_eq!(&head[..n], GET);
+        guard.response_done();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_a_request_ends_when_its_bytes_come_and_hands_them_on() {
+        let secs = Duration::from_secs(60);
+        let (mut guard, mut client) = fresh(secs, secs);
+        one_request(&mut guard, &mut client).await;
+        let early = tokio::time::timeout(Duration::from_secs(30), guard.next_request()).await;
+        assert!(early.is_err(), "returned with nothing sent: {early:?}");
+        client.write_all(&GET[..5]).await.unwrap();
+        assert!(guard.next_request().await.unwrap());
+        client.write_all(&GET[5..]).await.unwrap();
+        let mut head = vec![0; 4096];
+        let n = guard.read(&mut head).await.unwrap();
+        assert_eq!(
+            &head[..n],
+            GET,
+            "the bytes the wait saw are delivered intact"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_keep_alive_timeout_ends_the_wait_quietly() {
+        let (mut guard, mut client) = fresh(Duration::from_secs(60), Duration::from_secs(5));
+        one_request(&mut guard, &mut client).await;
+        let t = Instant::now();
+        let waited = tokio::time::timeout(Duration::from_secs(600), guard.next_request()).await;
+        assert!(
+            !waited
+                .expect("the keep-alive timeout ends the wait")
+                .unwrap()
+        );
+        assert_eq!(t.elapsed().as_secs(), 5);
+        drop(guard);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "closed with no answer: {rest:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_head_that_never_starts_ends_the_wait_at_its_deadline() {
+        let (mut guard, _client) = fresh(Duration::from_secs(3), Duration::from_secs(60));
+        let t = Instant::now();
+        let waited = tokio::time::timeout(Duration::from_secs(600), guard.next_request()).await;
+        assert!(!waited.expect("the head deadline ends the wait").unwrap());
+        assert_eq!(t.elapsed().as_secs(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_wait_ends_at_end_of_stream_and_not_while_a_response_is_owed() {
+        let secs = Duration::from_secs(60);
+        let (mut guard, mut client) = fresh(secs, secs);
+        client.write_all(GET).await.unwrap();
+        let mut head = vec![0; GET.len()];
+        guard.read_exact(&mut head).await.unwrap();
+        // The request is not answered yet: not a quiet connection, Pingora reads on.
+        assert!(guard.next_request().await.unwrap());
+        guard.response_done();
+        drop(client);
+        assert!(!guard.next_request().await.unwrap());
     }
 }
