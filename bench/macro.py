@@ -785,6 +785,7 @@ def profile(a, d, bins):
             if a.dwarf:
                 inclusive(a, d, n, procs[n])
             if a.keep_perf:
+                os.makedirs(a.keep_perf, exist_ok=True)
                 shutil.copy(f"{d}/{n}.perf", os.path.join(a.keep_perf, f"{n}.perf"))
                 if a.dwarf:  # for callers: perf report -i X.dwarf --no-children -S SYMBOL -G
                     shutil.copy(f"{d}/{n}.dwarf", os.path.join(a.keep_perf, f"{n}.dwarf"))
