@@ -11,8 +11,12 @@ use crate::server::{self, ProcessOptions};
 
 /// Exit status for a configuration that fails validation (EX_USAGE).
 pub const EXIT_BAD_CONFIG: u8 = 64;
+/// Exit status when a listening address is taken or not permitted (EX_UNAVAILABLE).
+pub const EXIT_CANNOT_LISTEN: u8 = 69;
 
 /// tollgate: a programmable HTTP reverse proxy and API gateway built on Pingora.
+///
+/// Exit status: 0, 64 for an invalid configuration, 69 when a listening address is taken.
 ///
 /// Signals: SIGTERM drains gracefully (server.grace_period, then
 /// server.graceful_shutdown_timeout); SIGQUIT hands the listening sockets to a new process
@@ -85,6 +89,13 @@ pub fn main_with(filters: FilterRegistry) -> ExitCode {
             config.routes.len()
         );
         return ExitCode::SUCCESS;
+    }
+    if !cli.upgrade
+        && let Err(e) = server::check_addresses(&config)
+    {
+        eprintln!("{e}");
+        eprintln!("{}: not started", path.display());
+        return ExitCode::from(EXIT_CANNOT_LISTEN);
     }
     let opts = ProcessOptions {
         upgrade: cli.upgrade,

@@ -252,6 +252,47 @@ async fn sigterm_closes_idle_connections_at_once_and_finishes_busy_ones() {
     assert_eq!(gw.wait(Duration::from_secs(10)), Some(0));
 }
 
+/// A listening address already taken ends the start with a clear error (exit 69), instead of
+/// Pingora retrying the bind for 30 s and then running on without its proxy, admin answering
+/// ready.
+#[test]
+fn a_taken_listening_address_fails_the_start_at_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let [admin] = common::reserve_ports::<1>();
+    let conf = dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "server: {{ pid_file: {d}/pid, upgrade_sock: {d}/sock }}\nlisteners: [{{ address: \"127.0.0.1:{port}\" }}]\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\nupstreams: {{ u: {{ backends: [{{ address: \"127.0.0.1:9\" }}] }} }}\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = Command::new(common::binary())
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "listeners[0].address: cannot listen on 127.0.0.1:{port}: "
+        )),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", admin)).is_err(),
+        "the admin listener was started"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_health_answers() {
     let up = Upstream::start().await;

@@ -69,6 +69,37 @@ fn ceil_secs(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+/// Whether every listening address can be bound now: `Err` names each one that cannot.
+///
+/// Pingora binds the listeners when its services start and, when an address is taken, retries
+/// for 30 s and then panics in that service's thread, leaving the process up (the admin
+/// listener answering ready) without the proxy. Checking first makes a taken address a clear
+/// error at start. Not for a binary upgrade (`-u`): the running instance holds the sockets
+/// and hands them over.
+pub fn check_addresses(config: &Config) -> Result<(), String> {
+    let admin = config
+        .admin
+        .as_ref()
+        .map(|a| ("admin.address".to_string(), a.address));
+    let taken: Vec<String> = config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (format!("listeners[{i}].address"), l.address))
+        .chain(admin)
+        .filter_map(|(key, addr)| {
+            std::net::TcpListener::bind(addr)
+                .err()
+                .map(|e| format!("{key}: cannot listen on {addr}: {e}"))
+        })
+        .collect();
+    if taken.is_empty() {
+        Ok(())
+    } else {
+        Err(taken.join("\n"))
+    }
+}
+
 /// Build the server with every service, ready to run. `path` is the configuration file,
 /// read again on reload with the same filter kinds (`filters`).
 pub fn build(

@@ -226,7 +226,14 @@ impl TestGateway {
             if TcpStream::connect(gw.addr).is_ok() {
                 gw.probes += 1;
                 if TcpStream::connect(gw.admin).is_ok() {
-                    return Some(gw);
+                    let pid = gw.pid();
+                    if listens(pid, port) && listens(pid, admin_port) {
+                        return Some(gw);
+                    }
+                    // Another test's gateway holds a port this one was given: start again.
+                    eprintln!("port {port} or {admin_port} is not this gateway's: retrying");
+                    drop(gw);
+                    return None;
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -277,6 +284,30 @@ impl TestGateway {
     pub fn rss_kib(&self) -> u64 {
         proc_status_kib(self.pid(), "VmRSS:")
     }
+}
+
+/// Whether process `pid` holds the socket listening on loopback `port` (from `/proc`: its
+/// descriptors' socket inodes against the listening sockets' in `/proc/net/tcp`).
+fn listens(pid: Pid, port: u16) -> bool {
+    let Ok(tcp) = std::fs::read_to_string("/proc/net/tcp") else {
+        return true; // not Linux: nothing to check against
+    };
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|t| inodes.iter().any(|i| t.to_str() == Some(i.as_str())))
+    })
 }
 
 fn proc_status_kib(pid: Pid, field: &str) -> u64 {
