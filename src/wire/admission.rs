@@ -185,6 +185,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             }
         };
         let open = crate::proxy::observe::ConnectionGuard::open();
+        // tollgate offers only `h2` and `http/1.1` by ALPN (no custom protocols, so none of
+        // Pingora's `process_custom_session`), and h2c only on plain listeners.
         if stream.selected_alpn_proto() == Some(ALPN::H2) {
             ServerApp::process_new(&self.inner, stream, shutdown).await;
             drop((open, permit));

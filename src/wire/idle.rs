@@ -42,6 +42,9 @@ pub async fn serve_http1<A: HttpServerApp + Send + Sync + 'static>(
     let limit = app.server_options().and_then(|o| o.keepalive_request_limit);
     let mut request = first(app, conn, shutdown, limit);
     while let Some(reused) = request.await {
+        // `settings` would carry bytes Pingora read past a body only with HTTP/1 pipelining
+        // turned on (`set_pipelining_enabled`), which tollgate never does: the guard holds
+        // any bytes of a next request itself, and its wait sees them.
         let (stream, settings) = reused.consume();
         let stream = match guarded(stream) {
             Ok(mut conn) => {

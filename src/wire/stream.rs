@@ -1004,4 +1004,46 @@ mod tests {
         drop(client);
         assert!(!guard.next_request().await.unwrap());
     }
+
+    #[tokio::test]
+    async fn a_pipelined_head_after_a_body_ends_the_wait_at_once_and_is_delivered_whole() {
+        let secs = Duration::from_secs(60);
+        let (mut guard, mut client) = fresh(secs, secs);
+        let post = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc";
+        client.write_all(&[&post[..], GET].concat()).await.unwrap();
+        let mut got = vec![0; post.len()];
+        guard.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..], &post[..]);
+        guard.response_done();
+        assert!(guard.next_request().await.unwrap());
+        let mut head = vec![0; GET.len()];
+        guard.read_exact(&mut head).await.unwrap();
+        assert_eq!(head, GET);
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_an_idle_wait_but_not_one_whose_bytes_are_here() {
+        let secs = Duration::from_secs(60);
+        let (tx, watch) = tokio::sync::watch::channel(false);
+        let (mut guard, mut client) = fresh(secs, secs);
+        one_request(&mut guard, &mut client).await;
+        // Bytes already here win over a shutdown already under way (Pingora's read is biased
+        // the same way: the request is served, on a connection that is then closed).
+        client.write_all(GET).await.unwrap();
+        tx.send(true).unwrap();
+        assert!(crate::wire::idle::next_request(&mut guard, &watch).await);
+        // Idle when the shutdown comes: closed.
+        let (tx, watch) = tokio::sync::watch::channel(false);
+        let (mut guard, mut client) = fresh(secs, secs);
+        one_request(&mut guard, &mut client).await;
+        let stop = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(true).unwrap();
+            tx
+        });
+        let waited =
+            tokio::time::timeout(secs, crate::wire::idle::next_request(&mut guard, &watch)).await;
+        assert!(!waited.expect("the shutdown ends the wait"));
+        drop(stop.await.unwrap());
+    }
 }
