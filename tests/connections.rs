@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{GatewayConfig, Upstream};
+use common::{GatewayConfig, Upstream, read_response};
 
 fn one_route(up: SocketAddr) -> String {
     format!(
@@ -27,32 +27,6 @@ fn read_to_close(s: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(out),
             Err(_) => return None,
-        }
-    }
-}
-
-/// One complete response on a kept-alive connection (a `Content-Length` body).
-fn read_response(s: &mut TcpStream) -> String {
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = s.read(&mut buf).expect("a response");
-        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&out));
-        out.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&out).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            if out.len() >= end + 4 + len {
-                return text;
-            }
         }
     }
 }

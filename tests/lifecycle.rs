@@ -186,29 +186,7 @@ async fn sigterm_closes_idle_connections_at_once_and_finishes_busy_ones() {
     let mut kept = std::net::TcpStream::connect(addr).unwrap();
     kept.write_all(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n")
         .unwrap();
-    kept.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let answered = loop {
-        let n = kept.read(&mut buf).unwrap();
-        assert!(n > 0, "closed before answering");
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .expect("a content-length");
-            if got.len() >= end + 4 + len {
-                break text;
-            }
-        }
-    };
+    let answered = common::read_response(&mut kept);
     assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
     let mut silent = std::net::TcpStream::connect(addr).unwrap();
     // A request in flight when the signal comes.

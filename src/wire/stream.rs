@@ -842,22 +842,9 @@ mod tests {
     /// A guard that has handed Pingora an upgrade request (the client's early bytes held),
     /// and a splice holding a backend's socket for the armed attempt.
     async fn upgraded(fail_at: Option<usize>) -> (GuardedStream, Arc<Splice>, DuplexStream) {
-        let (io, mut client) = tokio::io::duplex(4096);
-        let sock = Sock {
-            io,
-            written: 0,
-            fail_at,
-        };
-        let inner: Stream = Box::new(L4Stream::from(VirtualSocketStream::new(Box::new(sock))));
-        let limits = Limits {
-            max_request_line: 8192,
-            max_header_size: 65536,
-            max_header_count: 100,
-            h2c: false,
-        };
-        let splice = Arc::new(Splice::default());
         let secs = Duration::from_secs(60);
-        let mut guard = GuardedStream::new(inner, limits, secs, secs, Arc::clone(&splice));
+        let (mut guard, mut client) = guard_over(secs, secs, fail_at);
+        let splice = Arc::clone(guard.splice());
         client
             .write_all(&[REQUEST, b"EARLY"].concat())
             .await
@@ -916,11 +903,20 @@ mod tests {
 
     /// A guard over a fresh client connection (head deadline `head`, keep-alive `keepalive`).
     fn fresh(head: Duration, keepalive: Duration) -> (GuardedStream, DuplexStream) {
+        guard_over(head, keepalive, None)
+    }
+
+    /// A guard over a client connection whose writes fail once after `fail_at` bytes.
+    fn guard_over(
+        head: Duration,
+        keepalive: Duration,
+        fail_at: Option<usize>,
+    ) -> (GuardedStream, DuplexStream) {
         let (io, client) = tokio::io::duplex(4096);
         let sock = Sock {
             io,
             written: 0,
-            fail_at: None,
+            fail_at,
         };
         let inner: Stream = Box::new(L4Stream::from(VirtualSocketStream::new(Box::new(sock))));
         let limits = Limits {
