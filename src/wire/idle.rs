@@ -5,7 +5,7 @@
 //! waits in `read_request` for the head. While it waits, the connection holds the proxy's
 //! boxed session future (~13 KiB), the session and its header buffer, and that loop's own
 //! future (~4 KiB, sized for its HTTP/2 branch too): most of an idle keep-alive connection's
-//! memory (docs/performance.md, "idle keep-alive connections").
+//! memory (docs/architecture.md, "Idle connections"; the figures in docs/performance.md).
 //!
 //! [`serve_http1`] is that loop for guarded connections, with one change: before each
 //! request it waits on the guard ([`GuardedStream::next_request`]) for the request's first

@@ -206,12 +206,9 @@ impl GuardedStream {
                 return Poll::Ready(Ok(true));
             }
             if ready!(self.poll_more(cx))? == 0 {
-                // End of stream, or closed quietly: nothing left to answer.
-                let answer = self
-                    .refusal
-                    .as_ref()
-                    .is_some_and(|r| r.stage != Stage::Done);
-                return Poll::Ready(Ok(answer || self.violation.is_some()));
+                // End of stream, or closed quietly at a deadline (with no head started there
+                // is nothing to answer).
+                return Poll::Ready(Ok(false));
             }
         }
     }
