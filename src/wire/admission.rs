@@ -202,7 +202,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         ));
         // Until the first request's bytes arrive, the connection holds none of Pingora's
         // per-request state (`super::idle`).
-        if super::idle::next_request(&mut guarded, shutdown).await {
+        if super::idle::first_request(&mut guarded, shutdown).await {
             let h2 = if self.h2c {
                 super::idle::h2_preface(&mut guarded).await
             } else {

@@ -21,6 +21,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::protocols::http::ServerSession;
@@ -110,6 +111,26 @@ pub async fn next_request(conn: &mut GuardedStream, shutdown: &ShutdownWatch) ->
         r = conn.next_request() => r.unwrap_or(false),
         _ = shutdown.wait_for(|down| *down) => false,
     }
+}
+
+/// How long a new connection's first bytes are still awaited once the service shuts down.
+const LATE_FIRST_BYTES: Duration = Duration::from_millis(250);
+
+/// Wait for a new connection's first request: as [`next_request`], except that a shutdown
+/// leaves it [`LATE_FIRST_BYTES`] more. A connection accepted as the service stopped accepting
+/// (Pingora's accept loop can take one more after the shutdown signal) almost always has its
+/// request on the way; Pingora's own wait would have been ended a moment later, at cleanup.
+pub async fn first_request(conn: &mut GuardedStream, shutdown: &ShutdownWatch) -> bool {
+    let mut shutdown = shutdown.clone();
+    tokio::select! {
+        biased;
+        r = conn.next_request() => return r.unwrap_or(false),
+        _ = shutdown.wait_for(|down| *down) => {}
+    }
+    matches!(
+        tokio::time::timeout(LATE_FIRST_BYTES, conn.next_request()).await,
+        Ok(Ok(true))
+    )
 }
 
 /// On an h2c listener: whether the connection starts with the HTTP/2 preface (Pingora's test,

@@ -1039,4 +1039,24 @@ mod tests {
         assert!(!waited.expect("the shutdown ends the wait"));
         drop(stop.await.unwrap());
     }
+
+    #[tokio::test]
+    async fn a_new_connection_s_first_bytes_are_awaited_briefly_after_a_shutdown() {
+        let secs = Duration::from_secs(60);
+        let (tx, watch) = tokio::sync::watch::channel(true);
+        let (mut guard, mut client) = fresh(secs, secs);
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(GET).await.unwrap();
+            client
+        });
+        assert!(crate::wire::idle::first_request(&mut guard, &watch).await);
+        let _client = late.await.unwrap();
+        // Nothing comes: closed soon after the shutdown.
+        let (mut guard, _client) = fresh(secs, secs);
+        let t = std::time::Instant::now();
+        assert!(!crate::wire::idle::first_request(&mut guard, &watch).await);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        drop(tx);
+    }
 }
