@@ -114,7 +114,7 @@ pub async fn next_request(conn: &mut GuardedStream, shutdown: &ShutdownWatch) ->
 }
 
 /// How long a new connection's first bytes are still awaited once the service shuts down.
-const LATE_FIRST_BYTES: Duration = Duration::from_millis(250);
+pub const LATE_FIRST_BYTES: Duration = Duration::from_millis(250);
 
 /// Wait for a new connection's first request: as [`next_request`], except that a shutdown
 /// leaves it [`LATE_FIRST_BYTES`] more. A connection accepted as the service stopped accepting
