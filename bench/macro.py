@@ -108,13 +108,14 @@ def tree_rss(root):
 
 
 class Proc:
-    def __init__(self, name, argv, port, d, env=None):
+    def __init__(self, name, argv, port, d, env=None, wrap=(), wait=20):
         self.name, self.port = name, port
         self.log = f"{d}/{name}.log"
         assert port_free(port), f"port {port} ({name}) is in use: another benchmark running?"
-        self.p = subprocess.Popen(argv, env=dict(os.environ, **(env or {})), start_new_session=True,
-                                  stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
-        if not wait_port(port):
+        self.p = subprocess.Popen(list(wrap) + argv, env=dict(os.environ, **(env or {})),
+                                  start_new_session=True, stdout=open(self.log, "w"),
+                                  stderr=subprocess.STDOUT)
+        if not wait_port(port, wait):
             self.stop()
             raise RuntimeError(f"{name} did not start on {port}: {open(self.log).read()[-2000:]}")
 
@@ -253,23 +254,24 @@ backend ws
         open(f"{d}/{name}.yaml", "w").write(v)
 
 
-def start_contestant(name, d, bins, ws=False):
+def start_contestant(name, d, bins, ws=False, wrap=(), wait=20):
     if name in ("nginx", "nginx-log"):
         return Proc(name, ["nginx", "-c", f"{d}/{name}.conf"], PORT[name], d)
     if name == "haproxy":
-        return Proc(name, ["haproxy", "-f", f"{d}/haproxy.cfg"], PORT[name], d)
+        return Proc(name, ["haproxy", "-f", f"{d}/haproxy.cfg"], PORT[name], d, wrap=wrap, wait=wait)
     if name in ("bare-pingora", "bare-mimalloc"):
         # round robin over every backend it is given: the WS upstream alone for WS
         ups = f"127.0.0.1:{WS_UP}" if ws else f"127.0.0.1:{UP1},127.0.0.1:{UP2}"
         binary = bins["bare"] if name == "bare-pingora" else bins["bare_mimalloc"]
         return Proc(name, [binary, "-c", f"{d}/pingora.yaml"], PORT[name], d,
-                    env={"UPSTREAMS": ups, "LISTEN": f"127.0.0.1:{PORT[name]}"})
+                    env={"UPSTREAMS": ups, "LISTEN": f"127.0.0.1:{PORT[name]}"}, wrap=wrap, wait=wait)
     if name == "tollgate":
-        p = Proc(name, [bins["tollgate"], "-c", f"{d}/tollgate.yaml"], PORT[name], d)
-        assert wait_port(ADMIN), "tollgate admin listener did not start"
+        p = Proc(name, [bins["tollgate"], "-c", f"{d}/tollgate.yaml"], PORT[name], d, wrap=wrap, wait=wait)
+        assert wait_port(ADMIN, wait), "tollgate admin listener did not start"
         return p
     if name in bins["variants"]:
-        return Proc(name, [bins["variants"][name][0], "-c", f"{d}/{name}.yaml"], PORT[name], d)
+        return Proc(name, [bins["variants"][name][0], "-c", f"{d}/{name}.yaml"], PORT[name], d,
+                    wrap=wrap, wait=wait)
     raise ValueError(name)
 
 
@@ -794,6 +796,47 @@ def profile(a, d, bins):
             p.stop()
 
 
+def instructions(a, d, bins):
+    """User-space instructions per small GET, counted by valgrind's callgrind: deterministic
+    where CPU time on a shared machine is not (±5-10% run to run), so an A/B of a small change
+    shows. Blind to the kernel (about half of a proxied request's CPU, the same for every
+    Pingora build) and to cache misses and branch mispredictions: a ranking of code paths, not a
+    substitute for the CPU figures. Under valgrind every thread runs on one core, ~50x slower."""
+    names = [n for n in a.contestants.split(",") if n not in ("nginx", "nginx-log")]
+    procs = {"upstream": Proc("upstream", ["nginx", "-c", f"{d}/up.conf"], UP1, d)}
+    res = {}
+    try:
+        for n in names:
+            out = f"{d}/cg.{n}"
+            wrap = ["valgrind", "--tool=callgrind", "--trace-children=yes",
+                    f"--callgrind-out-file={out}.%p", "--dump-instr=no"]
+            procs[n] = p = start_contestant(n, d, bins, wrap=wrap, wait=120)
+            wrk(p.port, 3, a.conns)  # warm: connections, pools, lazy statics
+            subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True)
+            r = wrk(p.port, a.seconds, a.conns)
+            subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
+            dumps = sorted((f for f in os.listdir(d) if f.startswith(f"cg.{n}.{p.pid}.")),
+                           key=lambda f: os.path.getmtime(f"{d}/{f}"))
+            text = open(f"{d}/{dumps[-1]}").read()
+            ir = int(re.search(r"(?m)^(?:summary|totals): (\d+)", text).group(1))
+            res[n] = dict(reqs=r["reqs"], errors=r["errors"], ir=ir / max(r["reqs"] - r["errors"], 1))
+            if a.keep_perf:  # callgrind_annotate --inclusive=yes DIR/NAME.callgrind
+                os.makedirs(a.keep_perf, exist_ok=True)
+                shutil.copy(f"{d}/{dumps[-1]}", os.path.join(a.keep_perf, f"{n}.callgrind"))
+            procs.pop(n).stop()
+            print(f"# {n}: {r['reqs']} requests, {res[n]['ir']:.0f} instructions each", flush=True)
+    finally:
+        for p in procs.values():
+            p.stop()
+    base = res.get("bare-pingora", {}).get("ir")
+    print(f"# user-space instructions per 1 KiB GET (callgrind), wrk -t1 -c{a.conns} -d{a.seconds}s")
+    print(f"{'contestant':16} {'requests':>9} {'instr/req':>10} {'vs bare':>8}")
+    for n, r in res.items():
+        ratio = f"{r['ir'] / base:8.3f}" if base else ""
+        print(f"{n:16} {r['reqs']:9d} {r['ir']:10.0f} {ratio}")
+    return res
+
+
 def inclusive(a, d, n, proc):
     """Rust release builds have no frame pointers, so -g stacks stop early; DWARF unwinding
     gives whole stacks, hence inclusive ("children") time per function: what a hook of ours
@@ -853,6 +896,8 @@ def main():
     ap.add_argument("--dwarf", action="store_true", help="also inclusive time from DWARF call stacks")
     ap.add_argument("--path", default="/", help="what --profile requests (/cached/x: cache hits)")
     ap.add_argument("--syscalls", action="store_true", help="also system calls per request (strace)")
+    ap.add_argument("--instructions", action="store_true",
+                    help="user-space instructions per small GET under callgrind (not: nginx)")
     ap.add_argument("--ws-upstream", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.ws_upstream:
@@ -883,9 +928,9 @@ def main():
         open(f"{d}/nolog.yaml", "w").write(nolog)
         bins["variants"]["tollgate-nolog"] = (a.tollgate, f"{d}/nolog.yaml")
     write_configs(d, bins)
-    if a.profile:
+    if a.profile or a.instructions:
         try:
-            profile(a, d, bins)
+            (instructions if a.instructions else profile)(a, d, bins)
         finally:
             shutil.rmtree(d, ignore_errors=True)
         return 0

@@ -346,3 +346,69 @@ async fn binary_upgrade_hands_the_listener_to_a_new_process() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(new.id() as i32), Signal::SIGINT).unwrap();
     let _ = new.wait();
 }
+
+/// CPU ticks (user + system) of each of the process's threads named `name`.
+fn thread_ticks(pid: nix::unistd::Pid, name: &str) -> Vec<u64> {
+    let mut ticks = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the parenthesised command: state is the 3rd, utime the 14th, stime the 15th.
+        let rest: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        ticks.push(rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap());
+    }
+    ticks
+}
+
+/// `server.work_stealing: false` runs one single-threaded runtime per worker thread. Pingora
+/// hands each accepted connection to one of them at random: with two threads and many
+/// connections, both serve requests, and every request is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_work_stealing_connections_spread_over_the_threads() {
+    let up = Upstream::start().await;
+    let gw = GatewayConfig::new(format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes: [{{ name: all, upstream: u }}]\n",
+        up.addr
+    ))
+    .server("work_stealing: false")
+    .start();
+    let config = client()
+        .get(format!("http://{}/config", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let config = error_json(&config);
+    assert_eq!(config["server"]["work_stealing"], false);
+    assert_eq!(config["server"]["threads"], 2);
+    let before = thread_ticks(gw.pid(), "tollgate proxy");
+    assert_eq!(before.len(), 2, "the proxy's worker threads: {before:?}");
+    // Each of the 32 connections lands on one of the two threads, at random.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut answered = 0;
+    loop {
+        let statuses = common::statuses(&gw.url("/spread"), 1000, 32).await;
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        answered += statuses.len();
+        let after = thread_ticks(gw.pid(), "tollgate proxy");
+        let busy = before.iter().zip(&after).filter(|(b, a)| a > b).count();
+        if busy == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {answered} requests, only {busy} of the threads worked: {before:?} -> {after:?}"
+        );
+    }
+}

@@ -135,6 +135,10 @@ pub enum AccessLogFormat {
 pub struct ServerSection {
     /// Worker threads. Default: the CPUs this process may use.
     pub threads: Option<usize>,
+    /// Let idle worker threads take queued work from busy ones (tokio's multi-thread
+    /// scheduler) instead of one single-threaded runtime per thread, each keeping the
+    /// connections it was handed. Default: on with more than one thread.
+    pub work_stealing: Option<bool>,
     /// After SIGTERM/SIGQUIT, keep serving in-flight requests this long. Default 10s.
     #[serde(deserialize_with = "de_duration")]
     pub grace_period: Duration,
@@ -201,6 +205,7 @@ impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
             threads: None,
+            work_stealing: None,
             grace_period: DEFAULT_GRACE_PERIOD,
             graceful_shutdown_timeout: DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT,
             pid_file: "/tmp/tollgate.pid".into(),

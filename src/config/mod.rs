@@ -173,6 +173,8 @@ pub struct AccessLogConfig {
 pub struct ServerSettings {
     /// Worker threads.
     pub threads: usize,
+    /// Work stealing between the worker threads (Pingora's `work_stealing`).
+    pub work_stealing: bool,
     /// Serve in-flight requests this long after a graceful signal.
     pub grace_period: Duration,
     /// Then wait this long for the runtimes to stop.

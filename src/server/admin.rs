@@ -329,6 +329,7 @@ pub fn effective_config(c: &Config) -> Value {
     json!({
         "server": {
             "threads": c.server.threads,
+            "work_stealing": c.server.work_stealing,
             "grace_period": d(c.server.grace_period),
             "graceful_shutdown_timeout": d(c.server.graceful_shutdown_timeout),
             "pid_file": c.server.pid_file,

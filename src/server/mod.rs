@@ -61,6 +61,7 @@ pub fn server_conf(config: &Config) -> ServerConf {
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
         // One first attempt plus the most retries validation allows.
         max_retries: MAX_RETRIES + 1,
+        work_stealing: s.work_stealing,
         ..ServerConf::default()
     }
 }
@@ -251,4 +252,27 @@ pub fn run(
 ) -> Result<(), String> {
     build(config, path, filters, opts)?.run(RunArgs::default());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(server: &str) -> ServerConf {
+        let yaml = format!(
+            "server: {{ {server} }}\nlisteners: [{{address: 127.0.0.1:1}}]\nupstreams: {{u: {{backends: [{{address: 127.0.0.1:2}}]}}}}\n"
+        );
+        server_conf(&Config::from_yaml(&yaml, "test").unwrap())
+    }
+
+    /// Work stealing is off with one thread (nothing to steal from, and the single-threaded
+    /// runtime is cheaper) and on with more, unless the file says otherwise.
+    #[test]
+    fn work_stealing_follows_the_thread_count_unless_set() {
+        assert!(!conf("threads: 1").work_stealing);
+        assert!(conf("threads: 2").work_stealing);
+        assert!(!conf("threads: 4, work_stealing: false").work_stealing);
+        assert!(conf("threads: 1, work_stealing: true").work_stealing);
+        assert_eq!(conf("threads: 3").threads, 3);
+    }
 }
