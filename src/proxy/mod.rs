@@ -313,7 +313,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let client = ctx.client.expect("set in early_request_filter");
-        let peer = observe::Inline::display(client.peer);
+        let peer = observe::Inline::ip(client.peer);
         let xff = headers::forwarded_for(upstream_request, client.trusted, peer.as_str());
         upstream_request.insert_header("x-forwarded-for", xff)?;
         if !(client.trusted && upstream_request.headers.contains_key("x-forwarded-proto")) {

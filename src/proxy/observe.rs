@@ -96,7 +96,7 @@ pub fn record(
     let time = timestamp(std::time::SystemTime::now());
     let client = ctx
         .client
-        .map(|c| Inline::display(c.client_ip))
+        .map(|c| Inline::ip(c.client_ip))
         .unwrap_or_default();
     log.log(&Entry {
         time: time.as_str(),
@@ -183,6 +183,33 @@ impl Inline {
         s
     }
 
+    /// `ip` as text, as `Display` writes it. IPv4 (nearly every client) is written digit by
+    /// digit: the formatting machinery took ~10x the instructions, twice per request (the
+    /// `X-Forwarded-For` value and the access log).
+    pub(crate) fn ip(ip: std::net::IpAddr) -> Inline {
+        let std::net::IpAddr::V4(v4) = ip else {
+            return Inline::display(ip);
+        };
+        let mut s = Inline::default();
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                s.buf[s.len] = b'.';
+                s.len += 1;
+            }
+            if octet >= 100 {
+                s.buf[s.len] = b'0' + octet / 100;
+                s.len += 1;
+            }
+            if octet >= 10 {
+                s.buf[s.len] = b'0' + octet / 10 % 10;
+                s.len += 1;
+            }
+            s.buf[s.len] = b'0' + octet % 10;
+            s.len += 1;
+        }
+        s
+    }
+
     pub(crate) fn as_str(&self) -> &str {
         std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
     }
@@ -215,6 +242,27 @@ mod tests {
         let t = humantime::format_rfc3339_millis(std::time::SystemTime::UNIX_EPOCH);
         assert_eq!(Inline::display(t).as_str(), "1970-01-01T00:00:00.000Z");
         assert_eq!(Inline::display("x".repeat(81)).as_str(), "");
+    }
+
+    #[test]
+    fn an_ip_is_written_as_display_writes_it() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.100.9",
+            "192.168.1.20",
+            "1.22.103.250",
+            "::1",
+            "2001:db8::ff00:42:8329",
+            "::ffff:10.0.0.1",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(Inline::ip(ip).as_str(), ip.to_string());
+        }
+        for n in (0..=u32::MAX).step_by(65_521) {
+            let ip = std::net::IpAddr::from(std::net::Ipv4Addr::from(n));
+            assert_eq!(Inline::ip(ip).as_str(), ip.to_string());
+        }
     }
 
     #[test]
