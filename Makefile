@@ -7,7 +7,7 @@ CONF ?= conf/tollgate.yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_UPDATED := /tmp/.tollgate-apt-updated
 
-.PHONY: all build demo run test check fmt-check clippy deny unit doc soak bench bench-micro bench-smoke bench-smoke-debug bench-build bench-profile deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean fuzz deps-fuzz deps-cxx fuzz-check
+.PHONY: all build demo run test check fmt-check clippy deny unit doc soak bench bench-micro bench-smoke bench-smoke-debug bench-build bench-profile bench-instructions deps deps-test deps-bench deps-deploy deps-image deploy-test image-test upgrade reload clean fuzz deps-fuzz deps-cxx fuzz-check
 
 all: build
 
@@ -179,6 +179,16 @@ bench-profile: BENCH_EXTRA_TOOLS := perf:linux-perf strace:strace
 PROFILE_ARGS ?= --seconds 10 --dwarf --syscalls
 bench-profile: deps-bench bench-build
 	python3 bench/macro.py --profile $(PROFILE_ARGS)
+
+# User-space instructions per small GET under valgrind's callgrind, bare Pingora (glibc and
+# mimalloc) and tollgate: deterministic to ~1% where CPU time on a shared machine varies 5-10%,
+# so a small change's A/B shows (docs/performance.md, "Instructions per request").
+# INSTR_ARGS="--variant new=/path/to/tollgate --keep-perf DIR" compares builds and keeps the
+# profiles for callgrind_annotate.
+bench-instructions: BENCH_EXTRA_TOOLS := valgrind:valgrind
+INSTR_ARGS ?=
+bench-instructions: deps-bench bench-build
+	python3 bench/macro.py --instructions --seconds 10 --contestants bare-pingora,bare-mimalloc,tollgate $(INSTR_ARGS)
 
 # Fuzzing with cargo-fuzz (fuzz/, docs/security.md "Fuzzing"): every target for FUZZ_SECONDS
 # each, failing on the first crash (its input is left in fuzz/artifacts/<target>/). libFuzzer
