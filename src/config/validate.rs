@@ -241,7 +241,7 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
     ServerSettings {
         threads,
         // One thread has no one to steal from: a single-threaded runtime does the same work
-        // for ~3% fewer instructions and ~5% less CPU per request (docs/performance.md).
+        // for ~2.5% fewer instructions and ~5% less CPU per request (docs/performance.md).
         work_stealing: s.work_stealing.unwrap_or(threads > 1),
         grace_period: s.grace_period,
         graceful_shutdown_timeout: s.graceful_shutdown_timeout,
