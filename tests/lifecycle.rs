@@ -392,14 +392,8 @@ async fn without_work_stealing_connections_spread_over_the_threads() {
     ))
     .server("work_stealing: false")
     .start();
-    let config = client()
-        .get(format!("http://{}/config", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (status, config) = common::get(&format!("http://{}/config", gw.admin)).await;
+    assert_eq!(status, 200);
     let config = error_json(&config);
     assert_eq!(config["server"]["work_stealing"], false);
     assert_eq!(config["server"]["threads"], 2);
