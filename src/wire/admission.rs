@@ -3,8 +3,9 @@
 //! [`Guarded`] wraps Pingora's HTTP application as a [`ServerApp`]: Pingora hands it each
 //! accepted (and TLS-terminated) connection, it admits or refuses the connection, wraps an
 //! HTTP/1 stream in a [`GuardedStream`], and runs the proxy over it for as long as the
-//! connection is reused, waiting for each request in the guard (`super::idle`). The caps and limits are read from the live configuration at each
-//! accept, so a reload changes them for new connections.
+//! connection is reused, waiting for each request in the guard (`super::idle`). The caps and
+//! limits are read from the live configuration at each accept, so a reload changes them for
+//! new connections.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
