@@ -10,6 +10,7 @@ use support::fixtures::{ALGORITHMS, addrs, upstream, weights};
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tollgate::upstream::select::{self, Select};
@@ -47,7 +48,7 @@ fn picks(c: &mut Criterion) {
             let mut k = 0;
             support::bench(c, &format!("pick/{name}/{n}"), || {
                 k = (k + 1) & 1023;
-                up.pick(black_box(&keys[k]), &[])
+                up.pick(black_box(&keys[k]), &[], Instant::now())
                     .map(|p| p.backend.addr)
                     .ok()
             });

@@ -356,13 +356,14 @@ fn accepted(req: &RequestHeader, limits: &HeadLimits) {
 pub const RESPONSE_MARKER: &[u8] = b"\n--upstream-response--\n";
 
 /// The configuration [`request`] runs, every built-in filter kind but the Redis backend, with
-/// `{TRUSTED}` and `{UNDERSCORES}` filled in for its two gateways.
+/// `{TRUSTED}`, `{UNDERSCORES}` and `{CASE}` filled in for its two gateways.
 const GATEWAY_YAML: &str = r#"
 server:
   max_request_line: 2KiB
   max_header_size: 8KiB
   max_header_count: 40
   underscore_headers: {UNDERSCORES}
+  preserve_header_case: {CASE}
 listeners:
   - address: 127.0.0.1:1
 trusted_proxies: [{TRUSTED}]
@@ -431,7 +432,8 @@ routes:
 
 struct Fixture {
     rt: tokio::runtime::Runtime,
-    /// Untrusted peer, `_` headers dropped; trusted peer (`0.0.0.0/32`), `_` headers refused.
+    /// Untrusted peer, `_` headers dropped, names lower-cased; trusted peer (`0.0.0.0/32`), `_`
+    /// headers refused, names' case kept.
     gateways: [Gateway; 2],
     modules: HttpModules,
 }
@@ -439,15 +441,19 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let gateway = |trusted: &str, underscores: &str| {
+        let gateway = |trusted: &str, underscores: &str, case: bool| {
             let yaml = GATEWAY_YAML
                 .replace("{TRUSTED}", trusted)
-                .replace("{UNDERSCORES}", underscores);
+                .replace("{UNDERSCORES}", underscores)
+                .replace("{CASE}", &case.to_string());
             let config = Config::from_yaml(&yaml, "fuzz gateway")
                 .unwrap_or_else(|e| panic!("the fuzz gateway's configuration: {e}"));
             Gateway::new(Arc::new(ArcSwap::from_pointee(RuntimeState::new(config))))
         };
-        let gateways = [gateway("", "drop"), gateway("0.0.0.0/32", "reject")];
+        let gateways = [
+            gateway("", "drop", false),
+            gateway("0.0.0.0/32", "reject", true),
+        ];
         let mut modules = HttpModules::new();
         gateways[0].init_downstream_modules(&mut modules);
         let rt = tokio::runtime::Builder::new_current_thread()

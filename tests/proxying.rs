@@ -95,6 +95,56 @@ async fn hop_by_hop_response_headers_never_reach_the_client() {
     assert!(text.contains("connection: close"), "{text}");
 }
 
+/// `server.preserve_header_case`: by default HTTP/1 names go out lower-case both ways, but
+/// for the dozen Pingora title-cases; with it on, each peer's own case comes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_names_are_lower_cased_unless_their_case_is_preserved() {
+    let up = Upstream::with(Behavior {
+        headers: vec![
+            "X-Upstream-Said: 1".into(),
+            "Content-Type: text/plain".into(),
+        ],
+        ..Behavior::default()
+    })
+    .await;
+    let request = b"GET /p?q=1 HTTP/1.1\r\nHost: a.test\r\nX-Client-Said: 1\r\n\
+                    User-Agent: t\r\nConnection: close\r\n\r\n";
+    for (server, client_name, upstream_name) in [
+        ("", "x-client-said: 1", "x-upstream-said: 1"),
+        (
+            "preserve_header_case: true",
+            "X-Client-Said: 1",
+            "X-Upstream-Said: 1",
+        ),
+    ] {
+        let gw = GatewayConfig::new(one_route(&up.addr, "", ""))
+            .server(server)
+            .start();
+        let raw = raw_exchange(gw.addr, request, Duration::from_secs(5));
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            text.contains(&format!("\r\n{upstream_name}\r\n")),
+            "{server:?}:\n{text}"
+        );
+        // Pingora's own names, title-cased either way.
+        assert!(text.contains("\r\nContent-Type: text/plain\r\n"), "{text}");
+        assert!(text.contains("\r\nConnection: close\r\n"), "{text}");
+        let seen = up.last();
+        let head = String::from_utf8_lossy(&seen.head).into_owned();
+        assert!(head.starts_with("GET /p?q=1 HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.contains(&format!("\r\n{client_name}\r\n")),
+            "{server:?}:\n{head}"
+        );
+        assert!(head.contains("\r\nHost: a.test\r\n"), "{head}");
+        // The gateway's own fields are there, whatever the case mode.
+        assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+        assert_eq!(seen.header("x-forwarded-host"), Some("a.test"));
+        assert!(seen.header("x-request-id").is_some());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_from_untrusted_clients_are_replaced() {
     let up = Upstream::start().await;

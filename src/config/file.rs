@@ -173,6 +173,9 @@ pub struct ServerSection {
     pub max_header_count: usize,
     /// Header fields with `_` in their name. Default `drop`.
     pub underscore_headers: UnderscoreHeaders,
+    /// Send HTTP/1 header names in the case each peer wrote them, instead of lower-case.
+    /// Default false.
+    pub preserve_header_case: bool,
     /// A request head (request line and fields) must arrive within this long of its first
     /// byte (of the connection, for its first request), else 408 and close. Default 15s.
     #[serde(deserialize_with = "de_duration")]
@@ -219,6 +222,7 @@ impl Default for ServerSection {
             max_header_size: 64 << 10,
             max_header_count: 100,
             underscore_headers: UnderscoreHeaders::Drop,
+            preserve_header_case: false,
             request_head_timeout: Duration::from_secs(15),
             body_idle_timeout: Duration::from_secs(60),
             max_connections: None,

@@ -197,6 +197,8 @@ pub struct ServerSettings {
     pub head: HeadLimits,
     /// Header fields with `_` in their name.
     pub underscore_headers: UnderscoreHeaders,
+    /// Keep HTTP/1 header names' case (`proxy::header_case`).
+    pub preserve_header_case: bool,
     /// Client connection caps and timeouts.
     pub connections: ConnectionLimits,
 }

@@ -279,6 +279,7 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
             }
         },
         underscore_headers: s.underscore_headers,
+        preserve_header_case: s.preserve_header_case,
         connections: connection_limits(s, errs),
         reload_on_change: match s.reload_on_change {
             Some(d) if d < std::time::Duration::from_millis(100) => {

@@ -24,13 +24,18 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    /// Start an attempt at `backend`.
-    pub fn start(upstream: Arc<Upstream>, backend: Arc<Backend>, probe: Option<u32>) -> Attempt {
+    /// Start an attempt at `backend`, `now`.
+    pub fn start(
+        upstream: Arc<Upstream>,
+        backend: Arc<Backend>,
+        probe: Option<u32>,
+        now: Instant,
+    ) -> Attempt {
         Attempt {
             in_flight: InFlight::start(Arc::clone(&upstream), backend),
             upstream,
             probe,
-            started: Instant::now(),
+            started: now,
             recorded: false,
         }
     }
@@ -47,11 +52,18 @@ impl Attempt {
 
     /// Record the outcome (only the first call counts) and log a breaker transition.
     pub fn finish(&mut self, outcome: Outcome) {
+        if !self.recorded {
+            self.finish_at(Instant::now(), outcome);
+        }
+    }
+
+    /// [`Attempt::finish`], learnt `now`.
+    pub fn finish_at(&mut self, now: Instant, outcome: Outcome) {
         if self.recorded {
             return;
         }
         self.recorded = true;
-        if let Some(t) = self.backend().record(Instant::now(), self.probe, outcome) {
+        if let Some(t) = self.backend().record(now, self.probe, outcome) {
             log_transition(&self.upstream, self.backend(), t);
         }
     }

@@ -120,7 +120,14 @@ fn present(headers: &http::HeaderMap, names: &[HeaderName]) -> impl Iterator<Ite
 /// and the fixed hop-by-hop set goes anyway, so the usual `Connection: keep-alive` (with or
 /// without a `Keep-Alive` field) or `close` builds no name and allocates nothing.
 fn nominated(headers: &http::HeaderMap) -> Vec<HeaderName> {
-    connection_tokens(headers.get_all(CONNECTION).iter())
+    let connection = headers.get_all(CONNECTION);
+    let mut values = connection.iter();
+    if let (Some(v), None) = (values.next(), values.next())
+        && v.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+    {
+        return Vec::new(); // the usual case (Keep-Alive goes anyway), without tokenising
+    }
+    connection_tokens(connection.iter())
         .filter(|t| {
             !HOP_BY_HOP
                 .iter()
@@ -194,6 +201,25 @@ mod tests {
         strip_request(&mut r);
         let names: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+        // A lone `keep-alive` or `close` (the former takes a shortcut): the fixed set goes,
+        // and a field named by the option goes too.
+        for option in ["Keep-Alive", "close"] {
+            let mut r = req(&[
+                ("Connection", option),
+                ("Keep-Alive", "timeout=5"),
+                ("Close", "1"),
+                ("X-Kept", "yes"),
+            ]);
+            strip_request(&mut r);
+            let mut names: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+            names.sort_unstable();
+            let expected: &[&str] = if option == "close" {
+                &["x-kept"]
+            } else {
+                &["close", "x-kept"]
+            };
+            assert_eq!(names, expected, "{option}");
+        }
     }
 
     #[test]

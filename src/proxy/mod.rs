@@ -22,6 +22,7 @@ mod compression;
 mod ctx;
 pub mod error;
 mod filter_chain;
+mod header_case;
 pub mod headers;
 pub(crate) mod hygiene;
 pub(crate) mod observe;
@@ -57,6 +58,10 @@ impl Gateway {
         Gateway { state }
     }
 }
+
+/// Most fields `upstream_request_filter` adds: `X-Forwarded-For`, `-Proto`, `-Host`,
+/// `X-Request-Id`, and sometimes `TE` or `Connection`.
+const FORWARDING_HEADERS: usize = 6;
 
 #[async_trait]
 impl ProxyHttp for Gateway {
@@ -117,6 +122,9 @@ impl ProxyHttp for Gateway {
         // The head as sent is what the limits and framing checks judge (answered in
         // request_filter): stripping must not make an oversized head fit.
         ctx.refusal = hygiene::check(req, &state.config.server.head).err();
+        if !state.config.server.preserve_header_case {
+            header_case::drop_request_case(req)?;
+        }
         hygiene::join_cookie_crumbs(req);
         ctx.te_trailers = headers::wants_trailers(req);
         headers::strip_request(req);
@@ -313,20 +321,6 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let client = ctx.client.expect("set in early_request_filter");
-        let peer = observe::Inline::ip(client.peer);
-        let xff = headers::forwarded_for(upstream_request, client.trusted, peer.as_str());
-        upstream_request.insert_header("x-forwarded-for", xff)?;
-        if !(client.trusted && upstream_request.headers.contains_key("x-forwarded-proto")) {
-            let proto = if ctx.tls { "https" } else { "http" };
-            upstream_request
-                .insert_header("x-forwarded-proto", http::HeaderValue::from_static(proto))?;
-        }
-        if !(client.trusted && upstream_request.headers.contains_key("x-forwarded-host"))
-            && let Some(host) = ctx.host.clone()
-        {
-            upstream_request.insert_header("x-forwarded-host", host)?;
-        }
-        upstream_request.insert_header(request_id::HEADER, ctx.request_id.header_value())?;
         // The upstream always gets origin-form: a rewritten path, or the client's absolute-form
         // target (`GET http://host/p`, whose authority Pingora already checked against Host;
         // an HTTP/2 request's `:authority`, copied to Host) cut down to its path and query.
@@ -357,32 +351,45 @@ impl ProxyHttp for Gateway {
             upstream_request.set_uri(uri);
         }
         let state = ctx.state();
-        if let Some(i) = ctx.route
-            && let Some(h) = &state.router.route(i).upstream_host
-        {
-            upstream_request.insert_header(http::header::HOST, h.clone())?;
-        }
-        if ctx.te_trailers
-            && ctx
-                .upstream
-                .as_ref()
-                .is_some_and(|u| u.config.protocol != UpstreamProtocol::Http1)
-        {
-            upstream_request
-                .insert_header(http::header::TE, http::HeaderValue::from_static("trailers"))?;
-        }
-        if ctx
-            .upstream
-            .as_ref()
-            .is_some_and(|u| u.config.pool_size == 0)
-            && !headers::is_websocket_upgrade(upstream_request)
-        {
-            upstream_request.insert_header(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("close"),
-            )?;
-        }
-        Ok(())
+        let upstream_host = ctx
+            .route
+            .and_then(|i| state.router.route(i).upstream_host.clone());
+        let upstream = ctx.upstream.as_ref().map(|u| &u.config);
+        let te_trailers =
+            ctx.te_trailers && upstream.is_some_and(|u| u.protocol != UpstreamProtocol::Http1);
+        let close = upstream.is_some_and(|u| u.pool_size == 0)
+            && !headers::is_websocket_upgrade(upstream_request);
+        let peer = observe::Inline::ip(client.peer);
+        let xff = headers::forwarded_for(upstream_request, client.trusted, peer.as_str());
+        header_case::edit_request(upstream_request, FORWARDING_HEADERS, |h| {
+            h.insert(header_case::X_FORWARDED_FOR, xff)?;
+            if !(client.trusted && h.map().contains_key(header_case::X_FORWARDED_PROTO.name())) {
+                let proto = if ctx.tls { "https" } else { "http" };
+                h.insert(
+                    header_case::X_FORWARDED_PROTO,
+                    http::HeaderValue::from_static(proto),
+                )?;
+            }
+            if !(client.trusted && h.map().contains_key(header_case::X_FORWARDED_HOST.name()))
+                && let Some(host) = ctx.host.clone()
+            {
+                h.insert(header_case::X_FORWARDED_HOST, host)?;
+            }
+            h.insert(header_case::X_REQUEST_ID, ctx.request_id.header_value())?;
+            if let Some(host) = upstream_host {
+                h.insert(header_case::HOST, host)?;
+            }
+            if te_trailers {
+                h.insert(header_case::TE, http::HeaderValue::from_static("trailers"))?;
+            }
+            if close {
+                h.insert(
+                    header_case::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                )?;
+            }
+            Ok(())
+        })
     }
 
     async fn upstream_response_filter(
@@ -391,6 +398,13 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx
+            .state
+            .as_ref()
+            .is_some_and(|s| !s.config.server.preserve_header_case)
+        {
+            header_case::drop_response_case(upstream_response)?;
+        }
         headers::strip_response(upstream_response);
         resilience::response_received(session, ctx, upstream_response)
     }
@@ -414,7 +428,11 @@ impl ProxyHttp for Gateway {
             }
         }
         caching::status(session, ctx, upstream_response)?;
-        upstream_response.insert_header(request_id::HEADER, ctx.request_id.header_value())
+        // Room for Pingora's Connection too (`strip_response` removed the upstream's; Date
+        // usually replaces the upstream's).
+        header_case::edit_response(upstream_response, 2, |h| {
+            h.insert(header_case::X_REQUEST_ID, ctx.request_id.header_value())
+        })
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -15,7 +15,7 @@
 //! reuse the same backend and is not counted.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
@@ -38,11 +38,13 @@ pub async fn choose(
     key: &[u8],
     ctx: &mut RequestCtx,
 ) -> Result<Box<HttpPeer>> {
-    if ctx.attempts == 0 {
-        upstream.budget_request();
-    }
     if std::mem::take(&mut ctx.backoff_due) {
         tokio::time::sleep(backoff(upstream.config.retry.backoff, ctx.retries)).await;
+    }
+    // One clock read for the budget, the breakers and the attempt's start.
+    let now = Instant::now();
+    if ctx.attempts == 0 {
+        upstream.budget_request(now);
     }
     // The previous attempt (if any) is finished: drop it before counting the new one.
     ctx.attempt = None;
@@ -50,7 +52,7 @@ pub async fn choose(
         // A retry sends the (replayed) body again from its first byte.
         crate::filters::reset_body_counts(&mut ctx.filter_state);
     }
-    match upstream.pick(key, &ctx.excluded) {
+    match upstream.pick(key, &ctx.excluded, now) {
         Ok(pick) => {
             if let Some(t) = pick.transition {
                 log_transition(upstream, &pick.backend, t);
@@ -70,6 +72,7 @@ pub async fn choose(
                 Arc::clone(upstream),
                 pick.backend,
                 pick.probe,
+                now,
             ));
             Ok(peer)
         }
@@ -207,14 +210,16 @@ pub fn record_status(ctx: &mut RequestCtx, status: u16) {
         return;
     };
     let f = &upstream.config.failure;
-    let took = attempt.started.elapsed();
+    let now = Instant::now();
+    let took = now.saturating_duration_since(attempt.started);
     ctx.upstream_time = Some(took);
     let slow = f.slow_call.is_some_and(|t| took > t);
-    attempt.finish(if f.statuses.contains(&status) || slow {
+    let outcome = if f.statuses.contains(&status) || slow {
         Outcome::Failure
     } else {
         Outcome::Success
-    });
+    };
+    attempt.finish_at(now, outcome);
 }
 
 /// May this request be sent again? Idempotent (or all methods allowed), and the body fit the

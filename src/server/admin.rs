@@ -337,6 +337,7 @@ pub fn effective_config(c: &Config) -> Value {
             "upstream_keepalive_pool_size": c.server.upstream_keepalive_pool_size,
             "downstream_keepalive_timeout": d(c.server.downstream_keepalive_timeout),
             "log_level": c.server.log_level,
+            "preserve_header_case": c.server.preserve_header_case,
             "http2": {
                 "max_concurrent_streams": c.server.http2.max_concurrent_streams,
                 "max_header_list_size": c.server.http2.max_header_list_size,

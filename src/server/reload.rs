@@ -175,6 +175,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         log_level: String::new(),
         head: new.server.head,
         underscore_headers: new.server.underscore_headers,
+        preserve_header_case: new.server.preserve_header_case,
         ..s.clone()
     };
     if comparable(&old.server) != comparable(&new.server) {

@@ -324,9 +324,9 @@ impl Upstream {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Count a first attempt for the retry budget.
-    pub fn budget_request(&self) {
-        lock(&self.budget).request(Instant::now());
+    /// Count a first attempt, made `now`, for the retry budget.
+    pub fn budget_request(&self, now: Instant) {
+        lock(&self.budget).request(now);
     }
 
     /// Take one retry from the budget, if it has one.
@@ -350,15 +350,19 @@ impl Upstream {
     }
 
     /// Pick a backend for a request hashed on `key`, skipping `excluded` addresses, unhealthy
-    /// backends (unless failing open) and backends whose breaker refuses.
-    pub fn pick(&self, key: &[u8], excluded: &[SocketAddr]) -> Result<Pick, Unavailable> {
+    /// backends (unless failing open) and backends whose breaker refuses, as of `now`.
+    pub fn pick(
+        &self,
+        key: &[u8],
+        excluded: &[SocketAddr],
+        now: Instant,
+    ) -> Result<Pick, Unavailable> {
         let cap = self.config.max_in_flight;
         if cap > 0 && self.in_flight() >= cap {
             return Err(Unavailable::Overloaded);
         }
         // A borrowed snapshot: no reference-count traffic on the shared member set per pick.
         let m = self.members.load();
-        let now = Instant::now();
         let health = self.config.health.as_ref();
         let any_healthy = health.is_none() || m.backends.iter().any(|b| b.is_healthy());
         let ignore_health = health.is_some_and(|h| h.fail_open) && !any_healthy;
