@@ -811,9 +811,9 @@ def instructions(a, d, bins):
             wrap = ["valgrind", "--tool=callgrind", "--trace-children=yes",
                     f"--callgrind-out-file={out}.%p", "--dump-instr=no"]
             procs[n] = p = start_contestant(n, d, bins, wrap=wrap, wait=120)
-            wrk(p.port, 3, a.conns)  # warm: connections, pools, lazy statics
+            wrk(p.port, 3, a.conns, a.path)  # warm: connections, pools, lazy statics (the cache)
             subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True)
-            r = wrk(p.port, a.seconds, a.conns)
+            r = wrk(p.port, a.seconds, a.conns, a.path)
             subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
             dumps = sorted((f for f in os.listdir(d) if f.startswith(f"cg.{n}.{p.pid}.")),
                            key=lambda f: os.path.getmtime(f"{d}/{f}"))
@@ -829,7 +829,7 @@ def instructions(a, d, bins):
         for p in procs.values():
             p.stop()
     base = res.get("bare-pingora", {}).get("ir")
-    print(f"# user-space instructions per 1 KiB GET (callgrind), wrk -t1 -c{a.conns} -d{a.seconds}s")
+    print(f"# user-space instructions per 1 KiB GET {a.path} (callgrind), wrk -t1 -c{a.conns} -d{a.seconds}s")
     print(f"{'contestant':16} {'requests':>9} {'instr/req':>10} {'vs bare':>8}")
     for n, r in res.items():
         ratio = f"{r['ir'] / base:8.3f}" if base else ""
@@ -894,7 +894,7 @@ def main():
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--keep-perf", default="")
     ap.add_argument("--dwarf", action="store_true", help="also inclusive time from DWARF call stacks")
-    ap.add_argument("--path", default="/", help="what --profile requests (/cached/x: cache hits)")
+    ap.add_argument("--path", default="/", help="what --profile and --instructions request (/cached/x: cache hits)")
     ap.add_argument("--syscalls", action="store_true", help="also system calls per request (strace)")
     ap.add_argument("--instructions", action="store_true",
                     help="user-space instructions per small GET under callgrind (not: nginx)")

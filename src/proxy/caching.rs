@@ -159,14 +159,13 @@ pub fn serve_stale(ctx: &mut RequestCtx, error: Option<&Error>) -> bool {
     error.is_none_or(|e| *e.esource() != ErrorSource::Downstream)
 }
 
-/// `response_filter`: say what the cache did.
-pub fn status(session: &Session, ctx: &mut RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
-    if ctx.cache_status.is_none() {
-        return Ok(());
-    }
+/// `response_filter`: what the cache did, for the `X-Cache-Status` the caller adds (`None`
+/// when the route does not cache).
+pub fn status(session: &Session, ctx: &mut RequestCtx) -> Option<http::HeaderValue> {
+    ctx.cache_status?;
     let status = CacheStatus::of(&session.cache.phase());
     ctx.cache_status = Some(status);
-    resp.insert_header(STATUS_HEADER, status.header())
+    Some(http::HeaderValue::from_static(status.header()))
 }
 
 /// `logging`: an unsafe request that succeeded invalidates its URL.

@@ -59,8 +59,9 @@ impl Gateway {
     }
 }
 
-/// Most fields `upstream_request_filter` adds: `X-Forwarded-For`, `-Proto`, `-Host`,
-/// `X-Request-Id`, and sometimes `TE` or `Connection`.
+/// Room `upstream_request_filter` makes for the fields it adds: `X-Forwarded-For`, `-Proto`,
+/// `-Host`, `X-Request-Id`, and sometimes `TE` or `Connection` (a route's `Host` replaces the
+/// client's).
 const FORWARDING_HEADERS: usize = 6;
 
 #[async_trait]
@@ -415,6 +416,15 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // A cache hit's head comes from the cache with a case map (a proxied one lost it in
+        // upstream_response_filter).
+        if ctx
+            .state
+            .as_ref()
+            .is_some_and(|s| !s.config.server.preserve_header_case)
+        {
+            header_case::drop_response_case(upstream_response)?;
+        }
         if let Some(state) = ctx.state.clone() {
             let route = ctx
                 .route
@@ -427,10 +437,14 @@ impl ProxyHttp for Gateway {
                 compression_module(session).offer(levels);
             }
         }
-        caching::status(session, ctx, upstream_response)?;
+        let cache_status = caching::status(session, ctx);
         // Room for Pingora's Connection too (`strip_response` removed the upstream's; Date
         // usually replaces the upstream's).
-        header_case::edit_response(upstream_response, 2, |h| {
+        let more = 2 + usize::from(cache_status.is_some());
+        header_case::edit_response(upstream_response, more, |h| {
+            if let Some(status) = cache_status {
+                h.insert(header_case::X_CACHE_STATUS, status)?;
+            }
             h.insert(header_case::X_REQUEST_ID, ctx.request_id.header_value())
         })
     }
