@@ -493,3 +493,49 @@ async fn a_5xx_answered_stale_still_counts_for_the_breaker() {
         "{m}"
     );
 }
+
+/// A hit's head comes from the cache: its names go out lower-case by default like a proxied
+/// head's, or as stored with `preserve_header_case: true`; it gains `X-Cache-Status` and its own
+/// `X-Request-Id` either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_follows_the_header_case_mode() {
+    let up = Upstream::with(answering(
+        "hello",
+        &["Cache-Control: max-age=60", "X-Upstream-Said: 1"],
+    ))
+    .await;
+    let body = format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - {{ name: api, upstream: u, cache: {{}} }}\n",
+        up.addr
+    );
+    for (server, name) in [
+        ("", "x-upstream-said: 1"),
+        ("preserve_header_case: true", "X-Upstream-Said: 1"),
+    ] {
+        let gw = common::GatewayConfig::new(body.clone())
+            .server(server)
+            .start();
+        let request = b"GET /case HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+        let mut ids = Vec::new();
+        for expected in ["miss", "hit"] {
+            let raw = common::raw_exchange(gw.addr, request, Duration::from_secs(5));
+            let text = String::from_utf8_lossy(&raw).into_owned();
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            assert!(
+                text.contains(&format!("\r\n{name}\r\n")),
+                "{server:?} {expected}:\n{text}"
+            );
+            let lower = text.to_ascii_lowercase();
+            assert!(
+                lower.contains(&format!("x-cache-status: {expected}\r\n")),
+                "{text}"
+            );
+            let id = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("x-request-id: ").map(str::to_owned))
+                .unwrap_or_else(|| panic!("no x-request-id:\n{text}"));
+            ids.push(id);
+        }
+        assert_ne!(ids[0], ids[1], "each answer has its own request id");
+    }
+}

@@ -74,6 +74,13 @@ impl RequestCtx {
             .expect("state is set in early_request_filter")
     }
 
+    /// Do heads lose their header-case map (`server.preserve_header_case: false`)?
+    pub fn drops_header_case(&self) -> bool {
+        self.state
+            .as_ref()
+            .is_some_and(|s| !s.config.server.preserve_header_case)
+    }
+
     /// `Retry-After` seconds for a 503, when known.
     pub fn retry_after(&self) -> Option<u64> {
         let d = match self.unavailable? {

@@ -399,11 +399,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx
-            .state
-            .as_ref()
-            .is_some_and(|s| !s.config.server.preserve_header_case)
-        {
+        if ctx.drops_header_case() {
             header_case::drop_response_case(upstream_response)?;
         }
         headers::strip_response(upstream_response);
@@ -418,11 +414,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         // A cache hit's head comes from the cache with a case map (a proxied one lost it in
         // upstream_response_filter).
-        if ctx
-            .state
-            .as_ref()
-            .is_some_and(|s| !s.config.server.preserve_header_case)
-        {
+        if ctx.drops_header_case() {
             header_case::drop_response_case(upstream_response)?;
         }
         if let Some(state) = ctx.state.clone() {
