@@ -539,3 +539,92 @@ async fn a_hit_follows_the_header_case_mode() {
         assert_ne!(ids[0], ids[1], "each answer has its own request id");
     }
 }
+
+/// Hits answer ranges from the stored body (single, multiple, unsatisfiable, `If-Range`), and
+/// say `Accept-Ranges: bytes` when sent whole, in both header-case modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_answers_ranges() {
+    let up = Upstream::with(answering(
+        "hello world",
+        &["Cache-Control: max-age=60", "ETag: \"v1\""],
+    ))
+    .await;
+    let body = format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - {{ name: api, upstream: u, cache: {{}} }}\n",
+        up.addr
+    );
+    for top in ["", "preserve_header_case: true"] {
+        let gw = common::GatewayConfig::new(body.clone()).server(top).start();
+        let before = up.count();
+        let send = |range: Option<&str>, if_range: Option<&str>| {
+            let mut r = client().get(gw.url("/r"));
+            if let Some(v) = range {
+                r = r.header("range", v);
+            }
+            if let Some(v) = if_range {
+                r = r.header("if-range", v);
+            }
+            async move {
+                let r = r.send().await.unwrap();
+                let h = |name: &str| {
+                    r.headers()
+                        .get(name)
+                        .map(|v| v.to_str().unwrap().to_string())
+                };
+                let head = (
+                    r.status().as_u16(),
+                    h("x-cache-status"),
+                    h("accept-ranges"),
+                    h("content-range"),
+                    h("content-type"),
+                );
+                (head, r.bytes().await.unwrap())
+            }
+        };
+        // The miss stores the whole body; then every answer comes from the cache.
+        let (head, body) = send(None, None).await;
+        assert_eq!((head.0, head.1.as_deref()), (200, Some("MISS")), "{top}");
+        assert_eq!(&body[..], b"hello world");
+        let (head, body) = send(None, None).await;
+        assert_eq!(
+            (head.0, head.1.as_deref(), head.2.as_deref(), head.3),
+            (200, Some("HIT"), Some("bytes"), None),
+            "{top}"
+        );
+        assert_eq!(&body[..], b"hello world");
+        let (head, body) = send(Some("bytes=0-4"), None).await;
+        assert_eq!(
+            (head.0, head.2, head.3.as_deref()),
+            (206, None, Some("bytes 0-4/11")),
+            "{top}"
+        );
+        assert_eq!(&body[..], b"hello");
+        let (head, body) = send(Some("bytes=-5"), Some("\"v1\"")).await;
+        assert_eq!((head.0, head.3.as_deref()), (206, Some("bytes 6-10/11")));
+        assert_eq!(&body[..], b"world");
+        // An If-Range that no longer matches: the whole, current body.
+        let (head, body) = send(Some("bytes=0-4"), Some("\"v0\"")).await;
+        assert_eq!((head.0, head.2.as_deref()), (200, Some("bytes")), "{top}");
+        assert_eq!(&body[..], b"hello world");
+        let (head, body) = send(Some("bytes=20-30"), None).await;
+        assert_eq!(
+            (head.0, head.3.as_deref()),
+            (416, Some("bytes */11")),
+            "{top}"
+        );
+        assert!(body.is_empty());
+        let (head, body) = send(Some("bytes=0-1,6-7"), None).await;
+        assert_eq!(head.0, 206, "{top}");
+        let boundary = head
+            .4
+            .as_deref()
+            .and_then(|t| t.strip_prefix("multipart/byteranges; boundary="))
+            .unwrap_or_else(|| panic!("{top}: {:?}", head.4))
+            .to_string();
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(text.matches(&format!("--{boundary}")).count(), 3, "{text}");
+        assert!(text.contains("bytes 0-1/11\r\n\r\nhe\r\n"), "{text}");
+        assert!(text.contains("bytes 6-7/11\r\n\r\nwo\r\n"), "{text}");
+        assert_eq!(up.count(), before + 1, "{top}: one request upstream");
+    }
+}

@@ -75,7 +75,8 @@ struct MetaTemplate {
     stale_if_error_sec: u32,
     variance: Option<HashBinary>,
     epoch_override: Option<SystemTime>,
-    /// The header as decoding the stored bytes gives it, so a hit sees what it always saw.
+    /// The header as decoding the stored bytes gives it, so a hit sees what it always saw;
+    /// without a case map when the stored header had none.
     header: ResponseHeader,
 }
 
@@ -102,7 +103,7 @@ impl StoredMeta {
     fn new(meta: &CacheMeta) -> Result<StoredMeta> {
         let bytes = meta.serialize()?;
         let decoded = CacheMeta::deserialize(&bytes.0, &bytes.1)?;
-        let template = MetaTemplate {
+        let mut template = MetaTemplate {
             fresh_until: decoded.fresh_until(),
             created: decoded.created(),
             stale_while_revalidate_sec: decoded.stale_while_revalidate_sec(),
@@ -111,6 +112,12 @@ impl StoredMeta {
             epoch_override: decoded.epoch_override(),
             header: decoded.response_header_copy(),
         };
+        // Decoding gives the header a case map. A header stored without one (the gateway
+        // dropped it, `server.preserve_header_case: false`) is kept without one: each hit then
+        // clones one map instead of two, and has none to drop.
+        if !meta.response_header().has_case() {
+            crate::proxy::header_case::drop_response_case(&mut template.header)?;
+        }
         // `new` sets `updated` and the provenance to `created`: a meta revalidated since (or
         // with fields a later pingora-cache adds) serializes differently and is decoded per hit.
         let exact = template.build().serialize()?.0 == bytes.0;
@@ -129,13 +136,17 @@ impl StoredMeta {
     }
 
     /// Bytes it holds: the serialized meta, plus for a decoded header its names and values, the
-    /// header-case map's copy of each name and [`DECODED_FIELD_OVERHEAD`] per field.
+    /// header-case map's copy of each name (if it has one) and [`DECODED_FIELD_OVERHEAD`] per
+    /// field.
     fn len(&self) -> usize {
         let decoded = self.template.as_ref().map_or(0, |t| {
+            let copies = if t.header.has_case() { 2 } else { 1 };
             t.header
                 .headers
                 .iter()
-                .map(|(name, value)| 2 * name.as_str().len() + value.len() + DECODED_FIELD_OVERHEAD)
+                .map(|(name, value)| {
+                    copies * name.as_str().len() + value.len() + DECODED_FIELD_OVERHEAD
+                })
                 .sum()
         });
         self.bytes.0.len() + self.bytes.1.len() + decoded
@@ -721,6 +732,26 @@ mod tests {
         m.update_freshness(SystemTime::now() + Duration::from_secs(60), 0, 0);
         let decoded_per_hit = StoredMeta::new(&m).unwrap();
         assert_eq!(decoded_per_hit.len(), serialized(&decoded_per_hit));
+    }
+
+    /// A header stored without a case map (the gateway's default) is rebuilt without one, and
+    /// weighed with one copy of each name; one with a case map keeps it.
+    #[test]
+    fn a_header_without_a_case_map_is_kept_without_one() {
+        let cased = StoredMeta::new(&meta()).unwrap();
+        assert!(cased.to_meta().unwrap().response_header().has_case());
+        let mut m = meta();
+        crate::proxy::header_case::drop_response_case(m.response_header_mut()).unwrap();
+        assert!(round_trip(&m));
+        let plain = StoredMeta::new(&m).unwrap();
+        let hit = plain.to_meta().unwrap();
+        assert!(!hit.response_header().has_case());
+        assert_eq!(hit.headers(), m.headers());
+        let fields = (12 + 10) + (13 + 4) + (9 + 1) + (9 + 1);
+        assert_eq!(
+            plain.len(),
+            plain.bytes.0.len() + plain.bytes.1.len() + fields + 4 * DECODED_FIELD_OVERHEAD
+        );
     }
 
     #[test]

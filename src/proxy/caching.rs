@@ -6,6 +6,7 @@ use pingora::cache::key::HashBinary;
 use pingora::cache::{CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, RespCacheable};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
+use pingora::proxy::{RangeType, range_header_filter};
 
 use super::RequestCtx;
 use crate::cache::{self, key, policy};
@@ -167,6 +168,39 @@ pub fn status(session: &Session, ctx: &mut RequestCtx) -> Option<http::HeaderVal
     ctx.cache_status = Some(status);
     Some(http::HeaderValue::from_static(status.header()))
 }
+
+/// The most ranges one request may ask for (Pingora's default).
+const MAX_RANGES: Option<usize> = Some(200);
+
+/// `range_header_filter`, for a hit: Pingora's range handling, with its usual outcome done
+/// directly on a head without a case map. A request without `Range` gets the whole body, and a
+/// `200` with a valid `Content-Length` says `Accept-Ranges: bytes` (as nginx does); room is
+/// made for that and for the fields `response_filter` adds, so neither grows the map.
+pub fn range(req: &RequestHeader, resp: &mut ResponseHeader) -> RangeType {
+    if resp.has_case() || req.headers.contains_key(http::header::RANGE) {
+        return range_header_filter(req, resp, MAX_RANGES);
+    }
+    let ranges = resp.status == http::StatusCode::OK
+        && resp
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .is_some_and(|v| v.parse::<usize>().is_ok());
+    let edited = super::header_case::edit_response(resp, 4, |h| {
+        if ranges {
+            h.insert(super::header_case::ACCEPT_RANGES, BYTES)?;
+        }
+        Ok(())
+    });
+    // Only a map at its size limit refuses a field: let Pingora's path have it.
+    if edited.is_err() {
+        return range_header_filter(req, resp, MAX_RANGES);
+    }
+    RangeType::None
+}
+
+/// The value of `Accept-Ranges`.
+const BYTES: http::HeaderValue = http::HeaderValue::from_static("bytes");
 
 /// `logging`: an unsafe request that succeeded invalidates its URL.
 pub fn finish(session: &Session, ctx: &mut RequestCtx) {

@@ -60,6 +60,8 @@ pub const X_CACHE_STATUS: Field = Field::new(super::caching::STATUS_HEADER);
 pub const HOST: Field = Field::standard("Host", http::header::HOST);
 /// `TE` (lower-case where case is kept, as Pingora titles it: not at all).
 pub const TE: Field = Field::new("te");
+/// `Accept-Ranges`.
+pub const ACCEPT_RANGES: Field = Field::standard("Accept-Ranges", http::header::ACCEPT_RANGES);
 /// `Connection`.
 pub const CONNECTION: Field = Field::standard("Connection", http::header::CONNECTION);
 

@@ -22,7 +22,7 @@ mod compression;
 mod ctx;
 pub mod error;
 mod filter_chain;
-mod header_case;
+pub(crate) mod header_case;
 pub mod headers;
 pub(crate) mod hygiene;
 pub(crate) mod observe;
@@ -262,6 +262,15 @@ impl ProxyHttp for Gateway {
         caching::serve_stale(ctx, error)
     }
 
+    fn range_header_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::proxy::RangeType {
+        caching::range(session.req_header(), resp)
+    }
+
     async fn request_body_filter(
         &self,
         _session: &mut Session,
@@ -412,8 +421,8 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // A cache hit's head comes from the cache with a case map (a proxied one lost it in
-        // upstream_response_filter).
+        // A cache hit's head may come from the cache with a case map (a proxied one lost it in
+        // upstream_response_filter; the cache keeps none for such heads).
         if ctx.drops_header_case() {
             header_case::drop_response_case(upstream_response)?;
         }
