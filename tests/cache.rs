@@ -592,6 +592,18 @@ async fn a_hit_answers_ranges() {
             "{top}"
         );
         assert_eq!(&body[..], b"hello world");
+        // A HEAD hit says it too; a 304 hit says nothing of ranges (as Pingora's own filter).
+        let r = client().head(gw.url("/r")).send().await.unwrap();
+        assert_eq!(r.headers()["x-cache-status"], "HIT", "{top}");
+        assert_eq!(r.headers()["accept-ranges"], "bytes", "{top}");
+        let r = client()
+            .get(gw.url("/r"))
+            .header("if-none-match", "\"v1\"")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 304, "{top}");
+        assert!(!r.headers().contains_key("accept-ranges"), "{top}");
         let (head, body) = send(Some("bytes=0-4"), None).await;
         assert_eq!(
             (head.0, head.2, head.3.as_deref()),
@@ -600,7 +612,11 @@ async fn a_hit_answers_ranges() {
         );
         assert_eq!(&body[..], b"hello");
         let (head, body) = send(Some("bytes=-5"), Some("\"v1\"")).await;
-        assert_eq!((head.0, head.3.as_deref()), (206, Some("bytes 6-10/11")));
+        assert_eq!(
+            (head.0, head.3.as_deref()),
+            (206, Some("bytes 6-10/11")),
+            "{top}"
+        );
         assert_eq!(&body[..], b"world");
         // An If-Range that no longer matches: the whole, current body.
         let (head, body) = send(Some("bytes=0-4"), Some("\"v0\"")).await;

@@ -47,7 +47,8 @@ use tokio::sync::watch;
 pub const ENTRY_OVERHEAD: usize = 256;
 
 /// Bytes counted per field of a decoded header on top of its name and value (the header map's
-/// entry and index, the case map's entry, two `Bytes` handles).
+/// entry and index, the case map's entry, two `Bytes` handles): the same with or without a
+/// case map, which over-counts a header without one a little.
 const DECODED_FIELD_OVERHEAD: usize = 96;
 
 /// Primary hash and variance hash: one stored object.

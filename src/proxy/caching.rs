@@ -172,10 +172,12 @@ pub fn status(session: &Session, ctx: &mut RequestCtx) -> Option<http::HeaderVal
 /// The most ranges one request may ask for (Pingora's default).
 const MAX_RANGES: Option<usize> = Some(200);
 
-/// `range_header_filter`, for a hit: Pingora's range handling, with its usual outcome done
-/// directly on a head without a case map. A request without `Range` gets the whole body, and a
-/// `200` with a valid `Content-Length` says `Accept-Ranges: bytes` (as nginx does); room is
-/// made for that and for the fields `response_filter` adds, so neither grows the map.
+/// `range_header_filter` (Pingora calls it for a hit, and for a miss on a caching route):
+/// Pingora's range handling, with its usual outcome done directly on a head without a case
+/// map. A request without `Range` gets the whole body, and a `200` with a valid
+/// `Content-Length` says `Accept-Ranges: bytes` (as nginx does); room is made for that and for
+/// the fields `response_filter` adds, so neither grows the map. The unit tests hold the two
+/// paths equal.
 pub fn range(req: &RequestHeader, resp: &mut ResponseHeader) -> RangeType {
     if resp.has_case() || req.headers.contains_key(http::header::RANGE) {
         return range_header_filter(req, resp, MAX_RANGES);
@@ -186,15 +188,16 @@ pub fn range(req: &RequestHeader, resp: &mut ResponseHeader) -> RangeType {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .is_some_and(|v| v.parse::<usize>().is_ok());
-    let edited = super::header_case::edit_response(resp, 4, |h| {
-        if ranges {
-            h.insert(super::header_case::ACCEPT_RANGES, BYTES)?;
+    // A head that says nothing of ranges (a 304, a 404, no length) is left as it is.
+    if ranges {
+        let edited = super::header_case::edit_response(resp, 4, |h| {
+            h.insert(super::header_case::ACCEPT_RANGES, BYTES)
+        });
+        // Only a map already at its size limit refuses a field (heads are capped far below
+        // it), where Pingora's insert would panic: the body goes whole without the field.
+        if let Err(e) = edited {
+            log::debug!("no Accept-Ranges on a cached response: {e}");
         }
-        Ok(())
-    });
-    // Only a map at its size limit refuses a field: let Pingora's path have it.
-    if edited.is_err() {
-        return range_header_filter(req, resp, MAX_RANGES);
     }
     RangeType::None
 }
@@ -214,5 +217,86 @@ pub fn finish(session: &Session, ctx: &mut RequestCtx) {
         for key in &keys {
             cache.purge(key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(resp: &ResponseHeader) -> Vec<(String, Vec<u8>)> {
+        resp.headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    /// `range` gives what Pingora's `range_header_filter` gives, head and outcome, for every
+    /// combination that decides it: status, `Content-Length` (valid, invalid, missing,
+    /// repeated), an origin's own `Accept-Ranges`, method, `If-Range` and `Range`, with and
+    /// without a case map.
+    #[test]
+    fn range_matches_pingoras_range_header_filter() {
+        let lengths: [&[&str]; 4] = [&["11"], &["1x"], &[], &["11", "11"]];
+        let mut cases = 0;
+        for status in [200, 304, 404] {
+            for length in lengths {
+                for origin_says in [None, Some("none")] {
+                    for method in ["GET", "HEAD", "POST"] {
+                        for if_range in [None, Some("\"v1\"")] {
+                            for asked in [None, Some("bytes=0-4"), Some("bytes=20-30")] {
+                                for cased in [false, true] {
+                                    let mut resp = ResponseHeader::build(status, None).unwrap();
+                                    for l in length {
+                                        resp.append_header("Content-Length", *l).unwrap();
+                                    }
+                                    if let Some(v) = origin_says {
+                                        resp.append_header("Accept-Ranges", v).unwrap();
+                                    }
+                                    resp.append_header("ETag", "\"v1\"").unwrap();
+                                    if !cased {
+                                        super::super::header_case::drop_response_case(&mut resp)
+                                            .unwrap();
+                                    }
+                                    let mut req =
+                                        RequestHeader::build(method, b"/r", None).unwrap();
+                                    if let Some(v) = if_range {
+                                        req.insert_header("If-Range", v).unwrap();
+                                    }
+                                    if let Some(v) = asked {
+                                        req.insert_header("Range", v).unwrap();
+                                    }
+                                    let mut ours = resp.clone();
+                                    let got = range(&req, &mut ours);
+                                    let want = range_header_filter(&req, &mut resp, MAX_RANGES);
+                                    let case = format!(
+                                        "{status} {length:?} {origin_says:?} {method} {if_range:?} {asked:?} cased={cased}"
+                                    );
+                                    assert_eq!(got, want, "{case}");
+                                    assert_eq!(ours.status, resp.status, "{case}");
+                                    assert_eq!(fields(&ours), fields(&resp), "{case}");
+                                    cases += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 3 * 4 * 2 * 3 * 2 * 3 * 2);
+    }
+
+    /// The usual outcome is taken on the map itself: the head keeps no case map and has room
+    /// for the fields `response_filter` adds.
+    #[test]
+    fn a_head_without_a_case_map_keeps_none_and_gains_room() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("Content-Length", "11").unwrap();
+        super::super::header_case::drop_response_case(&mut resp).unwrap();
+        let req = RequestHeader::build("GET", b"/r", None).unwrap();
+        assert_eq!(range(&req, &mut resp), RangeType::None);
+        assert!(!resp.has_case());
+        assert_eq!(resp.headers["accept-ranges"], "bytes");
+        assert!(resp.headers.capacity() >= resp.headers.len() + 3);
     }
 }
