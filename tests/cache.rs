@@ -13,6 +13,16 @@ fn cached(up: &Upstream, route_cache: &str, top: &str) -> TestGateway {
     ))
 }
 
+/// One caching route on `up`, with `server` lines under the harness' `server:`.
+fn cached_with_server(up: &Upstream, server: &str) -> TestGateway {
+    common::GatewayConfig::new(format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - {{ name: api, upstream: u, cache: {{}} }}\n",
+        up.addr
+    ))
+    .server(server)
+    .start()
+}
+
 fn answering(body: &str, headers: &[&str]) -> Behavior {
     Behavior {
         body: body.as_bytes().to_vec(),
@@ -504,17 +514,11 @@ async fn a_hit_follows_the_header_case_mode() {
         &["Cache-Control: max-age=60", "X-Upstream-Said: 1"],
     ))
     .await;
-    let body = format!(
-        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - {{ name: api, upstream: u, cache: {{}} }}\n",
-        up.addr
-    );
     for (server, name) in [
         ("", "x-upstream-said: 1"),
         ("preserve_header_case: true", "X-Upstream-Said: 1"),
     ] {
-        let gw = common::GatewayConfig::new(body.clone())
-            .server(server)
-            .start();
+        let gw = cached_with_server(&up, server);
         let request = b"GET /case HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
         let mut ids = Vec::new();
         for expected in ["miss", "hit"] {
@@ -549,12 +553,8 @@ async fn a_hit_answers_ranges() {
         &["Cache-Control: max-age=60", "ETag: \"v1\""],
     ))
     .await;
-    let body = format!(
-        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - {{ name: api, upstream: u, cache: {{}} }}\n",
-        up.addr
-    );
     for top in ["", "preserve_header_case: true"] {
-        let gw = common::GatewayConfig::new(body.clone()).server(top).start();
+        let gw = cached_with_server(&up, top);
         let before = up.count();
         let send = |range: Option<&str>, if_range: Option<&str>| {
             let mut r = client().get(gw.url("/r"));
