@@ -149,7 +149,7 @@ endif
 bench-build: deps
 	$(CARGO) build $(BENCH_BUILD_FLAGS) --bin tollgate --examples
 
-# make bench: proxybench's small-GET table, then the six macro scenarios of bench/macro.py
+# make bench: proxybench's small-GET table, then the seven macro scenarios of bench/macro.py
 # (several minutes). BENCH_SMOKE=1 make bench (= make bench-smoke): every scenario for about a
 # second with tiny connection counts; fails only if a scenario could not run or gave no number.
 BENCH_ARGS ?= --rounds 3 --seconds 6

@@ -18,7 +18,9 @@ Scenarios (docs/performance.md):
   cache     cache hits: tollgate's cache vs nginx proxy_cache: CPU us/request
   conns     idle keep-alive connections and WebSockets (10,000 each): RSS
   stream    a 1 GiB upload and a 1 GiB download through the proxy: RSS growth
-  rate      fixed-rate load at 50% of nginx's max small-GET rate (h2load --rps): p99
+  rate      fixed-rate load at 50% of nginx's max small-GET rate (h2load --rps): p95/p99
+  capacity  the seed targets: the realistic route on every core at its maximum rate (wrk), then
+            at a fixed rate through it and straight to the upstream: the p95 latency it adds
 
   python3 bench/macro.py [--smoke] [--only small,cache] [--rounds 3] [--seconds 6] [--json FILE]
   python3 bench/macro.py --profile [--seconds 10]     # perf record of bare Pingora and tollgate
@@ -37,6 +39,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 UP1, UP2, WS_UP, SINK = 19001, 19002, 19005, 19006
 PORT = {"nginx": 19101, "nginx-log": 19098, "haproxy": 19102, "bare-pingora": 19100, "bare-mimalloc": 19099, "tollgate": 19103}
 ADMIN = 19901
+# the capacity scenario's tollgate, one worker thread per core
+CAP_PORT, CAP_ADMIN = 19104, 19902
 SMALL, BIG, MIB = 1024, 100 * 1024, 1 << 20
 
 
@@ -320,8 +324,8 @@ def h2load_rate(port, seconds, conns, rate, d, path="/"):
         raise RuntimeError(f"h2load gave no requests:\n{out.stdout}{out.stderr}")
     lat.sort()
     q = lambda x: lat[min(len(lat) - 1, int(x * len(lat)))]
-    return dict(target=per * conns, rps=len(lat) / seconds, reqs=len(lat), p50=q(0.50), p99=q(0.99),
-                p999=q(0.999), errors=bad)
+    return dict(target=per * conns, rps=len(lat) / seconds, reqs=len(lat), p50=q(0.50), p95=q(0.95),
+                p99=q(0.99), p999=q(0.999), errors=bad)
 
 
 def get(port, path, headers=()):
@@ -602,9 +606,109 @@ def scenario_rate(a, procs, names, out, d, nginx_max):
         procs, n, lambda p: h2load_rate(p, a.seconds, a.conns, rate, d)))
     table(out, "rate", f"fixed rate {rate} req/s (50% of nginx's {nginx_max:.0f}), h2load --h1 -c{a.conns}, "
           f"{a.seconds}s, {a.rounds} rounds", names, med,
-          [("rps", "got req/s", 0), ("p50", "p50 ms", 2), ("p99", "p99 ms", 2), ("p999", "p99.9 ms", 2),
-           ("cpu_us", "cpu us/req", 1), ("errors", "errors", 0)])
+          [("rps", "got req/s", 0), ("p50", "p50 ms", 2), ("p95", "p95 ms", 2), ("p99", "p99 ms", 2),
+           ("p999", "p99.9 ms", 2), ("cpu_us", "cpu us/req", 1), ("errors", "errors", 0)])
     return med
+
+
+def preemptions(root):
+    """involuntary context switches of the process tree's threads so far."""
+    n = 0
+    for p in tree(root):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                for line in open(f"/proc/{p}/task/{t}/status"):
+                    if line.startswith("nonvoluntary_ctxt_switches"):
+                        n += int(line.split()[1])
+            except OSError:
+                pass
+    return n
+
+
+def children_cpu():
+    """user+sys seconds of this process's waited-for children (wrk, h2load)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def scenario_capacity(a, d, bins, procs, out):
+    """The seed targets' throughput and latency, per instance: nginx, bare Pingora and
+    tollgate's realistic route each with one worker per core (`worker_processes N`, `threads:
+    N`), loaded to their maximum by wrk with twice the connections in alternating rounds, then
+    held at a fixed rate, min(60,000, half tollgate's maximum), straight to the upstream and
+    through each proxy: the p95 and p99 each adds. wrk and the upstream run on the same cores,
+    so a maximum is this machine's rather than the proxy's: the table says how many cores each
+    took, and the CPU per request says what one core of the proxy's own serves."""
+    cores = os.cpu_count()
+    ports = {f"nginx x{cores}": CAP_PORT + 1, f"bare-pingora x{cores}": CAP_PORT + 2, f"tollgate x{cores}": CAP_PORT}
+    ng = open(f"{d}/nginx.conf").read().replace("worker_processes 1;", f"worker_processes {cores};", 1)
+    ng = ng.replace(f"listen 127.0.0.1:{PORT['nginx']}", f"listen 127.0.0.1:{CAP_PORT + 1}")
+    ng = ng.replace(f"{d}/ng.pid", f"{d}/ngcap.pid").replace(f"{d}/ng.err", f"{d}/ngcap.err")
+    ng = ng.replace(f"{d}/ngcache", f"{d}/ngcapcache")
+    assert f"worker_processes {cores};" in ng
+    open(f"{d}/nginx-capacity.conf", "w").write(ng)
+    open(f"{d}/pingora-capacity.yaml", "w").write(
+        f"---\nversion: 1\nthreads: {cores}\npid_file: {d}/barecap.pid\nupgrade_sock: {d}/barecap.sock\n")
+    text = open(bins["config"]).read().replace("/tmp/tollgate-realistic", f"{d}/capacity")
+    cfg = re.sub(r"(?m)^(  threads:) 1$", rf"\g<1> {cores}", text)
+    assert cfg != text, f"{bins['config']} has no `  threads: 1` line"
+    cfg = cfg.replace(f"127.0.0.1:{PORT['tollgate']}", f"127.0.0.1:{CAP_PORT}")
+    cfg = cfg.replace(f"127.0.0.1:{ADMIN}", f"127.0.0.1:{CAP_ADMIN}")
+    os.makedirs(f"{d}/capacity", exist_ok=True)
+    open(f"{d}/tollgate-capacity.yaml", "w").write(cfg)
+    names = list(ports)
+    gw = {}
+    try:
+        ng_name, bare_name, tg_name = names
+        gw[ng_name] = Proc(ng_name, ["nginx", "-c", f"{d}/nginx-capacity.conf"], ports[ng_name], d)
+        gw[bare_name] = Proc(bare_name, [bins["bare"], "-c", f"{d}/pingora-capacity.yaml"], ports[bare_name], d,
+                             env={"UPSTREAMS": f"127.0.0.1:{UP1},127.0.0.1:{UP2}",
+                                  "LISTEN": f"127.0.0.1:{ports[bare_name]}"})
+        gw[tg_name] = Proc(tg_name, [bins["tollgate"], "-c", f"{d}/tollgate-capacity.yaml"], ports[tg_name], d)
+        conns = a.conns * 2
+        for n in names:
+            wrk(ports[n], 1, conns)  # warm the upstream pools of every worker
+        up = procs["upstream"].pid
+
+        def flat_out(n):
+            g0, u0, w0, t0 = tree_cpu(gw[n].pid), tree_cpu(up), children_cpu(), time.time()
+            p0 = preemptions(gw[n].pid)
+            r = wrk(ports[n], a.seconds, conns)
+            secs = time.time() - t0
+            g, u, w = tree_cpu(gw[n].pid) - g0, tree_cpu(up) - u0, children_cpu() - w0
+            ok = max(r["reqs"] - r["errors"], 1)
+            r.update(cpu_us=g / ok * 1e6, gw_cores=g / secs, up_cores=u / secs, wrk_cores=w / secs,
+                     preempted=(preemptions(gw[n].pid) - p0) / ok)
+            r["per_core"] = 1e6 / max(r["cpu_us"], 1e-9)
+            return r
+        top = rounds(a, names, flat_out)
+        table(out, "capacity", f"one worker per core ({cores}), flat out: wrk -t1 -c{conns} -d{a.seconds}s, "
+              f"{a.rounds} rounds, on {cores} cores shared with wrk and the upstream", names, top,
+              [("rps", "req/s", 0), ("p50", "p50 ms", 2), ("p99", "p99 ms", 2), ("cpu_us", "cpu us/req", 1),
+               ("gw_cores", "proxy cores", 2), ("wrk_cores", "wrk cores", 2),
+               ("up_cores", "upstream cores", 2), ("preempted", "preempted/req", 2),
+               ("per_core", "req/s per proxy core", 0), ("errors", "errors", 0)])
+        rate = max(100, int(min(60000, top[tg_name]["rps"] * 0.5)))
+        ports["direct"] = UP1
+        order = ["direct"] + names
+        fixed = rounds(a, order, lambda n: h2load_rate(ports[n], a.seconds, a.conns, rate, d))
+        for n in fixed:
+            fixed[n]["added_p95"] = fixed[n]["p95"] - fixed["direct"]["p95"]
+            fixed[n]["added_p99"] = fixed[n]["p99"] - fixed["direct"]["p99"]
+        table(out, "capacity", f"fixed rate {rate} req/s (min(60,000, half of tollgate's maximum above)), "
+              f"h2load --h1 -c{a.conns}, {a.seconds}s, {a.rounds} rounds: straight to the upstream and "
+              "through each proxy", order, fixed,
+              [("rps", "got req/s", 0), ("p50", "p50 ms", 2), ("p95", "p95 ms", 2), ("p99", "p99 ms", 2),
+               ("added_p95", "added p95 ms", 2), ("added_p99", "added p99 ms", 2), ("errors", "errors", 0)])
+        return {"cores": cores, "max": top[tg_name], "rate": rate, "direct": fixed["direct"],
+                "gateway": fixed[tg_name], "all": top, "fixed": fixed}
+    finally:
+        for p in gw.values():
+            p.stop()
 
 
 def table(out, key, title, names, res, cols):
@@ -667,6 +771,30 @@ def verdicts(r):
         g = max(st["up_growth"], st["down_growth"])
         v.append(f"streaming: RSS growth {st['up_growth']:.1f} MiB up, {st['down_growth']:.1f} MiB down "
                  f"(target < 64 MB) {'met' if g < 64 else 'NOT met'}")
+    cap = r.get("capacity")
+    if cap:
+        m = cap["max"]
+        one = s.get("tollgate", {}).get("cpu_us")  # one worker thread, next to wrk, not under it
+        per = one or m["cpu_us"]
+        v.append(f"seed: 60,000+ req/s per instance: {m['rps']:.0f} req/s here with threads: {cap['cores']} "
+                 f"({m['cpu_us']:.1f} us per request, preempted {m['preempted']:.2f} times per request by wrk "
+                 f"({m['wrk_cores']:.2f} cores) and the upstream ({m['up_cores']:.2f}) on the same "
+                 f"{cap['cores']} cores); at {per:.1f} us per request "
+                 + ("(small GET, one thread) " if one else "") + f"one core of its own serves {1e6 / per:.0f} "
+                 f"req/s, so 60,000 req/s takes {60000 * per / 1e6:.2f} cores "
+                 + ("(met here)" if m["rps"] >= 60000 else "(a projection: not reachable on this machine)"))
+        add = cap["gateway"]["added_p95"]
+        others = ", ".join(f"{n} {x['added_p95']:.2f}" for n, x in cap["fixed"].items()
+                           if n not in ("direct", f"tollgate x{cap['cores']}"))
+        v.append(f"seed: p95 added latency at {cap['rate']} req/s: {add:.2f} ms (p95 {cap['gateway']['p95']:.2f} "
+                 f"through the gateway, {cap['direct']['p95']:.2f} direct; {others} ms; target < 5 ms) "
+                 f"{'met' if add < 5 else 'NOT met'}")
+    peaks = [c["tollgate"]["during"] for c in r.get("conns", {}).values() if "tollgate" in c]
+    if st:
+        peaks += [st["up_peak"], st["down_peak"]]
+    if peaks:
+        v.append(f"seed: memory per instance: largest RSS of the connection and streaming scenarios "
+                 f"{max(peaks) / MIB:.0f} MiB (target < 4 GB) {'met' if max(peaks) < 4e9 else 'NOT met'}")
     return v
 
 
@@ -870,7 +998,7 @@ def inclusive(a, d, n, proc):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="every scenario briefly; fail only on no number")
-    ap.add_argument("--only", default="small,big,cache,conns,stream,rate")
+    ap.add_argument("--only", default="small,big,cache,conns,stream,rate,capacity")
     ap.add_argument("--contestants", default="nginx,nginx-log,haproxy,bare-pingora,bare-mimalloc,tollgate,tollgate-nolog")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=6)
@@ -972,6 +1100,7 @@ def main():
         if nginx_max is None and "rate" in scen:  # measured here when small was not asked for
             nginx_max = wrk(procs["nginx"].port, a.seconds, a.conns)["rps"]
         run("rate", lambda: scenario_rate(a, procs, rest, out, d, nginx_max))
+        run("capacity", lambda: scenario_capacity(a, d, bins, procs, out))
         for n in names:  # the memory scenarios start each contestant afresh
             procs.pop(n).stop()
         run("conns", lambda: scenario_conns(a, d, bins, rest, out))
