@@ -995,6 +995,19 @@ def inclusive(a, d, n, proc):
 
 # ---------------------------------------------------------------- main
 
+def cpu_model():
+    """the CPU's model name, clock and cache as /proc/cpuinfo gives them: hosts differ from day
+    to day, and figures from different hosts are not comparable."""
+    info = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            k, _, v = line.partition(":")
+            info.setdefault(k.strip(), v.strip())
+    except OSError:
+        return "unknown CPU"
+    return f"{info.get('model name', '?')}, {info.get('cpu MHz', '?')} MHz, {info.get('cache size', '?')} cache"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="every scenario briefly; fail only on no number")
@@ -1067,7 +1080,8 @@ def main():
     res, out, failed, t0 = {}, {}, [], time.time()
     procs = {}
     print(f"# tollgate macro benchmarks, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}" + (", SMOKE" if a.smoke else ""), flush=True)
+          f"{os.cpu_count()} CPUs ({cpu_model()}), load average {os.getloadavg()[0]:.2f}"
+          + (", SMOKE" if a.smoke else ""), flush=True)
     try:
         procs["upstream"] = Proc("upstream", ["nginx", "-c", f"{d}/up.conf"], UP1, d)
         procs["ws-upstream"] = Proc("ws-upstream", [sys.executable, os.path.abspath(__file__),
