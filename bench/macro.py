@@ -687,7 +687,8 @@ def scenario_capacity(a, d, bins, procs, out):
             g, u, w = tree_cpu(gw[n].pid) - g0, tree_cpu(up) - u0, children_cpu() - w0
             ok = max(r["reqs"] - r["errors"], 1)
             sockerrs = sum(int(x) for x in re.findall(r"\d+", r["sockerr"]))  # wrk: connect, read, ...
-            r.update(ok_rps=ok / secs, sockerrs=sockerrs, rss=tree_rss(gw[n].pid), cpu_us=g / ok * 1e6, gw_cores=g / secs, up_cores=u / secs, wrk_cores=w / secs,
+            r.update(ok_rps=ok / secs, sockerrs=sockerrs, rss=tree_rss(gw[n].pid), cpu_us=g / ok * 1e6,
+                     gw_cores=g / secs, up_cores=u / secs, wrk_cores=w / secs,
                      preempted=(preemptions(gw[n].pid) - p0) / ok)
             r["per_core"] = 1e6 / max(r["cpu_us"], 1e-9)
             return r
@@ -1157,8 +1158,9 @@ def main():
     for line in v:
         print("  " + line)
     (s0, n0), (s1, n1) = ticks0, cpu_ticks()
-    steal = f", CPU time stolen by the hypervisor {100 * (s1 - s0) / max(n1 - n0, 1):.1f}%" if n1 > n0 else ""
-    print(f"\n# total {time.time() - t0:.0f}s{steal} (of all CPU time, idle included)")
+    steal = (f", CPU time stolen by the hypervisor {100 * (s1 - s0) / (n1 - n0):.1f}% (of all CPU time, "
+             "idle included)" if n1 > n0 else "")
+    print(f"\n# total {time.time() - t0:.0f}s{steal}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"results": res, "verdicts": v, "failed": failed, "tables": out.get("tables", [])}, f, indent=1)
