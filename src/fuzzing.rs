@@ -110,7 +110,7 @@ pub fn normalize_path(data: &[u8]) {
 
 /// RFC 3986 §6.2.2 and §5.2.4 on bytes, written independently of `routing::normalize`: the
 /// same refusals in the same precedence (a forbidden byte anywhere, then the first bad or
-/// forbidden escape), then unreserved escapes decoded, others upper-cased, dot segments
+/// forbidden escape, then a `.;`/`..;` segment once decoded), then unreserved escapes decoded, others upper-cased, dot segments
 /// removed, empty segments dropped, a trailing slash kept.
 fn model(path: &str) -> Result<String, PathError> {
     if path == "*" {
@@ -147,6 +147,12 @@ fn model(path: &str) -> Result<String, PathError> {
             decoded.extend(hex.iter().map(u8::to_ascii_uppercase));
         }
         i += 3;
+    }
+    if decoded
+        .split(|&c| c == b'/')
+        .any(|s| s.starts_with(b".;") || s.starts_with(b"..;"))
+    {
+        return Err(PathError::DotParameter);
     }
     let mut kept: Vec<&[u8]> = Vec::new();
     let mut dir = false;

@@ -168,6 +168,30 @@ async fn cache_control_cookies_authorization_and_vary() {
     assert_eq!(get(&gw, "/vary", &ae("br")).await.1, "MISS");
     assert_eq!(get(&gw, "/vary", &ae("gzip, deflate")).await.1, "HIT");
     assert_eq!(get(&gw, "/vary", &ae("br;q=1.0")).await.1, "HIT");
+    // The origin is asked only for the codings the variance tells apart: a client's `*` or
+    // `deflate` shares the plain variant, so an origin answering it with an encoded body
+    // would serve that body to clients that cannot decode it.
+    for (i, (sent, forwarded)) in [
+        ("*", None),
+        ("deflate, compress", None),
+        ("gzip;q=0, deflate", None),
+        ("deflate, gzip, br", Some("br,gzip")),
+        ("x-gzip", Some("gzip")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = format!("/vary-forwarded-{i}");
+        assert_eq!(
+            get(&gw, &path, &[("accept-encoding", sent)]).await.1,
+            "MISS"
+        );
+        assert_eq!(
+            up.last().header("accept-encoding"),
+            forwarded,
+            "{sent:?} forwarded as"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,4 +667,21 @@ async fn a_hit_answers_ranges() {
         assert!(text.contains("bytes 6-7/11\r\n\r\nwo\r\n"), "{text}");
         assert_eq!(up.count(), before + 1, "{top}: one request upstream");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxys_scheme_is_part_of_the_key() {
+    // Behind a TLS-terminating load balancer, the origin sees its X-Forwarded-Proto and may
+    // answer `http` with a redirect to `https`: that answer must not reach `https` clients.
+    let up = Upstream::with(answering("x", &["Cache-Control: max-age=60"])).await;
+    let gw = cached(&up, "{}", "trusted_proxies: [127.0.0.0/8]\n");
+    let proto = |v: &'static str| [("x-forwarded-proto", v)];
+    assert_eq!(get(&gw, "/p", &proto("http")).await.1, "MISS");
+    assert_eq!(get(&gw, "/p", &proto("https")).await.1, "MISS");
+    assert_eq!(up.last().header("x-forwarded-proto"), Some("https"));
+    assert_eq!(get(&gw, "/p", &proto("http")).await.1, "HIT");
+    assert_eq!(get(&gw, "/p", &proto("HTTPS")).await.1, "HIT");
+    // Without it, the socket's scheme (plain here): the `http` copy.
+    assert_eq!(get(&gw, "/p", &[]).await.1, "HIT");
+    assert_eq!(up.count(), 2);
 }

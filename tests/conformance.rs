@@ -1163,6 +1163,20 @@ fn paths() -> Vec<Vector> {
         .or(site("/admin")),
         v(
             P,
+            "dotdot-with-parameter",
+            "Tomcat and Jetty read `..;` as `..` (the `..;` access-rule bypass)",
+            get_a("/api/..;/admin"),
+        )
+        .or(refused()),
+        v(
+            P,
+            "dotdot-encoded-with-parameter",
+            "as dotdot-with-parameter, escapes decoded first",
+            get_a("/api/%2e%2e;x/admin"),
+        )
+        .or(refused()),
+        v(
+            P,
             "prefix-lookalike-not-dot-segment",
             "RFC 3986 §5.2.4 (`api..` is no dot segment)",
             get_a("/api.."),

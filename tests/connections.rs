@@ -172,6 +172,70 @@ async fn a_stalled_body_ends_the_request() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+    const BODY: u64 = 256 << 20;
+    let up = Upstream::with(common::Behavior {
+        generated_len: Some(BODY),
+        ..Default::default()
+    })
+    .await;
+    let gw = GatewayConfig::new(one_route(up.addr))
+        .server("send_timeout: 1s")
+        .start();
+    let addr = gw.addr;
+    let got = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .unwrap();
+        // Read nothing while the socket buffers fill and the gateway's write stalls.
+        std::thread::sleep(Duration::from_secs(3));
+        read_to_close(&mut s, Duration::from_secs(5))
+    })
+    .await
+    .unwrap();
+    // Without a send timeout the whole body would follow and the connection stay open.
+    let got = got.expect("the connection was not closed");
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    assert!((got.len() as u64) < BODY, "{} bytes arrived", got.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_applies_new_connection_caps() {
+    let up = Upstream::start().await;
+    let gw = GatewayConfig::new(one_route(up.addr))
+        .server("max_connections_per_ip: 3")
+        .start();
+    gw.settled().await;
+    let conf = gw.config_path();
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace("max_connections_per_ip: 3", "max_connections_per_ip: 1"),
+    )
+    .unwrap();
+    let r = common::client()
+        .post(format!("http://{}/reload", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let addr = gw.addr;
+    let (statuses, second) = tokio::task::spawn_blocking(move || {
+        let (_open, statuses) = kept_open(addr, 1);
+        let mut second = TcpStream::connect(addr).unwrap();
+        (
+            statuses,
+            read_to_close(&mut second, Duration::from_secs(5)).expect("closed"),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, vec!["HTTP/1.1 200"]);
+    let text = String::from_utf8_lossy(&second);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn connections_over_the_per_address_cap_get_503() {
     let up = Upstream::start().await;
     let gw = GatewayConfig::new(one_route(up.addr))

@@ -675,7 +675,7 @@ async fn jwt_hs256_claims_expiry_issuer_and_spoofing() {
         ("wrong issuer", Some(token(other_iss, secret))),
         ("wrong audience", Some(token(other_aud, secret))),
         ("no exp", Some(token(no_exp, secret))),
-        ("alg none", Some(none_alg)),
+        ("alg none", Some(none_alg.clone())),
         ("garbage", Some("a.b.c".to_string())),
     ] {
         let r = call(t).await.unwrap();
@@ -686,6 +686,21 @@ async fn jwt_hs256_claims_expiry_issuer_and_spoofing() {
         );
     }
     assert_eq!(up.count(), 1);
+
+    // A verified token followed by another that nobody verified: a backend reading the last
+    // one would act on the forgery. Two Authorization fields are refused outright.
+    let r = c
+        .get(gw.url("/"))
+        .header(
+            "authorization",
+            format!("Bearer {}", token(good.clone(), secret)),
+        )
+        .header("authorization", format!("Bearer {none_alg}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(up.count(), 1, "nothing reaches the upstream");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,6 +34,8 @@ async fn fixture() -> Fixture {
   - { name: exact_host, upstream: u5, match: { hosts: [shop.example.com], methods: [GET, HEAD] },
       upstream_host: shop.internal }
   - { name: wildcard_host, upstream: u6, match: { hosts: ["*.example.com"], path_prefix: /api } }
+  - { name: static_dash, upstream: u0, match: { path_regex: "^/static-" },
+      rewrite: { regex: "^/static-(.*)$", replace: "/static/$1" } }
 "#,
     );
     let gw = TestGateway::start(&yaml);
@@ -92,6 +94,19 @@ async fn most_specific_path_wins() {
         (Some(4), "/people/42?x=y".into(), 200)
     );
     assert_eq!(f.hit("GET", None, "/api/users/abc").await.0, Some(1));
+    // A rewrite that builds a dot segment out of the client's path is refused: the backend
+    // would resolve `/static/../admin` to `/admin`.
+    assert_eq!(
+        f.hit("GET", None, "/static-css/a.css").await,
+        (Some(0), "/static/css/a.css".into(), 200)
+    );
+    for path in ["/static-%2e%2e/admin", "/static-../admin", "/static-%2E/x"] {
+        assert_eq!(
+            f.hit("GET", None, path).await,
+            (None, String::new(), 400),
+            "{path}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

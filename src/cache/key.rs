@@ -120,7 +120,12 @@ pub fn variance(
 }
 
 /// `Accept-Encoding` reduced to the codings that matter, in a fixed order (`br,gzip,zstd`).
-fn accepted_codings(req: &RequestHeader) -> String {
+///
+/// This is what a caching route sends its upstream instead of the client's value (empty: no
+/// `Accept-Encoding`), so that every coding an origin may answer with is one the variance
+/// tells apart: a client's `*`, `deflate` or `compress` would otherwise share the plain
+/// variant's key and could store an encoded body that clients without it cannot read.
+pub fn accepted_codings(req: &RequestHeader) -> String {
     let mut seen = [false; 3];
     for v in req.headers.get_all(http::header::ACCEPT_ENCODING) {
         for item in v.to_str().unwrap_or("").split(',') {

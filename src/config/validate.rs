@@ -294,11 +294,13 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
     }
 }
 
-/// `server.request_head_timeout`, `body_idle_timeout`, `max_connections`, `…_per_ip`.
+/// `server.request_head_timeout`, `body_idle_timeout`, `send_timeout`, `max_connections`,
+/// `…_per_ip`.
 fn connection_limits(s: &ServerSection, errs: &mut Errors) -> ConnectionLimits {
     for (key, d) in [
         ("request_head_timeout", s.request_head_timeout),
         ("body_idle_timeout", s.body_idle_timeout),
+        ("send_timeout", s.send_timeout),
     ] {
         if d.is_zero() {
             errs.push(format!("server.{key}"), "must be greater than 0s");
@@ -324,6 +326,7 @@ fn connection_limits(s: &ServerSection, errs: &mut Errors) -> ConnectionLimits {
     ConnectionLimits {
         request_head_timeout: s.request_head_timeout,
         body_idle_timeout: s.body_idle_timeout,
+        send_timeout: s.send_timeout,
         max: s.max_connections,
         max_per_ip: s.max_connections_per_ip,
     }
@@ -1032,6 +1035,19 @@ fn route_cache(c: &RouteCacheSection, path: &str, cache_max: u64, errs: &mut Err
                 format!("{path}.key_headers[{i}]"),
                 format!("invalid header name {h:?}"),
             ),
+        }
+    }
+    // Pingora counts stale windows in whole seconds: a fraction would be cut off silently
+    // (`500ms` turning stale serving off).
+    for (key, d) in [
+        ("stale_while_revalidate", c.stale_while_revalidate),
+        ("stale_if_error", c.stale_if_error),
+    ] {
+        if d.subsec_nanos() != 0 {
+            errs.push(
+                format!("{path}.{key}"),
+                format!("{d:?}: must be whole seconds (the cache counts stale windows in seconds)"),
+            );
         }
     }
     let secs = |d: std::time::Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);

@@ -331,6 +331,17 @@ impl Filter for Auth {
             for (_, h) in &jwt.claims {
                 req.remove_header(h);
             }
+            // One token, the one checked: with two, a backend reading the other one (the
+            // last, say, without verifying it) would act on a token nobody verified.
+            if req
+                .headers
+                .get_all(http::header::AUTHORIZATION)
+                .iter()
+                .nth(1)
+                .is_some()
+            {
+                return Outcome::Respond(Reply::error(400, "more than one Authorization header"));
+            }
             let token = req
                 .headers
                 .get(http::header::AUTHORIZATION)

@@ -128,7 +128,27 @@ pub fn enable(session: &mut Session, ctx: &mut RequestCtx) {
 
 /// `cache_key_callback`.
 pub fn key(session: &Session, ctx: &RequestCtx) -> CacheKey {
-    key::for_request(session.req_header(), host(session, ctx), ctx.tls)
+    key::for_request(
+        session.req_header(),
+        host(session, ctx),
+        https(session, ctx),
+    )
+}
+
+/// The scheme the origin is told the request came in on: a trusted proxy's
+/// `X-Forwarded-Proto` is forwarded as it is (a TLS-terminating load balancer in front), so it
+/// is the scheme an answer (an `https` redirect, absolute links) may depend on; otherwise the
+/// socket's.
+fn https(session: &Session, ctx: &RequestCtx) -> bool {
+    if ctx.client.is_some_and(|c| c.trusted)
+        && let Some(proto) = session
+            .req_header()
+            .headers
+            .get(super::header_case::X_FORWARDED_PROTO.name())
+    {
+        return proto.as_bytes().eq_ignore_ascii_case(b"https");
+    }
+    ctx.tls
 }
 
 /// `response_cache_filter`.

@@ -64,6 +64,9 @@ pub const TE: Field = Field::new("te");
 pub const ACCEPT_RANGES: Field = Field::standard("Accept-Ranges", http::header::ACCEPT_RANGES);
 /// `Connection`.
 pub const CONNECTION: Field = Field::standard("Connection", http::header::CONNECTION);
+/// `Accept-Encoding`.
+pub const ACCEPT_ENCODING: Field =
+    Field::standard("Accept-Encoding", http::header::ACCEPT_ENCODING);
 
 /// A message's headers being edited: its map itself where it has no case map, else through
 /// Pingora, which keeps the case map in step.
@@ -96,6 +99,21 @@ impl Headers<'_> {
             }
             Headers::Request(r) => r.insert_header(field.cased, value),
             Headers::Response(r) => r.insert_header(field.cased, value),
+        }
+    }
+
+    /// Remove every value of `field`.
+    pub fn remove(&mut self, field: &Field) {
+        match self {
+            Headers::Map(m) => {
+                m.remove(&field.name);
+            }
+            Headers::Request(r) => {
+                r.remove_header(&field.name);
+            }
+            Headers::Response(r) => {
+                r.remove_header(&field.name);
+            }
         }
     }
 }

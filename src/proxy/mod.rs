@@ -109,7 +109,12 @@ impl ProxyHttp for Gateway {
         }
         // Per read: a body that sends nothing this long ends the request (and the head
         // deadline of the next one is the connection guard's).
-        session.set_read_timeout(Some(state.config.server.connections.body_idle_timeout));
+        let c = &state.config.server.connections;
+        session.set_read_timeout(Some(c.body_idle_timeout));
+        // Per write (Pingora's default is none): a client that stops reading a response
+        // would otherwise hold the request and its upstream connection for as long as it
+        // keeps the socket open.
+        session.set_write_timeout(Some(c.send_timeout));
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let req = session.req_header_mut();
         // HTTP/2 has no Host, only `:authority` (the URI's): make it the Host the rest of the
@@ -187,6 +192,15 @@ impl ProxyHttp for Gateway {
             ctx.host = req.headers.get(http::header::HOST).cloned();
             ctx.upstream = Some(Arc::clone(&state.upstreams[route.upstream]));
             ctx.route = Some(i);
+        }
+        if ctx
+            .forwarded_path
+            .as_deref()
+            .is_some_and(crate::routing::has_dot_segment)
+        {
+            let message = "the rewritten path has a dot segment";
+            error::respond_with(session, 400, message, &ctx.request_id, &[]).await?;
+            return Ok(true);
         }
         let route_name = ctx
             .route
@@ -371,7 +385,21 @@ impl ProxyHttp for Gateway {
             && !headers::is_websocket_upgrade(upstream_request);
         let peer = observe::Inline::ip(client.peer);
         let xff = headers::forwarded_for(upstream_request, client.trusted, peer.as_str());
+        // A request the cache may store the answer to asks the origin only for the codings
+        // its variance tells apart (`cache::key::accepted_codings`).
+        let codings = ctx
+            .cache_status
+            .is_some()
+            .then(|| crate::cache::key::accepted_codings(upstream_request));
         header_case::edit_request(upstream_request, FORWARDING_HEADERS, |h| {
+            match codings {
+                Some(c) if c.is_empty() => h.remove(&header_case::ACCEPT_ENCODING),
+                Some(c) => h.insert(
+                    header_case::ACCEPT_ENCODING,
+                    http::HeaderValue::from_str(&c).expect("coding names are valid"),
+                )?,
+                None => {}
+            }
             h.insert(header_case::X_FORWARDED_FOR, xff)?;
             if !(client.trusted && h.map().contains_key(header_case::X_FORWARDED_PROTO.name())) {
                 let proto = if ctx.tls { "https" } else { "http" };

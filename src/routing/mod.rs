@@ -22,7 +22,7 @@ use http::Method;
 
 use crate::config::{HostPattern, PathMatch, RouteConfig};
 pub use normalize::{PathError, normalize_path};
-pub use rewrite::forwarded_path;
+pub use rewrite::{forwarded_path, has_dot_segment};
 use tier::{FastMap, Tier};
 
 /// The outcome of matching one request.

@@ -7,6 +7,9 @@
 //! - Escapes of `/`, `\`, `#`, NUL and other control characters are refused: they mean a
 //!   different path to different servers. A raw `\` is refused too. Malformed escapes are refused.
 //! - Dot segments are removed and repeated slashes merged; a trailing slash is kept.
+//! - A dot segment with a path parameter (`/..;/`, `/.;x/`) is refused: Tomcat, Jetty and other
+//!   servlet containers drop the parameter and resolve the `..`, so `/public/..;/admin` would
+//!   match `/public` here and reach `/admin` there.
 
 use std::borrow::Cow;
 
@@ -21,6 +24,8 @@ pub enum PathError {
     ForbiddenByte,
     /// Not starting with `/`.
     NotAbsolute,
+    /// `.;…` or `..;…` as a segment.
+    DotParameter,
 }
 
 impl PathError {
@@ -31,6 +36,7 @@ impl PathError {
             PathError::BadEscape => "malformed percent-escape in path",
             PathError::ForbiddenByte => "backslash or control character in path",
             PathError::NotAbsolute => "path must start with '/'",
+            PathError::DotParameter => "dot segment with a ';' parameter in path",
         }
     }
 }
@@ -50,6 +56,13 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
         return Ok(Cow::Borrowed(path));
     }
     let decoded = decode_unreserved(path)?;
+    // After decoding: `%2e%2e;` is `..;`.
+    if decoded
+        .split('/')
+        .any(|s| s.starts_with(".;") || s.starts_with("..;"))
+    {
+        return Err(PathError::DotParameter);
+    }
     Ok(Cow::Owned(remove_dot_segments(&decoded)))
 }
 
@@ -67,6 +80,13 @@ fn needs_work(b: &[u8]) -> Result<bool, PathError> {
                 let seg_end = rest.first().is_none_or(|&n| n == b'/')
                     || (rest[0] == b'.' && rest.get(1).is_none_or(|&n| n == b'/'));
                 work |= seg_end;
+                // `.;` or `..;`: refused once escapes are judged (`normalize_path`).
+                let after = if rest.first() == Some(&b'.') {
+                    &rest[1..]
+                } else {
+                    rest
+                };
+                work |= after.first() == Some(&b';');
             }
             _ => {}
         }
@@ -213,5 +233,25 @@ mod tests {
         assert_eq!(n("/a\\b"), Err(PathError::ForbiddenByte));
         assert_eq!(n("a/b"), Err(PathError::NotAbsolute));
         assert_eq!(n("*").unwrap(), "*");
+    }
+
+    #[test]
+    fn dot_segments_with_parameters_are_refused() {
+        for p in [
+            "/public/..;/admin",
+            "/public/..;x=1/admin",
+            "/a/.;/b",
+            "/..;",
+            "/public/%2e%2e;/admin",
+            "/public/.%2E;/admin",
+            "/a//..;/b",
+        ] {
+            assert_eq!(n(p), Err(PathError::DotParameter), "{p}");
+        }
+        // `;` elsewhere is an ordinary byte of its segment.
+        assert_eq!(n("/api;x=y/../admin").unwrap(), "/admin");
+        assert_eq!(n("/a..;/b").unwrap(), "/a..;/b");
+        assert_eq!(n("/a/...;/b").unwrap(), "/a/...;/b");
+        assert_eq!(n("/a/;/b").unwrap(), "/a/;/b");
     }
 }

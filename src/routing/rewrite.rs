@@ -41,3 +41,20 @@ pub fn forwarded_path(route: &RouteConfig, path: &str, query: Option<&str>) -> O
     }
     Some(p)
 }
+
+/// Does the path of `forwarded` (a [`forwarded_path`] result) hold a `.` or `..` segment?
+///
+/// The client's path is normalised before routing, so only a `rewrite` can put one back
+/// (`^/static-(.*)$` → `/static/$1` on `/static-%2e%2e/admin`): the backend would resolve it
+/// out of the route's reach. Such a request is refused.
+pub fn has_dot_segment(forwarded: &str) -> bool {
+    let path = forwarded.split('?').next().unwrap_or(forwarded);
+    path.split('/').any(|s| {
+        // `%2e` too, which many backends decode before resolving dot segments.
+        s.len() <= 6
+            && matches!(
+                s.to_ascii_lowercase().replace("%2e", ".").as_str(),
+                "." | ".."
+            )
+    })
+}

@@ -111,6 +111,31 @@ fn strip_and_rewrite() {
     );
 }
 
+#[test]
+fn dot_segments_in_a_rewritten_path_are_found() {
+    for p in [
+        "/static/../admin",
+        "/a/./b",
+        "/..",
+        "/a/..?q=1",
+        "/.",
+        "/%2e%2E/a",
+        "/.%2e",
+    ] {
+        assert!(has_dot_segment(p), "{p}");
+    }
+    for p in [
+        "/static/..x/a",
+        "/a.b/c",
+        "/...",
+        "/a?q=/../",
+        "/%2e%2ex",
+        "/",
+    ] {
+        assert!(!has_dot_segment(p), "{p}");
+    }
+}
+
 /// The matcher before the tables were indexed: every route of a tier scanned in specificity
 /// order. The indexed `Router::find` must agree with it on every request.
 fn linear_find(routes: &[RouteConfig], host: &str, path: &str, method: &Method) -> RouteMatch {

@@ -4,7 +4,9 @@
 //! serving, and the failure is logged and counted.
 //!
 //! Listeners, the admin listener, the process settings under `server:` (other than
-//! `log_level`) and the top-level `cache:` (the storage) belong to the running process: a
+//! `log_level`, the request-head limits, `underscore_headers`, `preserve_header_case` and the
+//! connection caps and timeouts, which are read per connection or request) and the top-level
+//! `cache:` (the storage) belong to the running process: a
 //! reload that changes them is refused with a message saying so; apply them with a restart or
 //! a binary upgrade (`tollgate -u`). Routes' own `cache:` policies reload like the rest, and so
 //! do listener certificates: every certificate and key file is read again and the new set is
@@ -176,6 +178,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         head: new.server.head,
         underscore_headers: new.server.underscore_headers,
         preserve_header_case: new.server.preserve_header_case,
+        // Read at each accept and each request.
+        connections: new.server.connections,
         ..s.clone()
     };
     if comparable(&old.server) != comparable(&new.server) {
