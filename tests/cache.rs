@@ -685,3 +685,53 @@ async fn a_trusted_proxys_scheme_is_part_of_the_key() {
     assert_eq!(get(&gw, "/p", &[]).await.1, "HIT");
     assert_eq!(up.count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_to_inputs_outside_the_key_are_never_stored() {
+    let up = Upstream::with(answering("x", &["Cache-Control: max-age=60"])).await;
+    let gw = cached(&up, "{}", "trusted_proxies: [127.0.0.0/8]\n");
+    let c = client();
+    // Each: a request the application may answer differently from the plain URL; the plain
+    // request after it must not get that answer from the cache.
+    let stored_after = async |path: &str, first: reqwest::RequestBuilder| {
+        let r = first.send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        r.bytes().await.unwrap();
+        let before = up.count();
+        let status = cache_status(&gw, path).await;
+        (status, up.count() - before)
+    };
+    let with_body = c.get(gw.url("/body")).body("q=secret");
+    assert_eq!(stored_after("/body", with_body).await, ("MISS".into(), 1));
+    for (i, name) in ["x-original-url", "x-rewrite-url"].into_iter().enumerate() {
+        let path = format!("/override-{i}");
+        let first = c.get(gw.url(&path)).header(name, "/admin");
+        assert_eq!(
+            stored_after(&path, first).await,
+            ("MISS".into(), 1),
+            "{name}"
+        );
+    }
+    let other_host = c
+        .get(gw.url("/fwd-host"))
+        .header("x-forwarded-host", "evil.test");
+    assert_eq!(
+        stored_after("/fwd-host", other_host).await,
+        ("MISS".into(), 1)
+    );
+    // The same host forwarded is no other input: stored.
+    let host = gw.addr.to_string();
+    let same_host = c.get(gw.url("/fwd-same")).header("x-forwarded-host", host);
+    assert_eq!(
+        stored_after("/fwd-same", same_host).await,
+        ("HIT".into(), 0)
+    );
+    // A method override is not even looked up: a stored GET answer must not stand in for it.
+    get(&gw, "/m", &[]).await;
+    assert_eq!(cache_status(&gw, "/m").await, "HIT");
+    let before = up.count();
+    let (_, status, _) = get(&gw, "/m", &[("x-http-method-override", "DELETE")]).await;
+    assert_eq!(status, "BYPASS");
+    assert_eq!(up.count(), before + 1);
+    assert_eq!(up.last().header("x-http-method-override"), Some("DELETE"));
+}

@@ -1,6 +1,8 @@
 //! What a caching route stores, and for how long (RFC 9111, shared cache).
 //!
 //! In order, a response is not stored when:
+//! 0. the request carried an input the key leaves out ([`unkeyed_input`]): a body, or a field
+//!    some frameworks read as another URL or method;
 //! 1. its status is not in the route's `statuses` (default 200, 301, 302);
 //! 2. it sets a cookie (`Set-Cookie`) and the route does not allow that;
 //! 3. it has `Vary: *`;
@@ -24,6 +26,23 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use super::key;
 use crate::config::RouteCache;
 
+/// Request fields some frameworks read as the URL or the method instead of the request line's.
+pub const OVERRIDES: [&str; 3] = ["x-original-url", "x-rewrite-url", "x-http-method-override"];
+
+/// What in `req` an answer may depend on that the cache key does not hold: a body (a `GET` may
+/// carry one, and an application may answer by it), or one of [`OVERRIDES`]. A response to
+/// such a request is not stored, or it would be served for the plain URL.
+pub fn unkeyed_input(req: &RequestHeader) -> Option<&'static str> {
+    let h = &req.headers;
+    if h.contains_key(http::header::TRANSFER_ENCODING)
+        || h.get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+    {
+        return Some("request-body");
+    }
+    OVERRIDES.into_iter().find(|name| h.contains_key(*name))
+}
+
 /// Whether and how `resp` (to `req`) is stored under `route`'s policy, as of `now`.
 pub fn decide(
     route: &RouteCache,
@@ -32,6 +51,9 @@ pub fn decide(
     now: SystemTime,
 ) -> RespCacheable {
     use RespCacheable::Uncacheable;
+    if let Some(what) = unkeyed_input(req) {
+        return Uncacheable(NoCacheReason::Custom(what));
+    }
     if !route.statuses.contains(&resp.status.as_u16()) {
         return Uncacheable(NoCacheReason::Custom("status"));
     }
@@ -166,6 +188,32 @@ mod tests {
         assert_eq!(ttl(302, &[], false), Some(300));
         assert_eq!(ttl(200, &[("set-cookie", "a=b")], false), None);
         assert_eq!(ttl(200, &[("vary", "*")], false), None);
+    }
+
+    #[test]
+    fn inputs_outside_the_key_are_not_stored() {
+        let ok = resp(200, &[("cache-control", "max-age=60")]);
+        let decide_with = |name: &str, value: &str| {
+            let mut r = req(false);
+            r.insert_header(name.to_string(), value).unwrap();
+            decide(&route(), &r, &ok, SystemTime::now())
+        };
+        for (name, value) in [
+            ("content-length", "3"),
+            ("transfer-encoding", "chunked"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x-http-method-override", "DELETE"),
+        ] {
+            assert!(
+                matches!(decide_with(name, value), RespCacheable::Uncacheable(_)),
+                "{name}"
+            );
+        }
+        assert!(matches!(
+            decide_with("content-length", "0"),
+            RespCacheable::Cacheable(_)
+        ));
     }
 
     #[test]

@@ -100,6 +100,16 @@ pub fn enable(session: &mut Session, ctx: &mut RequestCtx) {
         return;
     };
     let method = session.req_header().method.clone();
+    // A method override could make this GET something else to the application: no lookup
+    // (a stored GET answer would stand in for it) and, by `policy`, no store.
+    if session
+        .req_header()
+        .headers
+        .contains_key("x-http-method-override")
+    {
+        ctx.cache_status = Some(CacheStatus::Bypass);
+        return;
+    }
     if method == http::Method::GET || method == http::Method::HEAD {
         let max_object_size = policy.max_object_size;
         let mut overrides = CacheOptionOverrides::default();
@@ -153,6 +163,20 @@ fn https(session: &Session, ctx: &RequestCtx) -> bool {
 
 /// `response_cache_filter`.
 pub fn cacheable(session: &Session, resp: &ResponseHeader, ctx: &RequestCtx) -> RespCacheable {
+    // A trusted proxy's X-Forwarded-Host goes to the origin as it is (others' is replaced by
+    // Host): one that names another host than the key's is an input the key leaves out.
+    if ctx.client.is_some_and(|c| c.trusted) {
+        let h = &session.req_header().headers;
+        if let Some(fwd) = h.get(super::header_case::X_FORWARDED_HOST.name())
+            && !h
+                .get(http::header::HOST)
+                .is_some_and(|host| host.as_bytes().eq_ignore_ascii_case(fwd.as_bytes()))
+        {
+            return RespCacheable::Uncacheable(pingora::cache::NoCacheReason::Custom(
+                "x-forwarded-host",
+            ));
+        }
+    }
     match route_cache(ctx) {
         Some(policy) => policy::decide(policy, session.req_header(), resp, SystemTime::now()),
         None => RespCacheable::Uncacheable(pingora::cache::NoCacheReason::NeverEnabled),
