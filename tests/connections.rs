@@ -219,6 +219,10 @@ async fn a_reload_applies_new_connection_caps() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let (_, shown) = common::get(&format!("http://{}/config", gw.admin)).await;
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["server"]["max_connections_per_ip"], 1);
+    assert_eq!(shown["server"]["send_timeout"], "2m");
     let addr = gw.addr;
     let (statuses, second) = tokio::task::spawn_blocking(move || {
         let (_open, statuses) = kept_open(addr, 1);

@@ -121,8 +121,8 @@ pub fn variance(
 
 /// `Accept-Encoding` reduced to the codings that matter, in a fixed order (`br,gzip,zstd`).
 ///
-/// This is what a caching route sends its upstream instead of the client's value (empty: no
-/// `Accept-Encoding`), so that every coding an origin may answer with is one the variance
+/// This is what a caching route sends its upstream instead of the client's value (empty:
+/// `identity`), so that every coding an origin may answer with is one the variance
 /// tells apart: a client's `*`, `deflate` or `compress` would otherwise share the plain
 /// variant's key and could store an encoded body that clients without it cannot read.
 pub fn accepted_codings(req: &RequestHeader) -> String {

@@ -26,21 +26,44 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use super::key;
 use crate::config::RouteCache;
 
-/// Request fields some frameworks read as the URL or the method instead of the request line's.
-pub const OVERRIDES: [&str; 3] = ["x-original-url", "x-rewrite-url", "x-http-method-override"];
+/// Request fields some frameworks read as the method instead of the request line's.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+/// … and as the URL.
+const URL_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 
 /// What in `req` an answer may depend on that the cache key does not hold: a body (a `GET` may
-/// carry one, and an application may answer by it), or one of [`OVERRIDES`]. A response to
-/// such a request is not stored, or it would be served for the plain URL.
+/// carry one, and an application may answer by it: a search query), or a field some
+/// frameworks read as the method or URL. A response to such a request is not stored, or it
+/// would be served for the plain URL.
 pub fn unkeyed_input(req: &RequestHeader) -> Option<&'static str> {
-    let h = &req.headers;
-    if h.contains_key(http::header::TRANSFER_ENCODING)
-        || h.get(http::header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
-    {
+    if has_body(req) {
         return Some("request-body");
     }
-    OVERRIDES.into_iter().find(|name| h.contains_key(*name))
+    METHOD_OVERRIDES
+        .into_iter()
+        .chain(URL_OVERRIDES)
+        .find(|name| req.headers.contains_key(*name))
+}
+
+/// Whether a `GET`/`HEAD` skips the lookup too: a body, or a method override, may make it a
+/// different request to the application, which a stored answer must not stand in for. (A URL
+/// override still looks up: its answer is the plain URL's at worst.)
+pub fn lookup_bypassed(req: &RequestHeader) -> bool {
+    has_body(req)
+        || METHOD_OVERRIDES
+            .iter()
+            .any(|n| req.headers.contains_key(*n))
+}
+
+fn has_body(req: &RequestHeader) -> bool {
+    let h = &req.headers;
+    h.contains_key(http::header::TRANSFER_ENCODING)
+        || h.get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 /// Whether and how `resp` (to `req`) is stored under `route`'s policy, as of `now`.
@@ -204,6 +227,8 @@ mod tests {
             ("x-original-url", "/admin"),
             ("x-rewrite-url", "/admin"),
             ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
         ] {
             assert!(
                 matches!(decide_with(name, value), RespCacheable::Uncacheable(_)),
@@ -214,6 +239,13 @@ mod tests {
             decide_with("content-length", "0"),
             RespCacheable::Cacheable(_)
         ));
+        let bypassed = |name: &str, value: &str| {
+            let mut r = req(false);
+            r.insert_header(name.to_string(), value).unwrap();
+            lookup_bypassed(&r)
+        };
+        assert!(bypassed("content-length", "3") && bypassed("x-http-method", "PUT"));
+        assert!(!bypassed("x-original-url", "/a") && !bypassed("content-length", "0"));
     }
 
     #[test]

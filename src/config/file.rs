@@ -183,8 +183,8 @@ pub struct ServerSection {
     /// Close a request whose body sends nothing for this long. Default 60s.
     #[serde(deserialize_with = "de_duration")]
     pub body_idle_timeout: Duration,
-    /// A write to the client (a response head, or one piece of its body) that cannot finish
-    /// within this long ends the request: a client that stops reading. Default 60s.
+    /// One write of response body to the client that cannot finish within this long ends the
+    /// request: a client that stops reading (Pingora's per-write timeout). Default 120s.
     #[serde(deserialize_with = "de_duration")]
     pub send_timeout: Duration,
     /// Most open client connections; more are answered 503 and closed. Default: half the
@@ -229,7 +229,7 @@ impl Default for ServerSection {
             preserve_header_case: false,
             request_head_timeout: Duration::from_secs(15),
             body_idle_timeout: Duration::from_secs(60),
-            send_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(120),
             max_connections: None,
             max_connections_per_ip: 4096,
         }

@@ -100,17 +100,13 @@ pub fn enable(session: &mut Session, ctx: &mut RequestCtx) {
         return;
     };
     let method = session.req_header().method.clone();
-    // A method override could make this GET something else to the application: no lookup
-    // (a stored GET answer would stand in for it) and, by `policy`, no store.
-    if session
-        .req_header()
-        .headers
-        .contains_key("x-http-method-override")
-    {
-        ctx.cache_status = Some(CacheStatus::Bypass);
-        return;
-    }
     if method == http::Method::GET || method == http::Method::HEAD {
+        // A body or a method override the application may answer by: no lookup (a stored
+        // answer to the plain URL would stand in for it) and, by `policy`, no store.
+        if policy::lookup_bypassed(session.req_header()) {
+            ctx.cache_status = Some(CacheStatus::Bypass);
+            return;
+        }
         let max_object_size = policy.max_object_size;
         let mut overrides = CacheOptionOverrides::default();
         overrides.wait_timeout = Some(cache.lock_timeout);
@@ -156,7 +152,9 @@ fn https(session: &Session, ctx: &RequestCtx) -> bool {
             .headers
             .get(super::header_case::X_FORWARDED_PROTO.name())
     {
-        return proto.as_bytes().eq_ignore_ascii_case(b"https");
+        // The first proxy's word (`https, http` from a chain of two), as origins read it.
+        let first = proto.as_bytes().split(|&b| b == b',').next().unwrap_or(b"");
+        return first.trim_ascii().eq_ignore_ascii_case(b"https");
     }
     ctx.tls
 }

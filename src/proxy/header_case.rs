@@ -101,21 +101,6 @@ impl Headers<'_> {
             Headers::Response(r) => r.insert_header(field.cased, value),
         }
     }
-
-    /// Remove every value of `field`.
-    pub fn remove(&mut self, field: &Field) {
-        match self {
-            Headers::Map(m) => {
-                m.remove(&field.name);
-            }
-            Headers::Request(r) => {
-                r.remove_header(&field.name);
-            }
-            Headers::Response(r) => {
-                r.remove_header(&field.name);
-            }
-        }
-    }
 }
 
 /// Edit `req`'s headers with `f`, directly on its map where it has no case map (Pingora gives

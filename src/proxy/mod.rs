@@ -111,9 +111,9 @@ impl ProxyHttp for Gateway {
         // deadline of the next one is the connection guard's).
         let c = &state.config.server.connections;
         session.set_read_timeout(Some(c.body_idle_timeout));
-        // Per write (Pingora's default is none): a client that stops reading a response
-        // would otherwise hold the request and its upstream connection for as long as it
-        // keeps the socket open.
+        // Per body write (Pingora's default is none; it writes an HTTP/1 head untimed): a
+        // client that stops reading a response would otherwise hold the request and its
+        // upstream connection for as long as it keeps the socket open.
         session.set_write_timeout(Some(c.send_timeout));
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let req = session.req_header_mut();
@@ -392,13 +392,14 @@ impl ProxyHttp for Gateway {
             .is_some()
             .then(|| crate::cache::key::accepted_codings(upstream_request));
         header_case::edit_request(upstream_request, FORWARDING_HEADERS, |h| {
-            match codings {
-                Some(c) if c.is_empty() => h.remove(&header_case::ACCEPT_ENCODING),
-                Some(c) => h.insert(
-                    header_case::ACCEPT_ENCODING,
-                    http::HeaderValue::from_str(&c).expect("coding names are valid"),
-                )?,
-                None => {}
+            // None of the three: `identity` (no `Accept-Encoding` would allow any coding).
+            if let Some(c) = codings {
+                let value = if c.is_empty() {
+                    http::HeaderValue::from_static("identity")
+                } else {
+                    http::HeaderValue::from_str(&c).expect("coding names are valid")
+                };
+                h.insert(header_case::ACCEPT_ENCODING, value)?;
             }
             h.insert(header_case::X_FORWARDED_FOR, xff)?;
             if !(client.trusted && h.map().contains_key(header_case::X_FORWARDED_PROTO.name())) {

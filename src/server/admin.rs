@@ -338,6 +338,11 @@ pub fn effective_config(c: &Config) -> Value {
             "downstream_keepalive_timeout": d(c.server.downstream_keepalive_timeout),
             "log_level": c.server.log_level,
             "preserve_header_case": c.server.preserve_header_case,
+            "request_head_timeout": d(c.server.connections.request_head_timeout),
+            "body_idle_timeout": d(c.server.connections.body_idle_timeout),
+            "send_timeout": d(c.server.connections.send_timeout),
+            "max_connections": c.server.connections.max,
+            "max_connections_per_ip": c.server.connections.max_per_ip,
             "http2": {
                 "max_concurrent_streams": c.server.http2.max_concurrent_streams,
                 "max_header_list_size": c.server.http2.max_header_list_size,
