@@ -110,8 +110,9 @@ pub fn normalize_path(data: &[u8]) {
 
 /// RFC 3986 §6.2.2 and §5.2.4 on bytes, written independently of `routing::normalize`: the
 /// same refusals in the same precedence (a forbidden byte anywhere, then the first bad or
-/// forbidden escape, then a `.;`/`..;` segment once decoded), then unreserved escapes decoded, others upper-cased, dot segments
-/// removed, empty segments dropped, a trailing slash kept.
+/// forbidden escape, then a `.;`/`..;` segment once decoded), then unreserved escapes
+/// decoded, others upper-cased, dot segments removed, empty segments dropped, a trailing slash
+/// kept.
 fn model(path: &str) -> Result<String, PathError> {
     if path == "*" {
         return Ok("*".into());

@@ -210,7 +210,7 @@ pub struct ConnectionLimits {
     pub request_head_timeout: Duration,
     /// Longest silence inside a request body.
     pub body_idle_timeout: Duration,
-    /// Longest write of a response head or body piece to the client.
+    /// Longest write of a piece of response body to the client (Pingora's write timeout).
     pub send_timeout: Duration,
     /// Most open connections; `None`: from the file-descriptor limit.
     pub max: Option<usize>,
