@@ -100,7 +100,12 @@ async fn most_specific_path_wins() {
         f.hit("GET", None, "/static-css/a.css").await,
         (Some(0), "/static/css/a.css".into(), 200)
     );
-    for path in ["/static-%2e%2e/admin", "/static-../admin", "/static-%2E/x"] {
+    for path in [
+        "/static-%2e%2e/admin",
+        "/static-../admin",
+        "/static-%2E/x",
+        "/static-..;/admin",
+    ] {
         assert_eq!(
             f.hit("GET", None, path).await,
             (None, String::new(), 400),

@@ -59,11 +59,33 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     // After decoding: `%2e%2e;` is `..;`.
     if decoded
         .split('/')
-        .any(|s| s.starts_with(".;") || s.starts_with("..;"))
+        .any(|s| s.contains(';') && is_dot_segment(s))
     {
         return Err(PathError::DotParameter);
     }
     Ok(Cow::Owned(remove_dot_segments(&decoded)))
+}
+
+/// Is `seg` a dot segment to some backend: `.` or `..`, a dot also written `%2e` (many
+/// backends decode before resolving), and any `;` path parameter dropped (as servlet
+/// containers do: `..;x` is `..`)? No allocation: it runs on every rewritten path.
+pub fn is_dot_segment(seg: &str) -> bool {
+    let b = seg.split(';').next().unwrap_or(seg).as_bytes();
+    let (mut dots, mut i) = (0, 0);
+    while i < b.len() {
+        if b[i] == b'.' {
+            i += 1;
+        } else if b.len() - i >= 3 && b[i] == b'%' && b[i + 1] == b'2' && b[i + 2] | 0x20 == b'e' {
+            i += 3;
+        } else {
+            return false;
+        }
+        dots += 1;
+        if dots > 2 {
+            return false;
+        }
+    }
+    dots > 0
 }
 
 /// Validate bytes; true when something must change (an escape, `//`, or a dot segment).
@@ -253,5 +275,36 @@ mod tests {
         assert_eq!(n("/a..;/b").unwrap(), "/a..;/b");
         assert_eq!(n("/a/...;/b").unwrap(), "/a/...;/b");
         assert_eq!(n("/a/;/b").unwrap(), "/a/;/b");
+    }
+
+    #[test]
+    fn dot_segments_as_backends_read_them() {
+        for s in [
+            ".",
+            "..",
+            "%2e",
+            "%2E.",
+            ".%2e",
+            "..;",
+            ".;x=1",
+            "%2e%2e;a;b",
+        ] {
+            assert!(is_dot_segment(s), "{s}");
+        }
+        for s in [
+            "",
+            "...",
+            "a",
+            "..a",
+            ".a;",
+            ";..",
+            "%2f",
+            "%2e%2e%2e",
+            "%2",
+            "%2x",
+            ".%",
+        ] {
+            assert!(!is_dot_segment(s), "{s}");
+        }
     }
 }

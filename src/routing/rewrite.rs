@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 
+use super::normalize::is_dot_segment;
 use crate::config::{PathMatch, RouteConfig};
 
 /// The path-and-query to forward for `route`, or `None` when it is unchanged.
@@ -42,19 +43,13 @@ pub fn forwarded_path(route: &RouteConfig, path: &str, query: Option<&str>) -> O
     Some(p)
 }
 
-/// Does the path of `forwarded` (a [`forwarded_path`] result) hold a `.` or `..` segment?
+/// Does the path of `forwarded` (a [`forwarded_path`] result) hold a segment a backend reads
+/// as `.` or `..` (`is_dot_segment`: `%2e`, and `..;`, count)?
 ///
 /// The client's path is normalised before routing, so only a `rewrite` can put one back
-/// (`^/static-(.*)$` → `/static/$1` on `/static-%2e%2e/admin`): the backend would resolve it
-/// out of the route's reach. Such a request is refused.
+/// (`^/static-(.*)$` → `/static/$1` on `/static-%2e%2e/admin`, or on `/static-..;/admin`): the
+/// backend would resolve it out of the route's reach. Such a request is refused.
 pub fn has_dot_segment(forwarded: &str) -> bool {
     let path = forwarded.split('?').next().unwrap_or(forwarded);
-    path.split('/').any(|s| {
-        // `%2e` too, which many backends decode before resolving dot segments.
-        s.len() <= 6
-            && matches!(
-                s.to_ascii_lowercase().replace("%2e", ".").as_str(),
-                "." | ".."
-            )
-    })
+    path.split('/').any(is_dot_segment)
 }

@@ -121,6 +121,8 @@ fn dot_segments_in_a_rewritten_path_are_found() {
         "/.",
         "/%2e%2E/a",
         "/.%2e",
+        "/static/..;/admin",
+        "/a/.;x/b",
     ] {
         assert!(has_dot_segment(p), "{p}");
     }
