@@ -147,6 +147,47 @@ async fn an_idle_keep_alive_connection_is_not_a_slow_head() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_body_slower_than_min_body_rate_is_answered_408() {
+    let up = Upstream::start().await;
+    let gw = GatewayConfig::new(one_route(up.addr))
+        .server("body_idle_timeout: 1s\nmin_body_rate: 1KiB")
+        .start();
+    let addr = gw.addr;
+    let (got, took) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100000\r\n\r\n")
+            .unwrap();
+        let t = Instant::now();
+        let mut writer = s.try_clone().unwrap();
+        // 10 bytes every 300 ms: never silent for body_idle_timeout, but ~33 bytes a second.
+        std::thread::spawn(move || {
+            for _ in 0..100 {
+                std::thread::sleep(Duration::from_millis(300));
+                if writer.write_all(&[b'b'; 10]).is_err() {
+                    break;
+                }
+            }
+        });
+        (read_to_close(&mut s, Duration::from_secs(10)), t.elapsed())
+    })
+    .await
+    .unwrap();
+    let got = got.expect("still open after 10 s");
+    assert_eq!(
+        status(&got),
+        "HTTP/1.1 408",
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // The waits may add up to body_idle_timeout, plus a second per KiB sent (~1.1 s here).
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(up.received().iter().all(|r| r.body_len < 100_000));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_body_ends_the_request() {
     let up = Upstream::start().await;
     let gw = GatewayConfig::new(one_route(up.addr))
@@ -200,6 +241,86 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn pipelined_requests_are_each_answered_in_order() {
+    let up = Upstream::start().await;
+    let gw = GatewayConfig::new(one_route(up.addr)).start();
+    const REQUESTS: usize = 300;
+    let addr = gw.addr;
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        // ~12 KiB of requests in one write: more than one read of the gateway's, so later ones
+        // arrive while earlier ones are answered.
+        let all: Vec<u8> = (0..REQUESTS)
+            .flat_map(|i| format!("GET /{i} HTTP/1.1\r\nHost: a.test\r\n\r\n").into_bytes())
+            .collect();
+        s.write_all(&all).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16384];
+        let count = |got: &[u8]| got.windows(9).filter(|w| w == b"HTTP/1.1 ").count();
+        while count(&got) < REQUESTS {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got
+    })
+    .await
+    .unwrap();
+    let ok = answers.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
+    assert_eq!(
+        ok,
+        REQUESTS,
+        "{}",
+        String::from_utf8_lossy(&answers[..answers.len().min(400)])
+    );
+    let paths: Vec<String> = up.received().iter().map(|r| r.path.clone()).collect();
+    let sent: Vec<String> = (0..REQUESTS).map(|i| format!("/{i}")).collect();
+    assert_eq!(paths, sent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_heads_is_cut_off_after_the_send_timeout() {
+    // Answers without a body: all the gateway writes are heads, which Pingora writes untimed
+    // (its write timeout covers body writes only).
+    let up = Upstream::with(common::Behavior {
+        status: 204,
+        body: Vec::new(),
+        headers: vec![format!("x-pad: {}", "p".repeat(7000))],
+        ..Default::default()
+    })
+    .await;
+    let gw = GatewayConfig::new(one_route(up.addr))
+        .server("send_timeout: 1s")
+        .start();
+    const REQUESTS: usize = 8000;
+    let addr = gw.addr;
+    let got = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let mut writer = s.try_clone().unwrap();
+        // Pipelined, ~56 MB of answers: more than the socket buffers hold. Written from a
+        // thread of its own: the gateway stops reading once its writes stall.
+        std::thread::spawn(move || {
+            let one = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n";
+            let _ = writer.write_all(&one.repeat(REQUESTS));
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        read_to_close(&mut s, Duration::from_secs(5))
+    })
+    .await
+    .unwrap();
+    let got = got.expect("the connection was not closed");
+    let answers = got.windows(12).filter(|w| w == b"HTTP/1.1 204").count();
+    assert!(
+        answers > 0,
+        "{}",
+        String::from_utf8_lossy(&got[..got.len().min(300)])
+    );
+    assert!(answers < REQUESTS, "all {answers} answers arrived");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_reload_applies_new_connection_caps() {
     let up = Upstream::start().await;
     let gw = GatewayConfig::new(one_route(up.addr))
@@ -223,6 +344,7 @@ async fn a_reload_applies_new_connection_caps() {
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(shown["server"]["max_connections_per_ip"], 1);
     assert_eq!(shown["server"]["send_timeout"], "2m");
+    assert_eq!(shown["server"]["min_body_rate"], 500);
     let addr = gw.addr;
     let (statuses, second) = tokio::task::spawn_blocking(move || {
         let (_open, statuses) = kept_open(addr, 1);

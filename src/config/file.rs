@@ -183,10 +183,15 @@ pub struct ServerSection {
     /// Close a request whose body sends nothing for this long. Default 60s.
     #[serde(deserialize_with = "de_duration")]
     pub body_idle_timeout: Duration,
-    /// One write of response body to the client that cannot finish within this long ends the
-    /// request: a client that stops reading (Pingora's per-write timeout). Default 120s.
+    /// A client that takes nothing written to it for this long (it stopped reading) fails the
+    /// write: the request ends and the connection closes. Default 120s.
     #[serde(deserialize_with = "de_duration")]
     pub send_timeout: Duration,
+    /// Slowest HTTP/1 request body, in bytes per second: the client may keep the gateway
+    /// waiting for body bytes `body_idle_timeout` in all, plus one second per this many bytes
+    /// it sent (else 408). 0 turns it off. Default 500.
+    #[serde(deserialize_with = "de_size")]
+    pub min_body_rate: u64,
     /// Most open client connections; more are answered 503 and closed. Default: half the
     /// process's file-descriptor limit, less 256.
     pub max_connections: Option<usize>,
@@ -230,6 +235,7 @@ impl Default for ServerSection {
             request_head_timeout: Duration::from_secs(15),
             body_idle_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(120),
+            min_body_rate: 500,
             max_connections: None,
             max_connections_per_ip: 4096,
         }

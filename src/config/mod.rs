@@ -210,8 +210,12 @@ pub struct ConnectionLimits {
     pub request_head_timeout: Duration,
     /// Longest silence inside a request body.
     pub body_idle_timeout: Duration,
-    /// Longest write of a piece of response body to the client (Pingora's write timeout).
+    /// Longest a client may take nothing written to it (over HTTP/1 a progress timer in the
+    /// connection guard; over HTTP/2 Pingora's per-write timeout).
     pub send_timeout: Duration,
+    /// Slowest request body in bytes per second after `body_idle_timeout` of waiting in all
+    /// (0: no floor).
+    pub min_body_rate: u64,
     /// Most open connections; `None`: from the file-descriptor limit.
     pub max: Option<usize>,
     /// Most open connections from one address.

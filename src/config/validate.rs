@@ -294,8 +294,8 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
     }
 }
 
-/// `server.request_head_timeout`, `body_idle_timeout`, `send_timeout`, `max_connections`,
-/// `…_per_ip`.
+/// `server.request_head_timeout`, `body_idle_timeout`, `send_timeout`, `min_body_rate`,
+/// `max_connections`, `…_per_ip`.
 fn connection_limits(s: &ServerSection, errs: &mut Errors) -> ConnectionLimits {
     for (key, d) in [
         ("request_head_timeout", s.request_head_timeout),
@@ -327,6 +327,7 @@ fn connection_limits(s: &ServerSection, errs: &mut Errors) -> ConnectionLimits {
         request_head_timeout: s.request_head_timeout,
         body_idle_timeout: s.body_idle_timeout,
         send_timeout: s.send_timeout,
+        min_body_rate: s.min_body_rate,
         max: s.max_connections,
         max_per_ip: s.max_connections_per_ip,
     }
@@ -409,18 +410,22 @@ fn listener_tls(t: &ListenerTlsSection, path: &str, errs: &mut Errors) -> Option
 }
 
 fn admin(a: &AdminSection, errs: &mut Errors) -> Option<AdminConfig> {
-    let address = socket_addr(&a.address, "admin.address", errs)?;
+    // Every check runs whatever fails first: a bad address must not hide a bad token.
+    let address = socket_addr(&a.address, "admin.address", errs);
+    let mut ok = address.is_some();
     let token = match (&a.token, &a.token_file) {
         (Some(_), Some(_)) => {
             errs.push("admin", "set token or token_file, not both");
-            return None;
+            ok = false;
+            None
         }
         (Some(t), None) => Some(t.clone()),
         (None, Some(f)) => match std::fs::read_to_string(f) {
             Ok(t) => Some(t.trim_end_matches(['\r', '\n']).to_string()),
             Err(e) => {
                 errs.push("admin.token_file", format!("cannot read {f:?}: {e}"));
-                return None;
+                ok = false;
+                None
             }
         },
         (None, None) => None,
@@ -433,7 +438,8 @@ fn admin(a: &AdminSection, errs: &mut Errors) -> Option<AdminConfig> {
             "must be at least 16 visible ASCII characters (no spaces)",
         );
     }
-    if token.is_none() && !address.ip().is_loopback() && !a.allow_insecure {
+    let address = address?;
+    if ok && token.is_none() && !address.ip().is_loopback() && !a.allow_insecure {
         errs.push(
             "admin.address",
             format!(
@@ -442,7 +448,7 @@ fn admin(a: &AdminSection, errs: &mut Errors) -> Option<AdminConfig> {
             ),
         );
     }
-    Some(AdminConfig { address, token })
+    ok.then_some(AdminConfig { address, token })
 }
 
 fn socket_addr(value: &str, path: &str, errs: &mut Errors) -> Option<SocketAddr> {
@@ -604,11 +610,11 @@ fn upstream(name: &str, u: &UpstreamSection, errs: &mut Errors) -> Option<Upstre
                 "http health checks speak HTTP/1.1, which an HTTP/2-only backend refuses: use kind: tcp, or protocol: auto",
             )
         }
-        _ if u.h2_max_streams == 0 => errs.push(
-            format!("{path}.h2_max_streams"),
-            "must be at least 1",
-        ),
         _ => {}
+    }
+    // Checked on its own: an earlier protocol error must not hide it.
+    if u.h2_max_streams == 0 {
+        errs.push(format!("{path}.h2_max_streams"), "must be at least 1");
     }
     if errs.0.len() > before {
         return None;
@@ -636,6 +642,7 @@ fn upstream(name: &str, u: &UpstreamSection, errs: &mut Errors) -> Option<Upstre
 }
 
 fn upstream_tls(t: &UpstreamTlsSection, path: &str, errs: &mut Errors) -> Option<UpstreamTls> {
+    let mut sni_ok = true;
     if let Some(sni) = &t.sni
         && (sni.is_empty() || sni.bytes().any(|b| b.is_ascii_whitespace() || b == b'/'))
     {
@@ -643,7 +650,8 @@ fn upstream_tls(t: &UpstreamTlsSection, path: &str, errs: &mut Errors) -> Option
             format!("{path}.tls.sni"),
             format!("{sni:?} is not a server name"),
         );
-        return None;
+        // The files are still checked: their errors are reported with this one.
+        sni_ok = false;
     }
     let files = UpstreamTlsFiles {
         sni: t.sni.as_deref(),
@@ -660,6 +668,7 @@ fn upstream_tls(t: &UpstreamTlsSection, path: &str, errs: &mut Errors) -> Option
             }
         })
         .ok()
+        .filter(|_| sni_ok)
 }
 
 fn check_statuses(statuses: &[u16], path: &str, errs: &mut Errors) {

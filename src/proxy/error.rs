@@ -20,12 +20,24 @@ pub fn status_for(e: &Error) -> u16 {
             ErrorSource::Upstream => 502,
             ErrorSource::Downstream => match e.etype() {
                 ErrorType::ReadTimedout => 408,
+                // The connection guard's floor on a body's pace (`server.min_body_rate`).
+                ErrorType::ReadError if body_too_slow(e) => 408,
                 ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => 0,
                 _ => 400,
             },
             ErrorSource::Internal | ErrorSource::Unset => 500,
         },
     }
+}
+
+/// A body read failed for being slower than `server.min_body_rate`.
+fn body_too_slow(e: &Error) -> bool {
+    e.root_cause()
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|io| {
+            io.kind() == std::io::ErrorKind::TimedOut
+                && io.to_string() == crate::wire::stream::BODY_TOO_SLOW
+        })
 }
 
 /// The human message for a status.

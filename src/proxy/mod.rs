@@ -111,10 +111,19 @@ impl ProxyHttp for Gateway {
         // deadline of the next one is the connection guard's).
         let c = &state.config.server.connections;
         session.set_read_timeout(Some(c.body_idle_timeout));
-        // Per body write (Pingora's default is none; it writes an HTTP/1 head untimed): a
-        // client that stops reading a response would otherwise hold the request and its
-        // upstream connection for as long as it keeps the socket open.
-        session.set_write_timeout(Some(c.send_timeout));
+        // A client that stops reading a response would otherwise hold the request and its
+        // upstream connection for as long as it keeps the socket open (Pingora's default is
+        // no write timeout). Over HTTP/1 the connection guard times every write as a progress
+        // timer (heads and the final flush too); over HTTP/2 a stream can stall on its own
+        // flow-control window while the connection moves, so Pingora's per-write timeout
+        // covers each stream's writes.
+        match session.as_downstream().stream().and_then(GuardedStream::of) {
+            Some(guard) => {
+                guard.set_send_timeout(c.send_timeout);
+                guard.set_body_pace(c.body_idle_timeout, c.min_body_rate);
+            }
+            None => session.set_write_timeout(Some(c.send_timeout)),
+        }
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let req = session.req_header_mut();
         // HTTP/2 has no Host, only `:authority` (the URI's): make it the Host the rest of the

@@ -341,6 +341,7 @@ pub fn effective_config(c: &Config) -> Value {
             "request_head_timeout": d(c.server.connections.request_head_timeout),
             "body_idle_timeout": d(c.server.connections.body_idle_timeout),
             "send_timeout": d(c.server.connections.send_timeout),
+            "min_body_rate": c.server.connections.min_body_rate,
             "max_connections": c.server.connections.max,
             "max_connections_per_ip": c.server.connections.max_per_ip,
             "http2": {

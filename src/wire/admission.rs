@@ -149,7 +149,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let (limits, head_timeout, keepalive, max, max_per_ip, ip) = {
+        let (limits, head_timeout, keepalive, send_timeout, max, max_per_ip, ip) = {
             let state = self.state.load();
             let s = &state.config.server;
             let ip = stream
@@ -172,6 +172,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
                 limits,
                 c.request_head_timeout,
                 s.downstream_keepalive_timeout,
+                c.send_timeout,
                 c.max.unwrap_or(self.auto_max),
                 c.max_per_ip,
                 ip,
@@ -199,6 +200,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             limits,
             head_timeout,
             keepalive,
+            send_timeout,
             Arc::clone(&splice),
         ));
         // Until the first request's bytes arrive, the connection holds none of Pingora's

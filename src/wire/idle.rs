@@ -43,9 +43,8 @@ pub async fn serve_http1<A: HttpServerApp + Send + Sync + 'static>(
     let limit = app.server_options().and_then(|o| o.keepalive_request_limit);
     let mut request = first(app, conn, shutdown, limit);
     while let Some(reused) = request.await {
-        // `settings` would carry bytes Pingora read past a body only with HTTP/1 pipelining
-        // turned on (`set_pipelining_enabled`), which tollgate never does: the guard holds
-        // any bytes of a next request itself, and its wait sees them.
+        // `settings` carries the pipelining opt-in and the byte of a pipelined next request
+        // that Pingora's idle probe read while answering this one (the rest is in the guard).
         let (stream, settings) = reused.consume();
         let stream = match guarded(stream) {
             Ok(mut conn) => {
@@ -73,6 +72,7 @@ fn first<'a, A: HttpServerApp + Send + Sync + 'static>(
     // configured one in `early_request_filter`).
     session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
     session.set_keepalive_reuses_remaining(limit);
+    pipelining(&mut session);
     app.process_new_http(session, shutdown)
 }
 
@@ -87,7 +87,17 @@ fn next<'a, A: HttpServerApp + Send + Sync + 'static>(
     if let Some(settings) = settings {
         settings.apply_to_session(&mut session);
     }
+    pipelining(&mut session);
     app.process_new_http(session, shutdown)
+}
+
+/// Serve pipelined requests in turn. While a response is written, Pingora probes the client
+/// for a close; without the opt-in, the first byte of a next request arriving then fails the
+/// one in flight ("Sent data after end of body", answered 400). With it, Pingora passes that
+/// byte on to the next session. The guard hands on one message per read, so Pingora never
+/// reads past a request's end otherwise.
+fn pipelining(session: &mut ServerSession) {
+    session.set_pipelining_enabled(true);
 }
 
 /// The guard itself, if `stream` is one.

@@ -11,6 +11,12 @@
 //! land inside it, and an early close would abort it): [`GuardedStream::response_done`],
 //! called from the proxy's `logging` phase, counts the finished ones.
 //!
+//! Writes to the client run under the send timeout as a progress timer (`WriteStall`): a
+//! write, flush or shutdown that cannot proceed for that long fails, and so does every later
+//! one, whatever Pingora is writing (a response head, a body, the final flush, an answer of
+//! the guard's own). Request body reads run under `server.min_body_rate` (`BodyPace`). One
+//! read hands Pingora at most one message, so it never reads past a request's end.
+//!
 //! After an upgrade request, the client's bytes are held until the answer is known; once the
 //! whole `101` head is written, the guard joins the connection's [`Splice`] if the backend's
 //! end waits there, and from then on reads as closed to Pingora (`super::splice`).
@@ -86,6 +92,127 @@ pub struct GuardedStream {
     answer: AnswerWatch,
     /// Where an upgraded connection may leave Pingora (`super::splice`).
     splice: Arc<Splice>,
+    stall: WriteStall,
+    /// The request body being read, against `server.min_body_rate`.
+    pace: BodyPace,
+}
+
+/// What a slow request body fails its read with (the proxy answers it 408).
+pub const BODY_TOO_SLOW: &str = "request body slower than min_body_rate";
+
+/// A request body's pace: the time its reads waited for the client may add up to `grace`
+/// (`body_idle_timeout`) plus one second per `rate` bytes received (Apache's `mod_reqtimeout`
+/// MinRate). Only waits of a read count: while Pingora does not read (the upstream is slow to
+/// take the body), the client keeps nobody waiting.
+#[derive(Debug)]
+struct BodyPace {
+    /// Set per request, in nanoseconds.
+    grace: AtomicU64,
+    /// Bytes per second, set per request; 0: no floor.
+    rate: AtomicU64,
+    waited: Duration,
+    /// A read has waited since then.
+    since: Option<Instant>,
+    received: u64,
+}
+
+impl BodyPace {
+    /// A new request (and its body, if any).
+    fn start(&mut self) {
+        self.waited = Duration::ZERO;
+        self.since = None;
+        self.received = 0;
+    }
+
+    /// A read waits: when its wait runs out (`None`: never).
+    fn deadline(&mut self) -> Option<Instant> {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            return None;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let earned = u128::from(self.received) * 1_000_000_000 / u128::from(rate);
+        let budget = Duration::from_nanos(self.grace.load(Ordering::Relaxed)).saturating_add(
+            Duration::from_nanos(u64::try_from(earned).unwrap_or(u64::MAX)),
+        );
+        since.checked_add(budget.saturating_sub(self.waited))
+    }
+
+    /// A read returned with `n` bytes.
+    fn arrived(&mut self, n: usize) {
+        if let Some(since) = self.since.take() {
+            self.waited += since.elapsed();
+        }
+        self.received = self.received.saturating_add(n as u64);
+    }
+}
+
+/// The send timeout as a progress timer over writes to the client: from the first write (or
+/// flush, or shutdown) that cannot proceed, the client has the timeout to take something;
+/// any write that proceeds restarts the clock. Once it runs out, every write fails (so
+/// Pingora, failing, does not wait again to write an error answer nobody reads).
+#[derive(Debug)]
+struct WriteStall {
+    /// The timeout in nanoseconds: set per request (a reload applies to the next one).
+    timeout: AtomicU64,
+    /// Created at the first stall, then reset (most connections never stall).
+    timer: Option<Pin<Box<Sleep>>>,
+    /// A stall is being timed.
+    stalled: bool,
+    expired: bool,
+}
+
+impl WriteStall {
+    fn new(timeout: Duration) -> WriteStall {
+        WriteStall {
+            timeout: AtomicU64::new(nanos(timeout)),
+            timer: None,
+            stalled: false,
+            expired: false,
+        }
+    }
+
+    /// Run one write operation on the client's stream under the timer.
+    fn poll<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(&mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if self.expired {
+            return Poll::Ready(Err(stalled()));
+        }
+        if let Poll::Ready(r) = op(cx) {
+            self.stalled = false;
+            return Poll::Ready(r);
+        }
+        let timeout = Duration::from_nanos(self.timeout.load(Ordering::Relaxed));
+        if !self.stalled {
+            self.stalled = true;
+            let at = Instant::now() + timeout;
+            match self.timer.as_mut() {
+                Some(t) => t.as_mut().reset(at),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        let Some(timer) = self.timer.as_mut() else {
+            return Poll::Pending;
+        };
+        ready!(timer.as_mut().poll(cx));
+        log::debug!("the client took nothing written to it for {timeout:?}: closing");
+        self.expired = true;
+        Poll::Ready(Err(stalled()))
+    }
+}
+
+fn stalled() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the client stopped reading (send_timeout)",
+    )
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The status line of the answer to an upgrade request, as Pingora writes it.
@@ -127,13 +254,15 @@ pub fn refused_metric(status: u16) {
 
 impl GuardedStream {
     /// Guard `inner`. The first head's deadline starts now; an idle kept-alive connection is
-    /// closed `keepalive` after its last response. An upgrade may leave Pingora through
-    /// `splice`.
+    /// closed `keepalive` after its last response; writes fail once the client takes nothing
+    /// for `send_timeout`. An upgrade may leave Pingora through `splice`. The pace of request
+    /// bodies is off until [`Self::set_body_pace`].
     pub fn new(
         inner: Stream,
         limits: Limits,
         head_timeout: Duration,
         keepalive: Duration,
+        send_timeout: Duration,
         splice: Arc<Splice>,
     ) -> GuardedStream {
         let born = Instant::now();
@@ -160,7 +289,20 @@ impl GuardedStream {
             parked: None,
             answer: AnswerWatch::default(),
             splice,
+            stall: WriteStall::new(send_timeout),
+            pace: BodyPace {
+                grace: AtomicU64::new(0),
+                rate: AtomicU64::new(0),
+                waited: Duration::ZERO,
+                since: None,
+                received: 0,
+            },
         }
+    }
+
+    /// The send timeout from now on (set per request, so that a reload applies).
+    pub fn set_send_timeout(&self, timeout: Duration) {
+        self.stall.timeout.store(nanos(timeout), Ordering::Relaxed);
     }
 
     /// This connection's splice.
@@ -168,10 +310,17 @@ impl GuardedStream {
         &self.splice
     }
 
+    /// The floor on request bodies from now on (set per request): reads may wait `grace` in
+    /// all plus one second per `min_rate` bytes received (0: no floor).
+    pub fn set_body_pace(&self, grace: Duration, min_rate: u64) {
+        self.pace.grace.store(nanos(grace), Ordering::Relaxed);
+        self.pace.rate.store(min_rate, Ordering::Relaxed);
+    }
+
     /// Pingora finished a response on this connection (called from the `logging` phase).
     pub fn response_done(&self) {
-        let at = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.answered_at.store(at, Ordering::Relaxed);
+        self.answered_at
+            .store(nanos(self.born.elapsed()), Ordering::Relaxed);
         self.answered.fetch_add(1, Ordering::Release);
         self.answered_waker.wake();
     }
@@ -256,8 +405,11 @@ impl GuardedStream {
             match r.stage {
                 Stage::Write => {
                     while r.written < r.answer.len() {
+                        let inner = &mut self.inner;
+                        let rest = &r.answer[r.written..];
                         match ready!(
-                            Pin::new(&mut self.inner).poll_write(cx, &r.answer[r.written..])
+                            self.stall
+                                .poll(cx, |cx| Pin::new(&mut *inner).poll_write(cx, rest))
                         ) {
                             Ok(0) | Err(_) => {
                                 r.stage = Stage::Done;
@@ -271,11 +423,19 @@ impl GuardedStream {
                     }
                 }
                 Stage::Flush => {
-                    let _ = ready!(Pin::new(&mut self.inner).poll_flush(cx));
+                    let inner = &mut self.inner;
+                    let _ = ready!(
+                        self.stall
+                            .poll(cx, |cx| Pin::new(&mut *inner).poll_flush(cx))
+                    );
                     r.stage = Stage::Shutdown;
                 }
                 Stage::Shutdown => {
-                    let _ = ready!(Pin::new(&mut self.inner).poll_shutdown(cx));
+                    let inner = &mut self.inner;
+                    let _ = ready!(
+                        self.stall
+                            .poll(cx, |cx| Pin::new(&mut *inner).poll_shutdown(cx))
+                    );
                     self.deadline.as_mut().reset(Instant::now() + LINGER);
                     r.stage = Stage::Linger;
                 }
@@ -336,14 +496,20 @@ impl GuardedStream {
                     let phase = self.framing.phase();
                     if was_head && (f.complete || phase != Phase::Head) {
                         self.heads += 1;
+                        self.pace.start();
                     }
                     if f.complete || phase != Phase::Head {
                         self.ready = self.fed;
                     }
                     if f.complete {
+                        // One message at a time: the next is judged once this one is
+                        // delivered, so a read never hands Pingora bytes past its end (Pingora
+                        // answers 400 to a request followed by more than a few KiB of
+                        // pipelined ones).
                         self.msg_start = self.fed;
+                        break;
                     }
-                    if f.used == 0 && !f.complete {
+                    if f.used == 0 {
                         break; // an upgrade's answer awaited, or an opaque request
                     }
                 }
@@ -385,7 +551,11 @@ impl GuardedStream {
     /// Read body (or tunnel) bytes straight into Pingora's buffer, judging them there.
     fn poll_body(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = out.filled().len();
-        ready!(Pin::new(&mut self.inner).poll_read(cx, out))?;
+        let Poll::Ready(read) = Pin::new(&mut self.inner).poll_read(cx, out) else {
+            return self.poll_pace(cx);
+        };
+        self.pace.arrived(out.filled().len() - before);
+        read?;
         let end = out.filled().len();
         let mut at = before;
         while at < end {
@@ -416,6 +586,20 @@ impl GuardedStream {
             }
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// A body read waits for the client: fail it once the body is slower than its floor.
+    fn poll_pace(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(at) = self.pace.deadline() else {
+            return Poll::Pending;
+        };
+        if self.deadline.deadline() != at {
+            self.deadline.as_mut().reset(at);
+        }
+        ready!(self.deadline.as_mut().poll(cx));
+        refused_metric(408);
+        log::debug!("refused a request body: {BODY_TOO_SLOW}");
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, BODY_TOO_SLOW)))
     }
 
     /// Read what the client sent into `held`; `Ok(0)` at end of stream.
@@ -642,7 +826,12 @@ impl AsyncWrite for GuardedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf)).inspect_err(|_| {
+        let inner = &mut this.inner;
+        let n = ready!(
+            this.stall
+                .poll(cx, |cx| Pin::new(&mut *inner).poll_write(cx, buf))
+        )
+        .inspect_err(|_| {
             this.write_failed();
         })?;
         this.watch_answer(&buf[..n]);
@@ -655,10 +844,14 @@ impl AsyncWrite for GuardedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let n =
-            ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)).inspect_err(|_| {
-                this.write_failed();
-            })?;
+        let inner = &mut this.inner;
+        let n = ready!(
+            this.stall
+                .poll(cx, |cx| Pin::new(&mut *inner).poll_write_vectored(cx, bufs))
+        )
+        .inspect_err(|_| {
+            this.write_failed();
+        })?;
         let mut left = n;
         for b in bufs {
             if left == 0 {
@@ -676,18 +869,27 @@ impl AsyncWrite for GuardedStream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let inner = &mut this.inner;
+        this.stall
+            .poll(cx, |cx| Pin::new(&mut *inner).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let inner = &mut this.inner;
+        this.stall
+            .poll(cx, |cx| Pin::new(&mut *inner).poll_shutdown(cx))
     }
 }
 
 #[async_trait]
 impl Shutdown for GuardedStream {
+    /// As Pingora's, under the send timeout.
     async fn shutdown(&mut self) {
-        self.inner.shutdown().await;
+        if let Err(e) = tokio::io::AsyncWriteExt::shutdown(self).await {
+            log::debug!("failed to shut down a client connection: {e}");
+        }
     }
 }
 
@@ -898,6 +1100,9 @@ mod tests {
         assert!(!splice.settle());
     }
 
+    /// The send timeout of the guards under test, unless a test sets one.
+    const SEND: Duration = Duration::from_secs(3600);
+
     /// A guard over a fresh client connection (head deadline `head`, keep-alive `keepalive`).
     fn fresh(head: Duration, keepalive: Duration) -> (GuardedStream, DuplexStream) {
         guard_over(head, keepalive, None)
@@ -923,7 +1128,7 @@ mod tests {
             h2c: false,
         };
         let splice = Arc::new(Splice::default());
-        let guard = GuardedStream::new(inner, limits, head, keepalive, splice);
+        let guard = GuardedStream::new(inner, limits, head, keepalive, SEND, splice);
         (guard, client)
     }
 
@@ -936,6 +1141,142 @@ mod tests {
         let n = guard.read(&mut head).await.unwrap();
         assert_eq!(&head[..n], GET);
         guard.response_done();
+    }
+
+    /// A guard that has handed Pingora the head of a 1000-byte POST, its body floor `grace`
+    /// plus one second per 100 bytes.
+    async fn posting(grace: Duration) -> (GuardedStream, DuplexStream) {
+        const POST: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n";
+        let secs = Duration::from_secs(60);
+        let (mut guard, mut client) = fresh(secs, secs);
+        guard.set_body_pace(grace, 100);
+        client.write_all(POST).await.unwrap();
+        let mut head = vec![0; 4096];
+        let n = guard.read(&mut head).await.unwrap();
+        assert_eq!(&head[..n], POST);
+        (guard, client)
+    }
+
+    /// Send `piece` bytes every `every` until 1000 are sent, reading them as Pingora would;
+    /// how many arrived before a read failed, and its error.
+    async fn trickle(
+        guard: &mut GuardedStream,
+        client: DuplexStream,
+        piece: usize,
+        every: Duration,
+    ) -> (usize, Option<io::Error>) {
+        let sender = tokio::spawn(async move {
+            let mut client = client;
+            for _ in 0..1000 / piece {
+                tokio::time::sleep(every).await;
+                if client.write_all(&vec![b'b'; piece]).await.is_err() {
+                    break;
+                }
+            }
+            client
+        });
+        let mut got = 0;
+        let mut buf = vec![0; 4096];
+        let err = loop {
+            if got == 1000 {
+                break None;
+            }
+            match guard.read(&mut buf).await {
+                Ok(n) => got += n,
+                Err(e) => break Some(e),
+            }
+        };
+        sender.abort();
+        (got, err)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_slower_than_its_floor_fails_the_read_once_its_wait_is_spent() {
+        let (mut guard, client) = posting(Duration::from_secs(2)).await;
+        let start = Instant::now();
+        // 10 bytes a second: the wait earned is a tenth of what is spent.
+        let (got, err) = trickle(&mut guard, client, 10, Duration::from_secs(1)).await;
+        let err = err.expect("the slow body was read to its end");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(err.to_string(), BODY_TOO_SLOW);
+        assert!((20..=30).contains(&got), "{got} bytes");
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(2) && waited < Duration::from_secs(4),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_at_its_floor_is_read_however_long_it_waits_in_all() {
+        let (mut guard, client) = posting(Duration::from_secs(2)).await;
+        let start = Instant::now();
+        // 125 bytes a second for 8 s: four times the grace, but earned by the bytes.
+        let (got, err) = trickle(&mut guard, client, 50, Duration::from_millis(400)).await;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(got, 1000);
+        assert!(start.elapsed() >= Duration::from_secs(8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_not_read_is_not_waited_for() {
+        let (mut guard, mut client) = posting(Duration::from_secs(2)).await;
+        client.write_all(&[b'b'; 1000]).await.unwrap();
+        // The upstream is slow to take the body: Pingora reads on a minute later.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let mut body = vec![0; 1000];
+        guard.read_exact(&mut body).await.unwrap();
+        assert_eq!(body, [b'b'; 1000]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_nothing_for_the_send_timeout_fails_every_later_write() {
+        let secs = Duration::from_secs(60);
+        let (mut guard, _client) = fresh(secs, secs);
+        guard.set_send_timeout(Duration::from_secs(10));
+        let start = Instant::now();
+        // More than the pipe holds, and the client reads nothing.
+        let err = guard.write_all(&[b'x'; 8192]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+            "{waited:?}"
+        );
+        // Nothing later (Pingora's error answer, its flush) waits again.
+        assert_eq!(
+            guard.write(b"x").await.unwrap_err().kind(),
+            io::ErrorKind::TimedOut
+        );
+        assert!(guard.flush().await.is_err());
+        assert!(AsyncWriteExt::shutdown(&mut guard).await.is_err());
+        assert_eq!(start.elapsed(), waited);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_keeps_taking_is_not_cut_off_however_long_a_write_takes() {
+        const LEN: usize = 64 << 10;
+        let secs = Duration::from_secs(60);
+        let (mut guard, mut client) = fresh(secs, secs);
+        guard.set_send_timeout(Duration::from_secs(10));
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0; 1024];
+            while got < LEN {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0, "end of stream after {got} bytes");
+                got += n;
+            }
+            got
+        });
+        let start = Instant::now();
+        // One write, as large as what Pingora gathers for a lagging HTTP/1 client: it takes
+        // minutes, but the client takes some of it every 6 s.
+        guard.write_all(&[b'x'; LEN]).await.unwrap();
+        guard.flush().await.unwrap();
+        assert!(start.elapsed() > Duration::from_secs(300));
+        assert_eq!(reader.await.unwrap(), LEN);
     }
 
     #[tokio::test(start_paused = true)]
