@@ -445,6 +445,47 @@ async fn a_request_body_on_a_cached_url_never_becomes_a_second_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_get_body_without_a_length_is_neither_looked_up_nor_stored() {
+    let up = Upstream::with(answering("cached", &["Cache-Control: max-age=60"])).await;
+    let gw = common::GatewayConfig::new(format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - {{ name: api, upstream: u, cache: {{}} }}\n",
+        up.addr
+    ))
+    .listener("h2c: true")
+    .start();
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let send = |path: &str, body: Option<&'static [u8]>| {
+        let mut r = h2.get(gw.url(path));
+        if let Some(b) = body {
+            // Streamed: HTTP/2 DATA frames with no Content-Length.
+            let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(b)]);
+            r = r.body(reqwest::Body::wrap_stream(chunks));
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            assert_eq!(r.version(), reqwest::Version::HTTP_2);
+            let cache = r.headers()["x-cache-status"].to_str().unwrap().to_string();
+            (cache, r.text().await.unwrap())
+        }
+    };
+    assert_eq!(send("/hit", None).await.0, "MISS");
+    assert_eq!(send("/hit", None).await.0, "HIT");
+    // A stored answer does not stand in for a request with a body: it goes to the origin.
+    assert_eq!(send("/hit", Some(b"q=1")).await.0, "BYPASS");
+    assert_eq!(up.count(), 2);
+    assert_eq!(up.last().body_len, 3);
+    // Nor is the answer to one stored for the plain URL.
+    assert_eq!(send("/fresh", Some(b"q=2")).await.0, "BYPASS");
+    assert_eq!(send("/fresh", None).await.0, "MISS");
+    assert_eq!(up.count(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_if_error_covers_an_open_breaker() {
     let up = Upstream::with(answering(
         "kept",

@@ -39,8 +39,10 @@ const URL_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 /// carry one, and an application may answer by it: a search query), or a field some
 /// frameworks read as the method or URL. A response to such a request is not stored, or it
 /// would be served for the plain URL.
-pub fn unkeyed_input(req: &RequestHeader) -> Option<&'static str> {
-    if has_body(req) {
+///
+/// `body`: the request has one, however framed (an HTTP/2 body need not announce its length).
+pub fn unkeyed_input(req: &RequestHeader, body: bool) -> Option<&'static str> {
+    if body {
         return Some("request-body");
     }
     METHOD_OVERRIDES
@@ -52,29 +54,23 @@ pub fn unkeyed_input(req: &RequestHeader) -> Option<&'static str> {
 /// Whether a `GET`/`HEAD` skips the lookup too: a body, or a method override, may make it a
 /// different request to the application, which a stored answer must not stand in for. (A URL
 /// override still looks up: its answer is the plain URL's at worst.)
-pub fn lookup_bypassed(req: &RequestHeader) -> bool {
-    has_body(req)
-        || METHOD_OVERRIDES
-            .iter()
-            .any(|n| req.headers.contains_key(*n))
+pub fn lookup_bypassed(req: &RequestHeader, body: bool) -> bool {
+    body || METHOD_OVERRIDES
+        .iter()
+        .any(|n| req.headers.contains_key(*n))
 }
 
-fn has_body(req: &RequestHeader) -> bool {
-    let h = &req.headers;
-    h.contains_key(http::header::TRANSFER_ENCODING)
-        || h.get(http::header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
-}
-
-/// Whether and how `resp` (to `req`) is stored under `route`'s policy, as of `now`.
+/// Whether and how `resp` (to `req`, which has a body if `body`) is stored under `route`'s
+/// policy, as of `now`.
 pub fn decide(
     route: &RouteCache,
     req: &RequestHeader,
+    body: bool,
     resp: &ResponseHeader,
     now: SystemTime,
 ) -> RespCacheable {
     use RespCacheable::Uncacheable;
-    if let Some(what) = unkeyed_input(req) {
+    if let Some(what) = unkeyed_input(req, body) {
         return Uncacheable(NoCacheReason::Custom(what));
     }
     if !route.statuses.contains(&resp.status.as_u16()) {
@@ -161,7 +157,7 @@ mod tests {
     /// Seconds of freshness left, or None when not stored.
     fn ttl(status: u16, headers: &[(&str, &str)], auth: bool) -> Option<i64> {
         let now = SystemTime::now();
-        match decide(&route(), &req(auth), &resp(status, headers), now) {
+        match decide(&route(), &req(auth), false, &resp(status, headers), now) {
             RespCacheable::Cacheable(m) => Some(match m.fresh_until().duration_since(now) {
                 Ok(d) => d.as_secs_f64().round() as i64,
                 Err(e) => -(e.duration().as_secs_f64().round() as i64),
@@ -216,14 +212,12 @@ mod tests {
     #[test]
     fn inputs_outside_the_key_are_not_stored() {
         let ok = resp(200, &[("cache-control", "max-age=60")]);
-        let decide_with = |name: &str, value: &str| {
+        let with = |name: &str, value: &str| {
             let mut r = req(false);
             r.insert_header(name.to_string(), value).unwrap();
-            decide(&route(), &r, &ok, SystemTime::now())
+            r
         };
         for (name, value) in [
-            ("content-length", "3"),
-            ("transfer-encoding", "chunked"),
             ("x-original-url", "/admin"),
             ("x-rewrite-url", "/admin"),
             ("x-http-method-override", "DELETE"),
@@ -231,21 +225,30 @@ mod tests {
             ("x-method-override", "DELETE"),
         ] {
             assert!(
-                matches!(decide_with(name, value), RespCacheable::Uncacheable(_)),
+                matches!(
+                    decide(&route(), &with(name, value), false, &ok, SystemTime::now()),
+                    RespCacheable::Uncacheable(_)
+                ),
                 "{name}"
             );
         }
+        // A body, however framed (the caller tells: HTTP/2 needs no Content-Length).
+        let plain = req(false);
         assert!(matches!(
-            decide_with("content-length", "0"),
+            decide(&route(), &plain, true, &ok, SystemTime::now()),
+            RespCacheable::Uncacheable(_)
+        ));
+        assert!(matches!(
+            decide(&route(), &plain, false, &ok, SystemTime::now()),
             RespCacheable::Cacheable(_)
         ));
-        let bypassed = |name: &str, value: &str| {
-            let mut r = req(false);
-            r.insert_header(name.to_string(), value).unwrap();
-            lookup_bypassed(&r)
-        };
-        assert!(bypassed("content-length", "3") && bypassed("x-http-method", "PUT"));
-        assert!(!bypassed("x-original-url", "/a") && !bypassed("content-length", "0"));
+        assert!(
+            lookup_bypassed(&plain, true) && lookup_bypassed(&with("x-http-method", "PUT"), false)
+        );
+        assert!(
+            !lookup_bypassed(&with("x-original-url", "/a"), false)
+                && !lookup_bypassed(&plain, false)
+        );
     }
 
     #[test]
@@ -264,7 +267,7 @@ mod tests {
     #[test]
     fn stale_windows_and_stripped_fields() {
         let now = SystemTime::now();
-        let decide = |h: &[(&str, &str)]| decide(&route(), &req(false), &resp(200, h), now);
+        let decide = |h: &[(&str, &str)]| decide(&route(), &req(false), false, &resp(200, h), now);
         let RespCacheable::Cacheable(m) =
             decide(&[("cache-control", "max-age=1, stale-while-revalidate=30")])
         else {

@@ -103,7 +103,7 @@ pub fn enable(session: &mut Session, ctx: &mut RequestCtx) {
     if method == http::Method::GET || method == http::Method::HEAD {
         // A body or a method override the application may answer by: no lookup (a stored
         // answer to the plain URL would stand in for it) and, by `policy`, no store.
-        if policy::lookup_bypassed(session.req_header()) {
+        if policy::lookup_bypassed(session.req_header(), ctx.body) {
             ctx.cache_status = Some(CacheStatus::Bypass);
             return;
         }
@@ -176,7 +176,13 @@ pub fn cacheable(session: &Session, resp: &ResponseHeader, ctx: &RequestCtx) -> 
         }
     }
     match route_cache(ctx) {
-        Some(policy) => policy::decide(policy, session.req_header(), resp, SystemTime::now()),
+        Some(policy) => policy::decide(
+            policy,
+            session.req_header(),
+            ctx.body,
+            resp,
+            SystemTime::now(),
+        ),
         None => RespCacheable::Uncacheable(pingora::cache::NoCacheReason::NeverEnabled),
     }
 }

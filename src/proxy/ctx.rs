@@ -29,6 +29,10 @@ pub struct RequestCtx {
     pub host: Option<http::HeaderValue>,
     /// The request arrived over TLS.
     pub tls: bool,
+    /// The request has a body, as framed when its head arrived: over HTTP/1 a Content-Length
+    /// above 0 or a Transfer-Encoding; over HTTP/2 no end of stream with the head and no
+    /// `content-length: 0` (a body need not announce its length there).
+    pub body: bool,
     /// The client sent `TE: trailers` (forwarded to HTTP/2 upstreams, as gRPC needs).
     pub te_trailers: bool,
     /// Why the head is refused, if it is (`proxy::hygiene`).

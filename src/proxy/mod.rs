@@ -61,7 +61,8 @@ impl Gateway {
 
 /// Room `upstream_request_filter` makes for the fields it adds: `X-Forwarded-For`, `-Proto`,
 /// `-Host`, `X-Request-Id`, and sometimes `TE` or `Connection` (a route's `Host` replaces the
-/// client's).
+/// client's), plus one on a caching route (its `Accept-Encoding`, which the client may not
+/// have sent).
 const FORWARDING_HEADERS: usize = 6;
 
 #[async_trait]
@@ -96,7 +97,7 @@ impl ProxyHttp for Gateway {
         // Pingora decides a body's framing the first time it is read, from the head as it is
         // then: decide it now, from the head as the client sent it (and as the connection
         // guard framed it), before any filter can edit Content-Length or Transfer-Encoding.
-        session.as_downstream_mut().is_body_empty();
+        ctx.body = !session.as_downstream_mut().is_body_empty();
         if session.get_keepalive().is_some() {
             // The connection guard closes an idle connection after the keep-alive timeout and
             // bounds a head by its deadline; Pingora's timeout (which, with heads held back
@@ -400,7 +401,8 @@ impl ProxyHttp for Gateway {
             .cache_status
             .is_some()
             .then(|| crate::cache::key::accepted_codings(upstream_request));
-        header_case::edit_request(upstream_request, FORWARDING_HEADERS, |h| {
+        let room = FORWARDING_HEADERS + usize::from(codings.is_some());
+        header_case::edit_request(upstream_request, room, |h| {
             // None of the three: `identity` (no `Accept-Encoding` would allow any coding).
             if let Some(c) = codings {
                 let value = if c.is_empty() {

@@ -43,8 +43,8 @@ pub async fn serve_http1<A: HttpServerApp + Send + Sync + 'static>(
     let limit = app.server_options().and_then(|o| o.keepalive_request_limit);
     let mut request = first(app, conn, shutdown, limit);
     while let Some(reused) = request.await {
-        // `settings` carries the pipelining opt-in and the byte of a pipelined next request
-        // that Pingora's idle probe read while answering this one (the rest is in the guard).
+        // `settings` carries the pipelining opt-in (and would carry a byte of a next request,
+        // had Pingora's probe read one: the guard holds them back until a response is done).
         let (stream, settings) = reused.consume();
         let stream = match guarded(stream) {
             Ok(mut conn) => {
@@ -91,11 +91,12 @@ fn next<'a, A: HttpServerApp + Send + Sync + 'static>(
     app.process_new_http(session, shutdown)
 }
 
-/// Serve pipelined requests in turn. While a response is written, Pingora probes the client
-/// for a close; without the opt-in, the first byte of a next request arriving then fails the
-/// one in flight ("Sent data after end of body", answered 400). With it, Pingora passes that
-/// byte on to the next session. The guard hands on one message per read, so Pingora never
-/// reads past a request's end otherwise.
+/// Pipelined requests, served in turn: the guard hands on one message per read and holds a
+/// next request until the response in flight is done, so neither Pingora's head read nor the
+/// probe it reads the client with while answering (for a close) gets a byte of it. Without
+/// this opt-in, such a byte would fail the request in flight ("Sent data after end of body",
+/// answered 400); with it, Pingora would pass the byte on to the next session. It is the
+/// backstop: nothing should reach it.
 fn pipelining(session: &mut ServerSession) {
     session.set_pipelining_enabled(true);
 }

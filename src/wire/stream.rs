@@ -15,7 +15,9 @@
 //! write, flush or shutdown that cannot proceed for that long fails, and so does every later
 //! one, whatever Pingora is writing (a response head, a body, the final flush, an answer of
 //! the guard's own). Request body reads run under `server.min_body_rate` (`BodyPace`). One
-//! read hands Pingora at most one message, so it never reads past a request's end.
+//! read hands Pingora at most one message, so it never reads past a request's end, and a
+//! pipelined next request is judged and handed on only once the response in flight is done
+//! (before, an upgrade request would take that response for its answer).
 //!
 //! After an upgrade request, the client's bytes are held until the answer is known; once the
 //! whole `101` head is written, the guard joins the connection's [`Splice`] if the backend's
@@ -48,6 +50,8 @@ use super::splice::Splice;
 const READ_CHUNK: usize = 4096;
 /// Held bytes an upgrade's early tunnel data may fill before reading pauses.
 const MAX_HELD_UPGRADE: usize = 64 << 10;
+/// Held bytes pipelined requests may fill while a response is in flight before reading pauses.
+const MAX_HELD_PIPELINED: usize = 64 << 10;
 /// After answering a refusal, read and discard what the client still sends for this long (so
 /// closing with unread data does not reset the connection before the answer is read).
 pub const LINGER: Duration = Duration::from_secs(1);
@@ -140,10 +144,17 @@ impl BodyPace {
 
     /// A read returned with `n` bytes.
     fn arrived(&mut self, n: usize) {
+        self.pause();
+        self.received = self.received.saturating_add(n as u64);
+    }
+
+    /// Pingora writes to the client: a read it left waiting (a `select!` branch it dropped to
+    /// write a response while the body comes) is not waited on meanwhile. A read polled again
+    /// starts a new wait.
+    fn pause(&mut self) {
         if let Some(since) = self.since.take() {
             self.waited += since.elapsed();
         }
-        self.received = self.received.saturating_add(n as u64);
     }
 }
 
@@ -157,7 +168,8 @@ struct WriteStall {
     timeout: AtomicU64,
     /// Created at the first stall, then reset (most connections never stall).
     timer: Option<Pin<Box<Sleep>>>,
-    /// A stall is being timed.
+    /// A stall is being timed (from a write that returned pending; none of Pingora's HTTP/1
+    /// paths abandons one, so the next write continues it).
     stalled: bool,
     expired: bool,
 }
@@ -545,6 +557,14 @@ impl GuardedStream {
         self.delivered += n;
         if self.delivered == self.held.len() {
             self.clear_held();
+        } else if self.delivered == self.ready && self.msg_start == self.delivered {
+            // A message's end, the next one's bytes behind it: drop what is delivered, so that
+            // a client that keeps pipelining does not grow `held`.
+            self.held.drain(..self.delivered);
+            self.fed -= self.delivered;
+            self.ready = 0;
+            self.msg_start = 0;
+            self.delivered = 0;
         }
     }
 
@@ -600,6 +620,17 @@ impl GuardedStream {
         refused_metric(408);
         log::debug!("refused a request body: {BODY_TOO_SLOW}");
         Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, BODY_TOO_SLOW)))
+    }
+
+    /// A next request waits in `held` for the response in flight: read on (so that a close is
+    /// seen, as Pingora's probe would see it), up to a bound.
+    fn poll_pipelined(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.held.len() < MAX_HELD_PIPELINED {
+            if ready!(self.poll_fill(cx))? == 0 {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        Poll::Pending
     }
 
     /// Read what the client sent into `held`; `Ok(0)` at end of stream.
@@ -797,6 +828,15 @@ impl AsyncRead for GuardedStream {
                 return this.poll_discard(cx);
             }
             if this.fed < this.held.len() && phase != Phase::AwaitUpgrade {
+                // A pipelined next request waits for the response in flight: judged now, an
+                // upgrade request would take that response for its answer, and its head
+                // deadline would run during it.
+                if phase == Phase::Head && !this.framing.head_started() && !this.idle() {
+                    this.answered_waker.register(cx.waker());
+                    if !this.idle() {
+                        return this.poll_pipelined(cx);
+                    }
+                }
                 this.feed_held();
                 continue;
             }
@@ -826,6 +866,7 @@ impl AsyncWrite for GuardedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.pace.pause();
         let inner = &mut this.inner;
         let n = ready!(
             this.stall
@@ -844,6 +885,7 @@ impl AsyncWrite for GuardedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.pace.pause();
         let inner = &mut this.inner;
         let n = ready!(
             this.stall
@@ -1061,6 +1103,67 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pipelined_upgrade_waits_for_the_response_in_flight_and_takes_its_own_answer() {
+        let secs = Duration::from_secs(60);
+        let (mut guard, mut client) = fresh(secs, secs);
+        let splice = Arc::clone(guard.splice());
+        client.write_all(&[GET, REQUEST].concat()).await.unwrap();
+        let mut buf = vec![0; 4096];
+        let n = guard.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], GET, "one message per read");
+        // Pingora probes the client while it answers the GET: the upgrade request waits.
+        let probe = tokio::time::timeout(Duration::from_millis(100), guard.read(&mut buf)).await;
+        assert!(probe.is_err(), "handed on during a response: {probe:?}");
+        // The GET's answer is not the upgrade's, even with a 101 head for a body.
+        let body = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+        guard
+            .write_all(&[head.as_bytes(), body].concat())
+            .await
+            .unwrap();
+        assert!(!splice.is_joined());
+        guard.response_done();
+        let n = guard.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], REQUEST);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let id = splice.arm();
+        assert!(splice.deposit(id, backend, Vec::new()).is_none());
+        guard.write_all(SWITCH).await.unwrap();
+        assert!(
+            splice.is_joined(),
+            "the upgrade's own 101 did not start the tunnel"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_keeps_pipelining_does_not_grow_what_is_held() {
+        const REQUESTS: usize = 5000;
+        let secs = Duration::from_secs(60);
+        let (mut guard, mut client) = fresh(secs, secs);
+        // ~135 KB of requests whose size does not divide the guard's reads.
+        let writer = tokio::spawn(async move {
+            client.write_all(&GET.repeat(REQUESTS)).await.unwrap();
+            client
+        });
+        let mut buf = vec![0; 4096];
+        let mut most = 0;
+        for i in 0..REQUESTS {
+            let n = guard.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], GET, "request {i}");
+            most = most.max(guard.held.len());
+            guard.response_done();
+        }
+        assert!(
+            most <= MAX_HELD_PIPELINED + READ_CHUNK,
+            "held grew to {most} bytes"
+        );
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
     async fn the_whole_101_head_written_joins_the_splice_with_the_early_bytes() {
         let (mut guard, splice, mut client) = upgraded(None).await;
         // Written in two parts: only the head's end joins.
@@ -1216,6 +1319,31 @@ mod tests {
         assert!(err.is_none(), "{err:?}");
         assert_eq!(got, 1000);
         assert!(start.elapsed() >= Duration::from_secs(8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_left_waiting_while_a_response_is_written_is_not_counted() {
+        let (mut guard, mut client) = posting(Duration::from_secs(2)).await;
+        let mut buf = vec![0; 4096];
+        // Pingora polls the body read, then drops it to write an early response, and is busy
+        // elsewhere for a minute.
+        let read = tokio::time::timeout(Duration::from_secs(1), guard.read(&mut buf)).await;
+        assert!(read.is_err());
+        guard
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        client.write_all(&[b'b'; 500]).await.unwrap();
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 500);
+        // One second waited so far, of two plus five earned.
+        let rest = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            client.write_all(&[b'b'; 500]).await.unwrap();
+            client
+        });
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 500);
+        drop(rest.await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]
