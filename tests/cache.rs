@@ -453,12 +453,7 @@ async fn an_http2_get_body_without_a_length_is_neither_looked_up_nor_stored() {
     ))
     .listener("h2c: true")
     .start();
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let h2 = common::h2c_client();
     let send = |path: &str, body: Option<&'static [u8]>| {
         let mut r = h2.get(gw.url(path));
         if let Some(b) = body {

@@ -777,12 +777,7 @@ async fn h2c_listener_takes_prior_knowledge_and_http11_and_others_refuse_it() {
     let gw = GatewayConfig::new(one_route(up.addr))
         .listener("h2c: true")
         .start();
-    let pk = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let pk = common::h2c_client();
     let r = pk.get(gw.url("/h2c")).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.status(), 200);

@@ -352,6 +352,16 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// A client speaking HTTP/2 with prior knowledge (for h2c listeners).
+pub fn h2c_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
 /// One complete response on a kept-alive connection (a `Content-Length` body).
 pub fn read_response(s: &mut TcpStream) -> String {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
