@@ -111,7 +111,7 @@ pub const BODY_TOO_SLOW: &str = "request body slower than min_body_rate";
 /// A request body's pace: the time its reads waited for the client may add up to `grace`
 /// (`body_idle_timeout`) plus one second per `rate` bytes received (Apache's `mod_reqtimeout`
 /// MinRate). Only waits of a read count: while Pingora does not read (the upstream is slow to
-/// take the body), the client keeps nobody waiting.
+/// take the body) or writes a response, the client keeps nobody waiting.
 #[derive(Debug)]
 struct BodyPace {
     /// Set per request, in nanoseconds.
@@ -520,9 +520,8 @@ impl GuardedStream {
                     }
                     if f.complete {
                         // One message at a time: the next is judged once this one is
-                        // delivered, so a read never hands Pingora bytes past its end (Pingora
-                        // answers 400 to a request followed by more than a few KiB of
-                        // pipelined ones).
+                        // delivered (and no response is in flight, `poll_read`), so a read
+                        // never hands Pingora bytes past a request's end.
                         self.msg_start = self.fed;
                         break;
                     }
