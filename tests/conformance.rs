@@ -1055,6 +1055,10 @@ fn host_target() -> Vec<Vector> {
             .or(local(&[400])),
         v(T, "host-list", "RFC 9112 §3.2 (one Host value)", host(b"a.test, b.test"))
             .or(local(&[400])),
+        v(T, "host-dots-only", "nginx ngx_http_validate_host (a host of dots: a path to a backend mapping hosts to directories)", host(b".."))
+            .or(local(&[400])),
+        v(T, "host-empty-label", "nginx ngx_http_validate_host (`..` inside a name)", host(b"a..test"))
+            .or(local(&[400])),
         v(T, "host-trailing-dot-routes", "docs/routing.md (trailing dot stripped); nginx http_host.t", host(b"a.test."))
             .or(forward(vec![Check::Path("/f".into())])),
         v(T, "host-case-and-port-route", "RFC 9110 §4.2.3 (host is case-insensitive); docs/routing.md (port ignored)", host(b"A.Test:8080"))

@@ -121,6 +121,8 @@ fn host(req: &RequestHeader) -> Result<(), Refusal> {
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2): a reg-name of letters, digits, `-`, `.`, `_`,
 /// `~` (or empty), an IPv4 address, or a bracketed IPv6 literal; a port of 1–5 digits ≤ 65535.
+/// Not a name of dots only, nor one with an empty label (`..`), as nginx refuses them: a
+/// backend that maps hosts to directories would read them as paths.
 pub fn valid_authority(a: &[u8]) -> bool {
     let (host, port) = if let Some(rest) = a.strip_prefix(b"[") {
         let Some(end) = rest.iter().position(|&b| b == b']') else {
@@ -143,7 +145,9 @@ pub fn valid_authority(a: &[u8]) -> bool {
     };
     let host_ok = host
         .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+        && !host.windows(2).any(|w| w == b"..")
+        && host != b".";
     let port_ok = port.is_none_or(|p| {
         !p.is_empty()
             && p.len() <= 5
@@ -260,6 +264,7 @@ mod tests {
             b"[::1]:443",
             b"",
             b"x_y.test",
+            b"a.test.",
         ] {
             assert!(valid_authority(ok), "{:?}", String::from_utf8_lossy(ok));
         }
@@ -276,6 +281,10 @@ mod tests {
             b"[::1",
             b"[zz]:1",
             b"[::1]x",
+            b".",
+            b"..",
+            b"a..test",
+            b"..:80",
         ] {
             assert!(!valid_authority(bad), "{:?}", String::from_utf8_lossy(bad));
         }
