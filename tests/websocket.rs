@@ -270,3 +270,141 @@ async fn websockets_to_a_backend_that_answers_at_once_stay_open() {
         socket.close(None).await.unwrap();
     }
 }
+
+/// Reads an upgrade request's head (and the body its `Content-Length` announces), answers
+/// `101`, then sends `body:` and the body, and echoes what it reads after. With `flood`, it
+/// writes for as long as the connection takes bytes instead.
+async fn raw_ws_backend(flood: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                let mut body = vec![0u8; len];
+                if s.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+                if flood {
+                    let chunk = vec![b'x'; 64 * 1024];
+                    while s.write_all(&chunk).await.is_ok() {}
+                    return;
+                }
+                if s.write_all(&[b"body:", &body[..], b";"].concat())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+/// Read from `s` until `want` has arrived (or fail after 5 s), returning all that was read.
+async fn read_until(s: &mut TcpStream, want: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !String::from_utf8_lossy(&got).contains(want) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "waiting for {want:?}: {other:?} after {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_with_a_body_is_relayed_by_pingora_body_first() {
+    let backend = raw_ws_backend(false).await;
+    let gw = TestGateway::start(&config(&backend, "", ""));
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(format!("{UPGRADE}Content-Length: 3\r\n\r\nabc").as_bytes())
+        .await
+        .unwrap();
+    let got = read_until(&mut s, "body:abc;").await;
+    assert!(got.starts_with("HTTP/1.1 101"), "{got}");
+    s.write_all(b"ping").await.unwrap();
+    read_until(&mut s, "ping").await;
+    // Open, and not one of the gateway's own tunnels: Pingora relays it.
+    assert_eq!(
+        metric(&gw.metrics().await, "tollgate_tunnels_open"),
+        0.0,
+        "{}",
+        gw.log()
+    );
+    // Without a body, the same backend's handshake leaves Pingora.
+    let mut s2 = TcpStream::connect(gw.addr).await.unwrap();
+    s2.write_all(format!("{UPGRADE}\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_until(&mut s2, "body:;").await;
+    assert_eq!(metric(&gw.metrics().await, "tollgate_tunnels_open"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spliced_tunnel_whose_client_stops_reading_ends_after_the_send_timeout() {
+    let backend = raw_ws_backend(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let top = format!(
+        "access_log: {{ format: json, path: \"{}\" }}\n",
+        log.display()
+    );
+    let extra = "    timeouts: { read: 30s, write: 30s }\n";
+    let gw = common::GatewayConfig::new(config(&backend, extra, &top))
+        .server("send_timeout: 1s")
+        .start();
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(format!("{UPGRADE}\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_until(&mut s, "\r\n\r\n").await;
+    // The client reads nothing more; the backend writes until the tunnel takes no more.
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            log_entries(&log).iter().any(|e| e["status"] == 101)
+        })
+        .await,
+        "tunnel still open after 10 s\n{}",
+        gw.log()
+    );
+    let waited = started.elapsed();
+    let entries = log_entries(&log);
+    let e = entries.iter().find(|e| e["status"] == 101).unwrap();
+    let error = e["error"].as_str().unwrap_or_default();
+    assert!(error.contains("the client took nothing for 1s"), "{e}");
+    assert!(waited >= Duration::from_secs(1), "{waited:?}");
+    drop(s);
+}

@@ -19,7 +19,9 @@ pub fn arm(session: &Session, upstream: &Upstream, peer: &mut HttpPeer, ctx: &mu
         || peer.proxy.is_some()
         || upstream.config.protocol == UpstreamProtocol::Http2
         || !super::headers::is_websocket_upgrade(session.req_header())
-        || has_body(session.req_header())
+        // A handshake with a body (allowed, never seen in practice) is left to Pingora: the
+        // body could still be on its way to the backend when the `101` arrives.
+        || ctx.body
     {
         return;
     }
@@ -27,15 +29,6 @@ pub fn arm(session: &Session, upstream: &Upstream, peer: &mut HttpPeer, ctx: &mu
         guard.splice().arm_peer(peer);
         ctx.splice_armed = true;
     }
-}
-
-/// A handshake with a body (allowed, never seen in practice) is left to Pingora: the body
-/// could still be on its way to the backend when the `101` arrives.
-fn has_body(req: &pingora::http::RequestHeader) -> bool {
-    let h = &req.headers;
-    h.contains_key(http::header::TRANSFER_ENCODING)
-        || h.get(http::header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 /// `logging`: if the connection was spliced, hand the request's context to the tunnel, which
@@ -57,13 +50,14 @@ pub fn defer(session: &Session, ctx: &mut RequestCtx) -> bool {
     let (read, write) = ctx.upstream.as_ref().map_or((fallback, fallback), |u| {
         (u.config.read_timeout, u.config.write_timeout)
     });
-    let body_idle = ctx
-        .state
-        .as_ref()
-        .map_or(fallback, |s| s.config.server.connections.body_idle_timeout);
+    let (body_idle, send) = ctx.state.as_ref().map_or((fallback, fallback), |s| {
+        let c = &s.config.server.connections;
+        (c.body_idle_timeout, c.send_timeout)
+    });
     let timeouts = Timeouts {
         idle: read.min(body_idle),
-        write,
+        to_client: send,
+        to_backend: write,
     };
     let status = session
         .response_written()
@@ -79,24 +73,4 @@ pub fn defer(session: &Session, ctx: &mut RequestCtx) -> bool {
         }),
     });
     true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn handshakes_with_a_body_are_left_to_pingora() {
-        let req = |extra: &[(&str, &str)]| {
-            let mut r = pingora::http::RequestHeader::build("GET", b"/ws", None).unwrap();
-            for (k, v) in extra {
-                r.insert_header(k.to_string(), *v).unwrap();
-            }
-            r
-        };
-        assert!(!has_body(&req(&[])));
-        assert!(!has_body(&req(&[("content-length", "0")])));
-        assert!(has_body(&req(&[("content-length", "3")])));
-        assert!(has_body(&req(&[("transfer-encoding", "chunked")])));
-    }
 }

@@ -1212,7 +1212,8 @@ mod tests {
         splice.defer(crate::wire::tunnel::Deferred {
             timeouts: crate::wire::tunnel::Timeouts {
                 idle: Duration::from_secs(1),
-                write: Duration::from_secs(1),
+                to_client: Duration::from_secs(1),
+                to_backend: Duration::from_secs(1),
             },
             record: Box::new(|_| {}),
         });

@@ -10,7 +10,9 @@
 //! timeouts whenever either side moves, so it closes one on which nothing moved either way for
 //! the shorter of the backend's `timeouts.read` and the client's `body_idle_timeout`; the
 //! tunnel does the same. In addition, a write that nobody takes (a peer that stopped reading
-//! while the other side still talks) ends the tunnel after the upstream's `timeouts.write`.
+//! while the other side still talks) ends the tunnel: after `server.send_timeout` for a client
+//! that stopped reading, as for any other response, after the upstream's `timeouts.write` for
+//! a backend that did.
 
 use std::fmt;
 use std::future::Future;
@@ -49,8 +51,10 @@ pub struct Timeouts {
     /// Nothing moved either way (the shorter of the upstream's `timeouts.read` and
     /// `server.connections.body_idle_timeout`).
     pub idle: Duration,
-    /// Bytes waiting for a peer that takes none (the upstream's `timeouts.write`).
-    pub write: Duration,
+    /// Bytes waiting for a client that takes none (`server.send_timeout`).
+    pub to_client: Duration,
+    /// Bytes waiting for a backend that takes none (the upstream's `timeouts.write`).
+    pub to_backend: Duration,
 }
 
 /// How a tunnel ended.
@@ -127,12 +131,16 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let now = Instant::now();
-    let mut up = Pipe::new(client_early, now, "backend");
-    let mut down = Pipe::new(backend_early, now, "client");
+    let mut up = Pipe::new(client_early, now, "backend", timeouts.to_backend);
+    let mut down = Pipe::new(backend_early, now, "client", timeouts.to_client);
     // The `101` head may still sit in the client connection's write buffer.
     down.unflushed = true;
     let mut last = now;
-    let sleep = tokio::time::sleep_until(now + timeouts.idle.min(timeouts.write));
+    let first = timeouts
+        .idle
+        .min(timeouts.to_client)
+        .min(timeouts.to_backend);
+    let sleep = tokio::time::sleep_until(now + first);
     tokio::pin!(sleep);
     let error = std::future::poll_fn(|cx| {
         loop {
@@ -151,13 +159,13 @@ where
             let idle_at = last + timeouts.idle;
             let stuck = [&up, &down]
                 .into_iter()
-                .filter_map(|p| Some((p.waiting_since?, p.to)))
-                .min();
-            let at = stuck.map_or(idle_at, |(since, _)| idle_at.min(since + timeouts.write));
+                .filter_map(|p| Some((p.waiting_since? + p.timeout, p)))
+                .min_by_key(|(at, _)| *at);
+            let at = stuck.map_or(idle_at, |(stuck_at, _)| idle_at.min(stuck_at));
             if Instant::now() >= at {
                 let why = match stuck {
-                    Some((since, to)) if since + timeouts.write <= idle_at => {
-                        format!("tunnel: the {to} took nothing for {:?}", timeouts.write)
+                    Some((stuck_at, p)) if stuck_at <= idle_at => {
+                        format!("tunnel: the {} took nothing for {:?}", p.to, p.timeout)
                     }
                     _ => format!("tunnel: nothing moved either way for {:?}", timeouts.idle),
                 };
@@ -196,10 +204,12 @@ struct Pipe {
     waiting_since: Option<Instant>,
     /// Who the bytes go to.
     to: &'static str,
+    /// How long `pending` may wait without the writer taking any of it.
+    timeout: Duration,
 }
 
 impl Pipe {
-    fn new(early: Vec<u8>, now: Instant, to: &'static str) -> Pipe {
+    fn new(early: Vec<u8>, now: Instant, to: &'static str, timeout: Duration) -> Pipe {
         Pipe {
             bytes: early.len() as u64,
             waiting_since: (!early.is_empty()).then_some(now),
@@ -210,6 +220,7 @@ impl Pipe {
             finished: false,
             moved: false,
             to,
+            timeout,
         }
     }
 
@@ -294,7 +305,8 @@ mod tests {
 
     const T: Timeouts = Timeouts {
         idle: Duration::from_secs(30),
-        write: Duration::from_secs(20),
+        to_client: Duration::from_secs(20),
+        to_backend: Duration::from_secs(25),
     };
 
     #[tokio::test(start_paused = true)]
@@ -364,28 +376,28 @@ mod tests {
         assert_eq!(o.bytes_in, 24);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_client_that_does_not_read_holds_the_backend_back_then_times_out() {
-        let (client, mut c) = tokio::io::duplex(1024);
-        let (backend, mut b) = tokio::io::duplex(1024);
+    /// Fill one direction until the tunnel stops taking bytes, keep the other side talking
+    /// (so the tunnel is not idle) without reading: the tunnel ends after the write timeout of
+    /// the side that takes nothing.
+    async fn a_peer_that_does_not_read(backend_stalls: bool) -> (io::Error, Duration) {
+        let (client, c) = tokio::io::duplex(1024);
+        let (backend, b) = tokio::io::duplex(1024);
         let started = Instant::now();
         let tunnel = tokio::spawn(relay(client, Vec::new(), backend, Vec::new(), T));
-        // Write until the tunnel stops taking bytes: only the two pipes' buffers and one
-        // pending read fit.
+        let (mut filler, mut talker) = if backend_stalls { (c, b) } else { (b, c) };
+        // Only the two pipes' buffers and one pending read fit.
         let chunk = [7u8; 1024];
         let mut sent = 0;
-        while tokio::time::timeout(Duration::from_millis(100), b.write_all(&chunk))
+        while tokio::time::timeout(Duration::from_millis(100), filler.write_all(&chunk))
             .await
             .is_ok()
         {
             sent += chunk.len();
             assert!(sent <= 1024 + 1024 + CHUNK, "unbounded: {sent} bytes taken");
         }
-        // The client keeps sending (so the tunnel is not idle) but never reads: the write
-        // waiting for it ends the tunnel after the write timeout.
         let talk = tokio::spawn(async move {
             loop {
-                if c.write_all(b"x").await.is_err() {
+                if talker.write_all(b"x").await.is_err() {
                     return;
                 }
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -395,13 +407,31 @@ mod tests {
         talk.abort();
         let e = o.error.unwrap();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        (e, started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_read_holds_the_backend_back_then_times_out() {
+        let (e, waited) = a_peer_that_does_not_read(false).await;
         assert!(
             e.to_string().contains("the client took nothing for 20s"),
             "{e}"
         );
-        let waited = started.elapsed();
         assert!(
             waited >= Duration::from_secs(20) && waited < Duration::from_secs(21),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_that_does_not_read_times_out_after_its_own_write_timeout() {
+        let (e, waited) = a_peer_that_does_not_read(true).await;
+        assert!(
+            e.to_string().contains("the backend took nothing for 25s"),
+            "{e}"
+        );
+        assert!(
+            waited >= Duration::from_secs(25) && waited < Duration::from_secs(26),
             "{waited:?}"
         );
     }
