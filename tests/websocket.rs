@@ -129,6 +129,20 @@ async fn a_websocket_is_tunnelled_counted_while_open_and_logged_when_closed() {
     assert!(settled, "gauges after close: {:?}", gauges(&gw).await);
 }
 
+/// A request head, read a byte at a time so that nothing after it is taken; `None` at an
+/// end of stream first.
+async fn read_head(s: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 /// A backend that answers the upgrade at once, with bytes of the tunnel in the same write as
 /// its `101` head, and then sends back `got:` and what it received.
 async fn eager_backend() -> SocketAddr {
@@ -137,13 +151,8 @@ async fn eager_backend() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut b).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(b[0]);
+                if read_head(&mut s).await.is_none() {
+                    return;
                 }
                 let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nFROM-BACKEND;";
                 if s.write_all(answer).await.is_err() {
@@ -280,15 +289,10 @@ async fn raw_ws_backend(flood: bool) -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut b).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(b[0]);
-                }
-                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let Some(head) = read_head(&mut s).await else {
+                    return;
+                };
+                let head = head.to_ascii_lowercase();
                 let len = head
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length:"))
