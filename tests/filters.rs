@@ -654,6 +654,13 @@ async fn jwt_hs256_claims_expiry_issuer_and_spoofing() {
     other_aud["aud"] = serde_json::json!("billing");
     let mut no_exp = good.clone();
     no_exp.as_object_mut().unwrap().remove("exp");
+    // A configured issuer and audience are required, not only checked where present.
+    let mut no_iss = good.clone();
+    no_iss.as_object_mut().unwrap().remove("iss");
+    let mut no_aud = good.clone();
+    no_aud.as_object_mut().unwrap().remove("aud");
+    let mut iss_not_a_string = good.clone();
+    iss_not_a_string["iss"] = serde_json::json!(5);
     let none_alg = {
         let b64 = |v: &serde_json::Value| {
             use base64::Engine;
@@ -675,6 +682,9 @@ async fn jwt_hs256_claims_expiry_issuer_and_spoofing() {
         ("wrong issuer", Some(token(other_iss, secret))),
         ("wrong audience", Some(token(other_aud, secret))),
         ("no exp", Some(token(no_exp, secret))),
+        ("no issuer", Some(token(no_iss, secret))),
+        ("no audience", Some(token(no_aud, secret))),
+        ("issuer not a string", Some(token(iss_not_a_string, secret))),
         ("alg none", Some(none_alg.clone())),
         ("garbage", Some("a.b.c".to_string())),
     ] {

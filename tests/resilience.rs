@@ -606,3 +606,93 @@ async fn a_body_limit_is_not_tripped_by_a_replayed_body() {
         assert_eq!(r.status(), 200, "PUT {i}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interim_100_is_not_the_attempts_outcome() {
+    // A backend that answers `100 Continue`, takes the body, then fails with 503: the
+    // breaker must see the 503, not the 100.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                while !got.ends_with(b"hello") {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let gw = gateway(
+        &[addr],
+        "    circuit_breaker: { consecutive_failures: 2, open_for: 30s }\n",
+    );
+    for i in 0..2 {
+        let got = tokio::task::spawn_blocking({
+            let gw_addr = gw.addr;
+            move || {
+                common::raw_exchange(
+                    gw_addr,
+                    b"POST /up HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+                    Duration::from_secs(5),
+                )
+            }
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.contains("HTTP/1.1 503"),
+            "request {i}: {text}\n{}",
+            gw.log()
+        );
+    }
+    let opened = format!("backend {addr}: circuit breaker closed -> open");
+    assert!(
+        eventually(Duration::from_secs(2), || gw.log().contains(&opened)).await,
+        "two 503s after a 100 did not open the breaker\n{}",
+        gw.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_that_found_nothing_yet_is_no_backend_even_with_a_health_check() {
+    let dns = DnsServer::start(&[]).await;
+    let port = common::reserve_port();
+    let gw = TestGateway::start(&format!(
+        "upstreams:\n  svc:\n    discovery: {{ kind: dns, name: api.svc.test, port: {port}, refresh: 200ms, nameservers: [\"{}\"] }}\n{HEALTH}routes: [{{ name: all, upstream: svc }}]\n",
+        dns.addr
+    ));
+    let r = client().get(gw.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        error_json(&r.text().await.unwrap())["error"],
+        "no backend available",
+        "{}",
+        gw.log()
+    );
+}

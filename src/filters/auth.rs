@@ -172,15 +172,20 @@ impl Jwt {
         let mut base = Validation::new(Algorithm::HS256);
         base.leeway = c.leeway.as_secs();
         base.validate_nbf = true;
-        base.set_required_spec_claims(&["exp"]);
+        // A configured issuer or audience is required, not only checked where present:
+        // jsonwebtoken passes a token without the claim (or with one of the wrong type).
+        let mut required = vec!["exp"];
         if let Some(iss) = &c.issuer {
             base.set_issuer(&[iss]);
+            required.push("iss");
         }
         if c.audience.is_empty() {
             base.validate_aud = false;
         } else {
             base.set_audience(&c.audience);
+            required.push("aud");
         }
+        base.set_required_spec_claims(&required);
         let keys = keys
             .into_iter()
             .map(|(kid, key, family)| {

@@ -466,6 +466,11 @@ impl ProxyHttp for Gateway {
         if ctx.drops_header_case() {
             header_case::drop_response_case(upstream_response)?;
         }
+        // An interim head goes to the client as it came: the filters, compression and our
+        // fields are for the final one.
+        if resilience::is_interim(upstream_response.status.as_u16()) {
+            return Ok(());
+        }
         if let Some(state) = ctx.state.clone() {
             let route = ctx
                 .route

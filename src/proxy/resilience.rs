@@ -138,18 +138,19 @@ pub fn proxy_failed(
     // Once the response head reached the client, another attempt would splice a second
     // response into the first: never retry then (nor let Pingora's stale-connection retry).
     let resend = may_resend(session, &upstream) && session.response_written().is_none();
+    // A pooled connection the backend had already closed says nothing about its health,
+    // whether or not this request may be sent again.
+    let stale_connection = client_reused && matches!(e.retry, pingora::RetryType::ReusedOnly);
     if resend {
         // Pingora retries a failure on a reused (pooled) connection: the backend may be fine.
         e.retry.decide_reuse(client_reused);
     } else {
         e.set_retry(false);
     }
-    let stale_connection = e.retry();
     if let Some(attempt) = ctx.attempt.as_mut() {
-        // A pooled connection the backend had already closed says nothing about its health.
         attempt.finish_error(if stale_connection { None } else { kind });
     }
-    if stale_connection || !resend {
+    if e.retry() || !resend {
         return e;
     }
     let policy = &upstream.config.retry;
@@ -176,6 +177,11 @@ pub fn response_received(
     resp: &ResponseHeader,
 ) -> Result<()> {
     let status = resp.status.as_u16();
+    // An interim head (`100 Continue`, `103 Early Hints`) is not the attempt's answer: the
+    // final status, and the time to it, are yet to come.
+    if is_interim(status) {
+        return Ok(());
+    }
     record_status(ctx, status);
     let (Some(upstream), Some(attempt)) = (ctx.upstream.clone(), ctx.attempt.as_ref()) else {
         return Ok(());
@@ -201,6 +207,11 @@ pub fn response_received(
         return Err(e);
     }
     Ok(())
+}
+
+/// A `1xx` head other than `101`: more heads follow, the last one final.
+pub fn is_interim(status: u16) -> bool {
+    (100..200).contains(&status) && status != 101
 }
 
 /// The attempt's outcome from the backend's status (and how long it took), for the breaker;

@@ -364,7 +364,9 @@ impl Upstream {
         // A borrowed snapshot: no reference-count traffic on the shared member set per pick.
         let m = self.members.load();
         let health = self.config.health.as_ref();
-        let any_healthy = health.is_none() || m.backends.iter().any(|b| b.is_healthy());
+        // No members at all (discovery has found none yet) is "no backend", not "unhealthy".
+        let any_healthy =
+            health.is_none() || m.backends.is_empty() || m.backends.iter().any(|b| b.is_healthy());
         let ignore_health = health.is_some_and(|h| h.fail_open) && !any_healthy;
         let mut refused: Vec<usize> = Vec::new();
         let load = |i: usize| m.backends[i].in_flight();
