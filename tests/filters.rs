@@ -581,6 +581,47 @@ async fn compression_by_type_size_and_accept_encoding() {
         .unwrap();
     assert!(r.headers().get("content-encoding").is_none());
     assert_eq!(r.bytes().await.unwrap().len(), 5000);
+    // A part of a body (206), a response that forbids transforms, and an error page other
+    // than 403/404: passed through untouched, as nginx does (a compressed part would not
+    // fit its Content-Range).
+    let long_text = "tollgate compresses text. ".repeat(200).into_bytes();
+    for (status, extra, what) in [
+        (206, "Content-Range: bytes 0-5199/10400", "a 206 part"),
+        (200, "Cache-Control: public, no-transform", "no-transform"),
+        (500, "X-Other: 1", "a 500"),
+    ] {
+        up.set(common::Behavior {
+            status,
+            body: long_text.clone(),
+            headers: vec!["Content-Type: text/plain".into(), extra.into()],
+            ..Default::default()
+        });
+        let r = c
+            .get(gw.url("/"))
+            .header("accept-encoding", "gzip")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{what}");
+        assert!(
+            r.headers().get("content-encoding").is_none(),
+            "{what} was compressed"
+        );
+        assert_eq!(r.bytes().await.unwrap(), long_text, "{what}");
+    }
+    up.set(common::Behavior {
+        status: 404,
+        body: long_text.clone(),
+        headers: vec!["Content-Type: text/html".into()],
+        ..Default::default()
+    });
+    let r = c
+        .get(gw.url("/"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-encoding"], "gzip", "a 404 page");
     // Already encoded by the backend: never compressed twice.
     let pre: Vec<u8> = vec![
         31, 139, 8, 0, 0, 0, 0, 0, 0, 3, 1, 0, 0, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0,
@@ -1042,4 +1083,67 @@ async fn rate_limits_hold_within_5_percent_under_load_locally_and_across_gateway
     let (ok, refused, secs) =
         admitted_under_load(&[one.url("/"), two.url("/")], 4, 2.0, 20_000).await;
     assert_within_5_percent("two gateways, one Redis", ok, refused, secs, 50.0, 10.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_reply_before_the_body_reads_on_briefly_never_the_whole_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let gw = with_filters(&up, "      - { kind: auth, api_keys: [key-0001] }\n", "");
+    // A small body is read past: the connection stays open for the next request.
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    s.write_all(b"GET /b HTTP/1.1\r\nHost: a\r\nX-API-Key: key-0001\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("no end of stream")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 2, "{text}");
+    assert!(text.contains("HTTP/1.1 200"), "{text}");
+    assert_eq!(up.count(), 1);
+
+    // A huge body that keeps coming: answered, read on for at most a second, then closed,
+    // not read to its announced end (10 GB here).
+    let s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000000\r\n\r\n")
+            .await
+            .unwrap();
+        let chunk = vec![b'x'; 64 << 10];
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if w.write_all(&chunk).await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), r.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    let waited = started.elapsed();
+    assert!(ended, "the connection stayed open for 10 s");
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
+    assert!(writer.await.unwrap(), "the body was taken for 10 s");
+    assert_eq!(up.count(), 1);
 }

@@ -1,6 +1,7 @@
 //! `compression`: gzip, brotli and zstd response compression through Pingora's compression
-//! module, negotiated from `Accept-Encoding`. Only responses of a listed content type, at least
-//! `min_size` long (when the length is known) and not already encoded are compressed; the
+//! module, negotiated from `Accept-Encoding`. Only `200`, `403` and `404` responses of a listed
+//! content type, at least `min_size` long (when the length is known), not already encoded, not
+//! a part (`Content-Range`) and not marked `no-transform` are compressed; the
 //! module adds `Vary: Accept-Encoding`. The hooks are in the proxy (the module must be armed
 //! before routing): this filter only carries the settings.
 
@@ -95,9 +96,26 @@ impl Compression {
 
     /// The (algorithm, level) pairs to apply to `resp`: empty when it should not be compressed.
     pub fn levels_for(&self, resp: &ResponseHeader) -> Vec<(Algorithm, u32)> {
+        // As nginx's gzip: whole bodies of 200 and of the two error pages worth it. A `206`
+        // part (or any `Content-Range`) compressed would no longer be the range it names.
+        if !matches!(resp.status.as_u16(), 200 | 403 | 404) {
+            return Vec::new();
+        }
         let h = &resp.headers;
-        if h.contains_key(http::header::CONTENT_ENCODING) {
-            return Vec::new(); // never double-compress
+        if h.contains_key(http::header::CONTENT_ENCODING)
+            || h.contains_key(http::header::CONTENT_RANGE)
+        {
+            return Vec::new(); // never double-compress, nor a part
+        }
+        // RFC 9111 §5.2.2.6: a proxy must not transform such a response.
+        let no_transform = h.get_all(http::header::CACHE_CONTROL).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|d| d.trim().eq_ignore_ascii_case("no-transform"))
+            })
+        });
+        if no_transform {
+            return Vec::new();
         }
         let ctype = h
             .get(http::header::CONTENT_TYPE)
