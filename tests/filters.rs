@@ -414,6 +414,35 @@ async fn api_keys_in_header_or_query_never_reach_the_upstream() {
         "/p?a=1&b=2",
         "the query credential was forwarded"
     );
+    // Also when the header carried the key checked, and `?api_key` without a value.
+    let r = c
+        .get(gw.url("/p?api_key=other&b=2&api_key"))
+        .header("x-api-key", "conf-key-0001")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        up.last().path,
+        "/p?b=2",
+        "the query credential was forwarded"
+    );
+    // And on a route that rewrites the path (the query sent is the one the filter left).
+    let strip = TestGateway::start(&format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - name: api\n    match: {{ path_prefix: /api }}\n    strip_prefix: true\n    upstream: u\n    filters:\n      - {{ kind: auth, api_keys: [conf-key-0001], query: api_key }}\n",
+        up.addr
+    ));
+    let r = c
+        .get(strip.url("/api/p?a=1&api_key=conf-key-0001&b=2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", strip.log());
+    assert_eq!(
+        up.last().path,
+        "/p?a=1&b=2",
+        "the query credential was forwarded past strip_prefix"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -322,6 +322,11 @@ fn take_query(query: &str, name: &str) -> (Option<String>, String) {
                 found.get_or_insert_with(|| v.to_string());
                 false
             }
+            // `?api_key` alone: no key, but not forwarded either.
+            None if *kv == name => {
+                found.get_or_insert_with(String::new);
+                false
+            }
             _ => true,
         })
         .collect();
@@ -382,13 +387,13 @@ impl Filter for Auth {
             return Outcome::Continue;
         }
         let mut given = req.headers.get(&self.header).map(|v| v.as_bytes().to_vec());
-        if given.is_none()
-            && let Some(q) = &self.query
+        // The query's key never goes upstream, even when the header carried the one checked.
+        if let Some(q) = &self.query
             && let Some(query) = req.uri.query()
         {
             let (value, rest) = take_query(query, q);
             if let Some(v) = value {
-                given = Some(v.into_bytes());
+                given.get_or_insert(v.into_bytes());
                 let pq = if rest.is_empty() {
                     req.uri.path().to_string()
                 } else {

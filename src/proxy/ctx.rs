@@ -23,7 +23,8 @@ pub struct RequestCtx {
     pub route: Option<usize>,
     /// The route's upstream.
     pub upstream: Option<Arc<Upstream>>,
-    /// The path-and-query to send upstream, when it differs from the client's.
+    /// The path to send upstream, when it differs from the client's (the query sent is the
+    /// request's as the filters leave it).
     pub forwarded_path: Option<String>,
     /// Original `Host`, for `X-Forwarded-Host`.
     pub host: Option<http::HeaderValue>,

@@ -197,7 +197,9 @@ impl ProxyHttp for Gateway {
         let found = state.router.find(&host, path, &req.method);
         if let RouteMatch::Found(i) = found {
             let route = state.router.route(i);
-            ctx.forwarded_path = forwarded_path(route, path, req.uri.query());
+            // The path only: the query is the one the filters leave (an API key taken out of
+            // it must not come back through the rewrite).
+            ctx.forwarded_path = forwarded_path(route, path, None);
             // The client's Host, for X-Forwarded-Host, before any filter edits the request.
             ctx.host = req.headers.get(http::header::HOST).cloned();
             ctx.upstream = Some(Arc::clone(&state.upstreams[route.upstream]));
@@ -364,7 +366,10 @@ impl ProxyHttp for Gateway {
             || (raw.first() != Some(&b'/') && raw != b"*");
         // Cloned, not taken: a retry runs this filter again on a fresh copy of the request.
         let path = match &ctx.forwarded_path {
-            Some(p) => Some(p.clone()),
+            Some(p) => Some(match upstream_request.uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p.clone(),
+            }),
             None if absolute => {
                 // Every HTTP/2 request comes here: reuse the parsed path and query (a cheap
                 // clone of shared bytes) instead of formatting and parsing it again.
