@@ -171,7 +171,12 @@ impl RedisBackend {
         let result = tokio::time::timeout(self.timeout, attempt)
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)));
-        if result.is_err() {
+        if let Err(e) = &result {
+            // At most once a second: for a second after a failure Redis is not asked.
+            log::warn!(
+                "rate_limit: Redis unavailable ({e}); failing {} for a second",
+                if self.fail_open { "open" } else { "closed" }
+            );
             *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         }
         result
@@ -237,6 +242,12 @@ pub fn parse_rate(s: &str) -> Result<(u64, Duration), String> {
     if n == 0 {
         return Err(format!("rate {s:?}: must allow at least 1 request"));
     }
+    // One request per nanosecond is the finest interval the limiter keeps.
+    if u128::from(n) > period.as_nanos() {
+        return Err(format!(
+            "rate {s:?}: at most 1000000000/s (one request per nanosecond)"
+        ));
+    }
     Ok((n, period))
 }
 
@@ -283,7 +294,7 @@ impl RateLimit {
         let window = period.as_secs().max(1);
         Ok(RateLimit {
             key,
-            interval: period / n as u32,
+            interval: Duration::from_nanos((period.as_nanos() / u128::from(n)) as u64),
             burst: c.burst,
             shard_cap: c.max_keys / SHARDS,
             epoch: Instant::now(),
@@ -335,7 +346,7 @@ impl RateLimit {
             // and drain that address's allowance.
             Key::Header(h) => req.headers.get(h).map_or_else(
                 || KeyBytes::ip("ip:", cx.client_ip),
-                |v| KeyBytes::Owned([b"h:", v.as_bytes()].concat()),
+                |v| KeyBytes::value("h:", v.as_bytes()),
             ),
             Key::Claim(c) => cx
                 .state
@@ -343,13 +354,16 @@ impl RateLimit {
                 .and_then(|claims| claims.get(c))
                 .map_or_else(
                     || KeyBytes::ip("ip:", cx.client_ip),
-                    |v| KeyBytes::Owned(format!("claim:{v}").into_bytes()),
+                    |v| KeyBytes::value("claim:", v.as_bytes()),
                 ),
             Key::Route => KeyBytes::Borrowed(cx.route.as_bytes()),
             Key::Global => KeyBytes::Borrowed(b""),
         }
     }
 }
+
+/// The longest header or claim value kept as it is in a rate-limit key; longer ones are hashed.
+const MAX_RAW_VALUE: usize = 64;
 
 /// A rate-limit key: client addresses are formatted on the stack and route names borrowed, so
 /// the common keys cost no allocation per request.
@@ -361,7 +375,22 @@ enum KeyBytes<'a> {
 }
 
 impl KeyBytes<'_> {
+    /// A client-chosen value (a header, a claim): kept as it is when short, else as its
+    /// SHA-256, so the key table's memory is bounded by `max_keys`, not by what clients send
+    /// (a 64 KiB header value per key). The tags differ, so a short value never equals a digest.
+    fn value(tag: &str, v: &[u8]) -> KeyBytes<'static> {
+        if v.len() <= MAX_RAW_VALUE {
+            return KeyBytes::Owned([tag.as_bytes(), v].concat());
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, v);
+        KeyBytes::Owned([tag.as_bytes(), b"#", digest.as_ref()].concat())
+    }
+
+    /// An IPv6 client counts by its /64, as for `max_connections_per_ip`: one host or
+    /// subscriber line is usually given a whole /64, and rotating addresses inside it must not
+    /// multiply the allowance.
     fn ip(tag: &str, ip: std::net::IpAddr) -> KeyBytes<'static> {
+        let ip = crate::wire::admission::address_key(ip);
         use std::io::Write;
         let mut buf = [0u8; 48];
         let mut rest = &mut buf[..];
@@ -479,6 +508,33 @@ mod tests {
     }
 
     const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn rates_beyond_a_nanosecond_are_refused_and_large_counts_keep_their_interval() {
+        assert!(parse_rate("1000000000/s").is_ok());
+        let e = parse_rate("4294967296/s").err().unwrap();
+        assert!(e.contains("at most 1000000000/s"), "{e}");
+        // More than u32::MAX per day is still only ~58k/s: its interval is exact.
+        let l = limiter("5000000000/d", 0);
+        assert_eq!(l.interval, Duration::from_nanos(17_280));
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64_and_long_values_by_their_digest() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let k = |s: &str| KeyBytes::ip("", ip(s)).as_bytes().to_vec();
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff:1:2:3"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_ne!(k("192.0.2.1"), k("192.0.2.2"));
+        let short = KeyBytes::value("h:", b"key-0001");
+        assert_eq!(short.as_bytes(), b"h:key-0001");
+        let long = vec![b'a'; 64 * 1024];
+        let hashed = KeyBytes::value("h:", &long);
+        assert_eq!(hashed.as_bytes().len(), 3 + 32);
+        let mut other = long.clone();
+        other[40_000] = b'b';
+        assert_ne!(hashed.as_bytes(), KeyBytes::value("h:", &other).as_bytes());
+    }
 
     #[test]
     fn steady_rate_and_burst() {
