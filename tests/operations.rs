@@ -320,6 +320,13 @@ async fn twenty_reloads_under_load_lose_nothing_and_a_bad_one_changes_nothing() 
         assert_eq!(get(&gw.url("/")).await.0, 200);
     }
     assert_eq!((one.count() - before.0, two.count() - before.1), (10, 0));
+    // The backend the reload dropped took its latency series with it.
+    let (_, m) = get(&format!("http://{}/metrics", gw.admin)).await;
+    let series = |a: std::net::SocketAddr| {
+        format!(r#"tollgate_upstream_duration_seconds_count{{backend="{a}",upstream="u"}}"#)
+    };
+    assert!(metric(&m, &series(one.addr)).is_some(), "{m}");
+    assert_eq!(metric(&m, &series(two.addr)), None, "{m}");
 
     // A broken configuration is refused: the old one keeps serving, the failure is counted.
     std::fs::write(

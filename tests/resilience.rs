@@ -434,6 +434,18 @@ async fn dns_discovery_follows_the_records_and_keeps_the_last_good_set() {
     let before = up2.count();
     assert_eq!(count(&statuses(&url, 10, 1).await, 200), 10);
     assert_eq!(up2.count(), before, "a removed backend got traffic");
+    // Its latency series went with it (under discovery, every rollout brings new addresses).
+    let m = gw.metrics().await;
+    let series = |ip: Ipv4Addr| {
+        format!(
+            "tollgate_upstream_duration_seconds_count{{backend=\"{ip}:{port}\",upstream=\"svc\"}}"
+        )
+    };
+    assert!(m.contains(&series(ip3)), "{m}");
+    assert!(
+        !m.contains(&series(ip2)),
+        "a removed backend's series is still exported"
+    );
 
     dns.set(Some(&[ip2, ip3]));
     let added = format!("added [{ip2}:{port}]");

@@ -152,6 +152,7 @@ impl Reloader {
             }
         }
         self.state.store(Arc::clone(&new));
+        crate::upstream::forget_removed(&old.upstreams, &new.upstreams);
         let _ = self.changed.send(new);
         Ok(())
     }

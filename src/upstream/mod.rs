@@ -316,6 +316,12 @@ impl Upstream {
         self.members
             .store(Arc::new(Self::members_of(&self.config, backends)));
         *discovered = found;
+        let gone: Vec<SocketAddr> = removed
+            .iter()
+            .filter(|a| !self.config.backends.iter().any(|b| b.addr == **a))
+            .copied()
+            .collect();
+        forget_series(&self.name, &gone);
         (added, removed)
     }
 
@@ -436,6 +442,36 @@ impl Upstream {
     /// The Pingora peer for `backend`, with this upstream's timeouts.
     pub fn peer(&self, backend: &Backend) -> Box<HttpPeer> {
         Box::new(backend.peer.clone())
+    }
+}
+
+/// Drop the per-backend latency series (`tollgate_upstream_duration_seconds`) of backends
+/// `upstream` no longer has: under discovery, every rollout brings new addresses, and their
+/// series would otherwise pile up and be exported for backends long gone. (The other
+/// per-backend metrics are built from the live member sets at each scrape.)
+fn forget_series(upstream: &str, addrs: &[SocketAddr]) {
+    let h = &crate::metrics::metrics().upstream_duration;
+    for a in addrs {
+        let _ = h.remove_label_values(&[upstream, &a.to_string()]);
+    }
+}
+
+/// After a reload swapped `new` in for `old`: forget the series of backends no upstream of
+/// that name has any more (the upstream removed, or the backend dropped from it).
+pub fn forget_removed(old: &[Arc<Upstream>], new: &[Arc<Upstream>]) {
+    for u in old {
+        let kept = new.iter().find(|n| n.name == u.name).map(|n| n.members());
+        let gone: Vec<SocketAddr> = u
+            .members()
+            .backends
+            .iter()
+            .map(|b| b.addr)
+            .filter(|a| {
+                kept.as_ref()
+                    .is_none_or(|m| !m.backends.iter().any(|b| b.addr == *a))
+            })
+            .collect();
+        forget_series(&u.name, &gone);
     }
 }
 
