@@ -44,10 +44,28 @@ pub fn build(balance: Balance, weights: &[u32], addrs: &[SocketAddr]) -> Box<dyn
     }
 }
 
-/// Offer every backend once, starting at `start`: the shared fallback when the first pick is
-/// refused.
+/// Offer every backend once, starting at `start`.
 pub(crate) fn probe_from(start: usize, n: usize, accept: &dyn Fn(usize) -> bool) -> Option<usize> {
     (0..n).map(|i| (start + i) % n).find(|&i| accept(i))
+}
+
+/// The first of up to `n` picks by `draw` that `accept` takes, else every backend in turn from
+/// the last one drawn. Drawing again spreads a refused backend's share over the others in
+/// their own proportions; stepping to the next index instead would hand the whole share to
+/// the refused backend's neighbour (round robin over A, B, C with B down: A 1/3, C 2/3).
+pub(crate) fn pick_accepted(
+    n: usize,
+    mut draw: impl FnMut() -> usize,
+    accept: &dyn Fn(usize) -> bool,
+) -> Option<usize> {
+    let mut last = 0;
+    for _ in 0..n {
+        last = draw();
+        if accept(last) {
+            return Some(last);
+        }
+    }
+    probe_from(last, n, accept)
 }
 
 /// Reduce weights by their gcd, then, if their sum still exceeds `max_total`, scale them down
@@ -98,6 +116,41 @@ pub(crate) mod testing {
 
     pub fn idle(n: usize) -> Vec<AtomicUsize> {
         (0..n).map(|_| AtomicUsize::new(0)).collect()
+    }
+
+    /// Count picks over `rounds` selections with backend `down` refused.
+    pub fn distribution_without(
+        s: &dyn Select,
+        n: usize,
+        rounds: usize,
+        down: usize,
+    ) -> Vec<usize> {
+        let load = idle(n);
+        let mut counts = vec![0; n];
+        for _ in 0..rounds {
+            counts[s.select(b"", &as_load(&load), &|i| i != down).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn a_refused_backends_share_is_spread_over_the_others() {
+        use super::{Random, RoundRobin, Weighted};
+        let selectors: [(&str, Box<dyn Select>); 3] = [
+            ("round_robin", Box::new(RoundRobin::new(4))),
+            ("weighted", Box::new(Weighted::new(&[1, 1, 1, 1]))),
+            ("random", Box::new(Random::new(&[1, 1, 1, 1]))),
+        ];
+        for (name, s) in selectors {
+            let counts = distribution_without(s.as_ref(), 4, 3000, 1);
+            assert_eq!(counts[1], 0, "{name}");
+            for i in [0, 2, 3] {
+                assert!(
+                    (850..=1150).contains(&counts[i]),
+                    "{name}: {counts:?} (each of three should take ~1000)"
+                );
+            }
+        }
     }
 
     #[test]

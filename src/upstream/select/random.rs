@@ -6,7 +6,7 @@
 
 use std::cell::Cell;
 
-use super::{Select, probe_from};
+use super::{Select, pick_accepted};
 
 thread_local! {
     static STATE: Cell<u64> = Cell::new(rand::random::<u64>() | 1);
@@ -64,14 +64,14 @@ impl Select for Random {
         if self.n == 0 {
             return None;
         }
-        let first = match self.cumulative.last() {
+        let draw = || match self.cumulative.last() {
             None => below(self.n as u64) as usize,
             Some(&total) => {
                 let point = below(total);
                 self.cumulative.partition_point(|&c| c <= point)
             }
         };
-        probe_from(first, self.n, accept)
+        pick_accepted(self.n, draw, accept)
     }
 }
 

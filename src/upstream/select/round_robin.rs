@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Select, probe_from};
+use super::{Select, pick_accepted};
 
 /// Plain round robin over `n` backends.
 #[derive(Debug)]
@@ -28,8 +28,12 @@ impl Select for RoundRobin {
         _load: &dyn Fn(usize) -> usize,
         accept: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % self.n.max(1);
-        probe_from(start, self.n, accept)
+        let n = self.n.max(1);
+        pick_accepted(
+            self.n,
+            || self.next.fetch_add(1, Ordering::Relaxed) % n,
+            accept,
+        )
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Select, probe_from, scale_weights};
+use super::{Select, pick_accepted, scale_weights};
 
 /// Longest precomputed cycle; larger weight sums are scaled down to fit.
 const MAX_CYCLE: u64 = 1 << 16;
@@ -42,9 +42,11 @@ impl Select for Weighted {
         if self.cycle.is_empty() {
             return None;
         }
-        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.cycle.len();
-        let first = self.cycle[slot] as usize;
-        probe_from(first, self.n, accept)
+        let draw = || {
+            let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.cycle.len();
+            self.cycle[slot] as usize
+        };
+        pick_accepted(self.n, draw, accept)
     }
 }
 
