@@ -1176,3 +1176,43 @@ async fn a_filter_reply_before_the_body_reads_on_briefly_never_the_whole_body() 
     assert!(writer.await.unwrap(), "the body was taken for 10 s");
     assert_eq!(up.count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preflight_to_a_method_restricted_route_is_answered_by_its_cors_filter() {
+    let up = Upstream::start().await;
+    let cors = "{ kind: cors, allow_origins: [\"https://app.example.com\"], allow_methods: [GET, POST], allow_headers: [Authorization] }";
+    let gw = TestGateway::start(&format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - name: api\n    match: {{ path_prefix: /api, methods: [GET, POST] }}\n    upstream: u\n    filters:\n      - {cors}\n  - name: limited\n    match: {{ path_prefix: /limited }}\n    upstream: u\n    filters:\n      - {{ kind: limits, methods: [GET, POST] }}\n      - {cors}\n",
+        up.addr
+    ));
+    let c = client();
+    let preflight = |path: &str, method: &str| {
+        c.request(reqwest::Method::OPTIONS, gw.url(path))
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", "authorization")
+            .send()
+    };
+    for path in ["/api/x", "/limited/x"] {
+        let r = preflight(path, "POST").await.unwrap();
+        assert_eq!(r.status(), 204, "{path}");
+        assert_eq!(
+            r.headers()["access-control-allow-origin"],
+            "https://app.example.com",
+            "{path}"
+        );
+        // Asking about a method the route does not take: refused as before.
+        let r = preflight(path, "DELETE").await.unwrap();
+        assert_eq!(r.status(), 405, "{path}");
+    }
+    // A plain OPTIONS is still not a method these routes take.
+    for path in ["/api/x", "/limited/x"] {
+        let r = c
+            .request(reqwest::Method::OPTIONS, gw.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{path}");
+    }
+    assert_eq!(up.count(), 0);
+}

@@ -149,6 +149,16 @@ impl Cors {
     }
 }
 
+/// The method a CORS preflight asks about: `OPTIONS` with `Origin` and a valid
+/// `Access-Control-Request-Method`; `None` for any other request.
+pub fn preflight_method(req: &RequestHeader) -> Option<http::Method> {
+    if req.method != http::Method::OPTIONS || !req.headers.contains_key(header::ORIGIN) {
+        return None;
+    }
+    let m = req.headers.get(header::ACCESS_CONTROL_REQUEST_METHOD)?;
+    http::Method::from_bytes(m.as_bytes()).ok()
+}
+
 #[async_trait]
 impl Filter for Cors {
     async fn on_request(&self, req: &mut RequestHeader, cx: &mut FilterCtx<'_>) -> Outcome {

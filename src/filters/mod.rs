@@ -25,6 +25,7 @@ mod headers;
 mod limits;
 pub use auth::JwtClaims;
 pub use compression::Compression;
+pub use cors::preflight_method;
 pub use limits::reset_body_counts;
 mod rate_limit;
 mod redirect;

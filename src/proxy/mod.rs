@@ -195,6 +195,20 @@ impl ProxyHttp for Gateway {
         let host = normalize_host(raw_host);
         let path = req.uri.path();
         let found = state.router.find(&host, path, &req.method);
+        // A CORS preflight (`OPTIONS`) to a route that does not take `OPTIONS` is answered by
+        // the filters of the route that takes the method it asks about, as the request it
+        // announces will be.
+        let preflight_route = match found {
+            RouteMatch::MethodNotAllowed(_) => {
+                crate::filters::preflight_method(req).and_then(|m| {
+                    match state.router.find(&host, path, &m) {
+                        RouteMatch::Found(j) => Some(j),
+                        _ => None,
+                    }
+                })
+            }
+            _ => None,
+        };
         if let RouteMatch::Found(i) = found {
             let route = state.router.route(i);
             // The path only: the query is the one the filters leave (an API key taken out of
@@ -230,6 +244,12 @@ impl ProxyHttp for Gateway {
                 Ok(false)
             }
             RouteMatch::MethodNotAllowed(i) => {
+                if let Some(j) = preflight_route {
+                    let route = state.router.route(j);
+                    if filter_chain::request(&route.filters, session, ctx, &route.name).await? {
+                        return Ok(true);
+                    }
+                }
                 let allow = state
                     .router
                     .route(i)
