@@ -130,6 +130,42 @@ async fn slow_calls_trip_the_breaker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_a_slow_call() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let gw = gateway(
+        &[up.addr],
+        "    circuit_breaker: { slow_call: 200ms, consecutive_failures: 2, open_for: 30s }\n",
+    );
+    // Three uploads, each taking ~600 ms to send its body to a backend that answers at once.
+    for i in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(
+            b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\nConnection: close\r\n\r\nabc",
+        )
+        .await
+        .unwrap();
+        for part in [&b"def"[..], b"ghi"] {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.write_all(part).await.unwrap();
+        }
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+            .await
+            .expect("no answer")
+            .unwrap();
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "upload {i}: {text}");
+    }
+    assert_eq!(up.count(), 3);
+    assert!(
+        !gw.log().contains("circuit breaker closed -> open"),
+        "slow uploads opened the breaker\n{}",
+        gw.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_breaker_is_open_the_answer_is_an_immediate_503() {
     let bad = Upstream::with(Behavior {
         status: 502,

@@ -34,6 +34,8 @@ pub struct RequestCtx {
     /// above 0 or a Transfer-Encoding; over HTTP/2 no end of stream with the head and no
     /// `content-length: 0` (a body need not announce its length there).
     pub body: bool,
+    /// When the last byte of the request body was read (`None`: no body, or still coming).
+    pub body_done_at: Option<Instant>,
     /// The client sent `TE: trailers` (forwarded to HTTP/2 upstreams, as gRPC needs).
     pub te_trailers: bool,
     /// Why the head is refused, if it is (`proxy::hygiene`).

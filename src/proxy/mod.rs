@@ -324,6 +324,9 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if end_of_stream && ctx.body_done_at.is_none() {
+            ctx.body_done_at = Some(std::time::Instant::now());
+        }
         let Some(state) = ctx.state.clone() else {
             return Ok(());
         };

@@ -217,6 +217,7 @@ pub fn is_interim(status: u16) -> bool {
 /// The attempt's outcome from the backend's status (and how long it took), for the breaker;
 /// also the request's upstream time. Recorded once per attempt.
 pub fn record_status(ctx: &mut RequestCtx, status: u16) {
+    let body_done_at = ctx.body_done_at;
     let (Some(upstream), Some(attempt)) = (ctx.upstream.as_ref(), ctx.attempt.as_mut()) else {
         return;
     };
@@ -224,7 +225,12 @@ pub fn record_status(ctx: &mut RequestCtx, status: u16) {
     let now = Instant::now();
     let took = now.saturating_duration_since(attempt.started);
     ctx.upstream_time = Some(took);
-    let slow = f.slow_call.is_some_and(|t| took > t);
+    // A slow call is the backend's time: while the client was still sending the body (a slow
+    // upload), the backend was waiting for it.
+    let answering = body_done_at.map_or(attempt.started, |t| t.max(attempt.started));
+    let slow = f
+        .slow_call
+        .is_some_and(|t| now.saturating_duration_since(answering) > t);
     let outcome = if f.statuses.contains(&status) || slow {
         Outcome::Failure
     } else {
