@@ -1175,6 +1175,28 @@ async fn a_filter_reply_before_the_body_reads_on_briefly_never_the_whole_body() 
     assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
     assert!(writer.await.unwrap(), "the body was taken for 10 s");
     assert_eq!(up.count(), 1);
+
+    // The gateway's own refusals (here a 404: no route) read past a small body the same way.
+    let routed = TestGateway::start(&format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - {{ name: api, upstream: u, match: {{ path_prefix: /api }} }}\n",
+        up.addr
+    ));
+    let mut s = tokio::net::TcpStream::connect(routed.addr).await.unwrap();
+    s.write_all(b"POST /nope HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    s.write_all(b"GET /api/b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("no end of stream")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    assert!(text.contains("HTTP/1.1 200"), "{text}");
+    assert_eq!(up.count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

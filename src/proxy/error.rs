@@ -91,6 +91,20 @@ pub async fn respond(
     respond_with(session, status, message_for(status), request_id, extra).await
 }
 
+/// Before answering a request whose body is not read yet (a refusal, a filter's reply):
+/// Pingora would close at once, and a close with the client's bytes unread resets the
+/// connection, which can destroy the answer before the client reads it. Read past the rest
+/// instead, for a bounded time, as nginx's lingering close does: a small body is read past and
+/// the connection kept; one still coming after [`LINGER`](crate::wire::stream::LINGER) (a
+/// 10 GB upload refused with 401) ends it. No effect once keep-alive is off.
+pub fn linger_past_body(session: &mut Session) {
+    if !session.is_body_done() {
+        let downstream = session.as_downstream_mut();
+        downstream.set_close_on_response_before_downstream_finish(false);
+        downstream.set_total_drain_timeout(Some(crate::wire::stream::LINGER));
+    }
+}
+
 /// [`respond`] with a specific message.
 pub async fn respond_with(
     session: &mut Session,
@@ -99,6 +113,7 @@ pub async fn respond_with(
     request_id: &str,
     extra: &[(&'static str, &str)],
 ) -> Result<()> {
+    linger_past_body(session);
     let body = json_body(message, request_id);
     let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
     h.insert_header(

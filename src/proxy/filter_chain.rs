@@ -47,16 +47,7 @@ pub async fn request(
             f.on_request(session.req_header_mut(), &mut fcx).await
         };
         if let Outcome::Respond(reply) = outcome {
-            // A reply before the body is read: Pingora would close at once, and a close with
-            // the client's bytes unread resets the connection, which can destroy the reply
-            // before the client reads it. Read past the rest instead, for a bounded time, as
-            // nginx's lingering close does: a small body is read past and the connection kept;
-            // one still coming after this long (a 10 GB upload refused with 401) ends it.
-            if !session.is_body_done() {
-                let downstream = session.as_downstream_mut();
-                downstream.set_close_on_response_before_downstream_finish(false);
-                downstream.set_total_drain_timeout(Some(crate::wire::stream::LINGER));
-            }
+            super::error::linger_past_body(session);
             write(session, reply, &ctx.request_id).await?;
             return Ok(true);
         }
