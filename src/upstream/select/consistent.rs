@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use pingora_ketama::{Bucket, Continuum};
 
-use super::{Select, scale_weights};
+use super::{Select, cap_weights};
 
 /// Most ring points per unit of weight total: weights are scaled so the ring stays ≤ 1,000 × 160
 /// points (~1.3 MB) whatever the configured weights.
@@ -37,7 +37,8 @@ impl std::fmt::Debug for Consistent {
 impl Consistent {
     /// Build the ring for backends with these weights and (distinct) addresses.
     pub fn new(weights: &[u32], addrs: &[SocketAddr]) -> Self {
-        let weights = scale_weights(weights, MAX_TOTAL_WEIGHT);
+        let weights: Vec<u64> = weights.iter().map(|&w| u64::from(w)).collect();
+        let weights = cap_weights(&weights, MAX_TOTAL_WEIGHT);
         let buckets: Vec<Bucket> = addrs
             .iter()
             .zip(&weights)
@@ -183,6 +184,29 @@ mod tests {
         for k in 0..200 {
             let key = format!("user-{k}");
             assert_eq!(pick(&c, &key), pick(&c, &key));
+        }
+    }
+
+    #[test]
+    fn removing_a_weighted_backend_moves_only_its_keys() {
+        // Weights 2, 2, 3: without the 3, the others keep their 320 points each (a gcd
+        // reduction would halve them to 160 and move keys between the two that stayed).
+        let all = addrs(3);
+        let three = Consistent::new(&[2, 2, 3], &all);
+        let two = Consistent::new(&[2, 2], &all[..2]);
+        let load = idle(3);
+        for k in 0..5_000 {
+            let key = format!("key-{k}");
+            let before = all[three
+                .select(key.as_bytes(), &as_load(&load), &|_| true)
+                .unwrap()];
+            let after = all[two
+                .select(key.as_bytes(), &as_load(&load), &|_| true)
+                .unwrap()];
+            assert!(
+                before == after || before == all[2],
+                "{key} moved from {before} to {after}, a backend that stayed"
+            );
         }
     }
 

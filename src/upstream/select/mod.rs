@@ -79,11 +79,19 @@ pub(crate) fn scale_weights(weights: &[u32], max_total: u64) -> Vec<u64> {
         .fold(0u64, |g, &w| gcd(g, u64::from(w)))
         .max(1);
     let reduced: Vec<u64> = weights.iter().map(|&w| (u64::from(w) / g).max(1)).collect();
-    let total: u64 = reduced.iter().sum();
+    cap_weights(&reduced, max_total)
+}
+
+/// Scale weights down proportionally (each stays ≥ 1) only if their sum exceeds `max_total`;
+/// otherwise keep them as they are. For the hash ring, where a weight is a number of points:
+/// reducing by the set's own gcd would change the others' points whenever one backend leaves
+/// (weights 2, 2, 3 without the 3 would become 1, 1) and move keys between backends that stayed.
+pub(crate) fn cap_weights(weights: &[u64], max_total: u64) -> Vec<u64> {
+    let total: u64 = weights.iter().sum();
     if total <= max_total {
-        return reduced;
+        return weights.to_vec();
     }
-    reduced
+    weights
         .iter()
         .map(|&w| (w * max_total / total).max(1))
         .collect()
