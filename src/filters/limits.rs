@@ -115,11 +115,7 @@ impl Filter for Limits {
         {
             return Outcome::Respond(Reply::error(403, "client address not allowed"));
         }
-        // A CORS preflight is judged by the method it asks about, so that a `cors` filter
-        // after this one can answer it.
-        let method = super::cors::preflight_method(req);
-        let method = method.as_ref().unwrap_or(&req.method);
-        if !self.methods.is_empty() && !self.methods.contains(method) {
+        if !self.methods.is_empty() && !self.methods.contains(&req.method) {
             let mut r = Reply::error(405, "method not allowed on this route");
             if let Some(a) = &self.allow_header {
                 r = r.header(http::header::ALLOW, a.clone());

@@ -172,7 +172,8 @@ impl RedisBackend {
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)));
         if let Err(e) = &result {
-            // At most once a second: for a second after a failure Redis is not asked.
+            // About once a second: for a second after a failure Redis is not asked (requests
+            // already waiting on it when it failed each warn).
             log::warn!(
                 "rate_limit: Redis unavailable ({e}); failing {} for a second",
                 if self.fail_open { "open" } else { "closed" }
@@ -290,11 +291,19 @@ impl RateLimit {
                 failed_at: Mutex::new(None),
             }),
         };
+        let interval = Duration::from_nanos((period.as_nanos() / u128::from(n)) as u64);
+        // The Redis script counts microseconds: a finer interval would round to 0 (no limit).
+        if redis.is_some() && interval < Duration::from_micros(1) {
+            return Err(format!(
+                "rate {:?}: at most 1000000/s with the redis backend (it counts microseconds)",
+                c.rate
+            ));
+        }
         let quota = u64::from(c.burst) + 1;
         let window = period.as_secs().max(1);
         Ok(RateLimit {
             key,
-            interval: Duration::from_nanos((period.as_nanos() / u128::from(n)) as u64),
+            interval,
             burst: c.burst,
             shard_cap: c.max_keys / SHARDS,
             epoch: Instant::now(),
@@ -377,13 +386,14 @@ enum KeyBytes<'a> {
 impl KeyBytes<'_> {
     /// A client-chosen value (a header, a claim): kept as it is when short, else as its
     /// SHA-256, so the key table's memory is bounded by `max_keys`, not by what clients send
-    /// (a 64 KiB header value per key). The tags differ, so a short value never equals a digest.
+    /// (a 64 KiB header value per key). A digest key starts with `#`, which no kept value's key
+    /// (starting with its tag) does, so the two never meet.
     fn value(tag: &str, v: &[u8]) -> KeyBytes<'static> {
         if v.len() <= MAX_RAW_VALUE {
             return KeyBytes::Owned([tag.as_bytes(), v].concat());
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, v);
-        KeyBytes::Owned([tag.as_bytes(), b"#", digest.as_ref()].concat())
+        KeyBytes::Owned([b"#", tag.as_bytes(), digest.as_ref()].concat())
     }
 
     /// An IPv6 client counts by its /64, as for `max_connections_per_ip`: one host or
@@ -511,6 +521,26 @@ mod tests {
 
     #[test]
     fn rates_beyond_a_nanosecond_are_refused_and_large_counts_keep_their_interval() {
+        let redis = |rate: &str| {
+            RateLimit::new(RateLimitConfig {
+                key: "global".into(),
+                rate: rate.into(),
+                burst: 0,
+                max_keys: 1000,
+                backend: Some(BackendConfig::Redis {
+                    url: "redis://127.0.0.1:1".into(),
+                    timeout: Duration::from_millis(100),
+                    fail_open: true,
+                    prefix: "t:".into(),
+                }),
+            })
+        };
+        assert!(redis("1000000/s").is_ok());
+        let e = redis("2000000/s").err().unwrap();
+        assert!(
+            e.contains("at most 1000000/s with the redis backend"),
+            "{e}"
+        );
         assert!(parse_rate("1000000000/s").is_ok());
         let e = parse_rate("4294967296/s").err().unwrap();
         assert!(e.contains("at most 1000000000/s"), "{e}");
@@ -528,6 +558,9 @@ mod tests {
         assert_ne!(k("192.0.2.1"), k("192.0.2.2"));
         let short = KeyBytes::value("h:", b"key-0001");
         assert_eq!(short.as_bytes(), b"h:key-0001");
+        // A short value shaped like a digest key is still a kept value's key.
+        let shaped = [&b"#h:"[..], &[0u8; 32]].concat();
+        assert!(KeyBytes::value("h:", &shaped).as_bytes().starts_with(b"h:"));
         let long = vec![b'a'; 64 * 1024];
         let hashed = KeyBytes::value("h:", &long);
         assert_eq!(hashed.as_bytes().len(), 3 + 32);

@@ -494,22 +494,24 @@ impl ProxyHttp for Gateway {
         if ctx.drops_header_case() {
             header_case::drop_response_case(upstream_response)?;
         }
-        // An interim head goes to the client as it came: the filters, compression and our
-        // fields are for the final one.
-        if resilience::is_interim(upstream_response.status.as_u16()) {
-            return Ok(());
-        }
+        // An interim head (`100`, `103 Early Hints`) gets the route's header filters (what
+        // they remove from responses must not leak through it); compression, the cache status
+        // and the request id are for the final head.
+        let interim = resilience::is_interim(upstream_response.status.as_u16());
         if let Some(state) = ctx.state.clone() {
             let route = ctx
                 .route
                 .map_or("", |i| state.router.route(i).name.as_str());
             filter_chain::response(upstream_response, ctx, route);
-            if state.compression {
+            if state.compression && !interim {
                 let levels = filter_chain::compression(ctx)
                     .map(|c| c.levels_for(upstream_response))
                     .unwrap_or_default();
                 compression_module(session).offer(levels);
             }
+        }
+        if interim {
+            return Ok(());
         }
         let cache_status = caching::status(session, ctx);
         // Room for Pingora's Connection too (`strip_response` removed the upstream's; Date

@@ -84,7 +84,7 @@ pub fn record(
     let upstream = ctx.upstream.as_ref().map_or("", |u| u.name.as_str());
     let backend = ctx.last_backend.as_deref().map_or("", |b| b.label());
     if let (Some(t), Some(b)) = (ctx.upstream_time, &ctx.last_backend) {
-        b.observe_upstream_duration(upstream, t.as_secs_f64());
+        b.observe_upstream_duration(t.as_secs_f64());
     }
     let Some(log) = &state.access_log else { return };
     let host = req

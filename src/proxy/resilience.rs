@@ -138,9 +138,13 @@ pub fn proxy_failed(
     // Once the response head reached the client, another attempt would splice a second
     // response into the first: never retry then (nor let Pingora's stale-connection retry).
     let resend = may_resend(session, &upstream) && session.response_written().is_none();
-    // A pooled connection the backend had already closed says nothing about its health,
-    // whether or not this request may be sent again.
-    let stale_connection = client_reused && matches!(e.retry, pingora::RetryType::ReusedOnly);
+    // What Pingora would retry says nothing about the backend's health, whether or not this
+    // request may be sent again: a pooled connection the backend had already closed, or an
+    // HTTP/2 stream it refused, or a GOAWAY of its graceful shutdown (`Decided(true)`).
+    let stale_connection = match e.retry {
+        pingora::RetryType::ReusedOnly => client_reused,
+        pingora::RetryType::Decided(retry) => retry,
+    };
     if resend {
         // Pingora retries a failure on a reused (pooled) connection: the backend may be fine.
         e.retry.decide_reuse(client_reused);

@@ -16,7 +16,7 @@ mod window;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -45,12 +45,17 @@ pub struct Backend {
     transitions: [std::sync::atomic::AtomicU64; 3],
     /// `addr` as text: the `backend` label and the access log's field.
     label: Box<str>,
-    /// Its `tollgate_upstream_duration_seconds` series, looked up on first use.
-    duration: OnceLock<Histogram>,
+    /// Its `tollgate_upstream_duration_seconds` series, looked up once, when the backend
+    /// joins (lazily, a request finishing after its removal would bring the series back).
+    duration: Histogram,
 }
 
 impl Backend {
     fn new(addr: SocketAddr, weight: u32, cfg: &UpstreamConfig, now: Instant) -> Backend {
+        let label: Box<str> = addr.to_string().into();
+        let duration = crate::metrics::metrics()
+            .upstream_duration
+            .with_label_values(&[cfg.name.as_str(), &label]);
         Backend {
             addr,
             weight,
@@ -60,8 +65,8 @@ impl Backend {
             streak: Mutex::new((0, 0)),
             breaker: cfg.breaker.map(|b| Mutex::new(Breaker::new(b, now))),
             transitions: Default::default(),
-            label: addr.to_string().into(),
-            duration: OnceLock::new(),
+            label,
+            duration,
         }
     }
 
@@ -71,14 +76,8 @@ impl Backend {
     }
 
     /// Record one attempt's time to the response head, as a backend of `upstream`.
-    pub fn observe_upstream_duration(&self, upstream: &str, seconds: f64) {
-        self.duration
-            .get_or_init(|| {
-                crate::metrics::metrics()
-                    .upstream_duration
-                    .with_label_values(&[upstream, &self.label])
-            })
-            .observe(seconds);
+    pub fn observe_upstream_duration(&self, seconds: f64) {
+        self.duration.observe(seconds);
     }
 
     /// Count a breaker transition of this backend.
