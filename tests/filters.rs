@@ -614,6 +614,7 @@ async fn compression_by_type_size_and_accept_encoding() {
     // than 403/404: passed through untouched, as nginx does (a compressed part would not
     // fit its Content-Range).
     let long_text = "tollgate compresses text. ".repeat(200).into_bytes();
+    let gzip_get = || c.get(gw.url("/")).header("accept-encoding", "gzip").send();
     for (status, extra, what) in [
         (206, "Content-Range: bytes 0-5199/10400", "a 206 part"),
         (200, "Cache-Control: public, no-transform", "no-transform"),
@@ -625,12 +626,7 @@ async fn compression_by_type_size_and_accept_encoding() {
             headers: vec!["Content-Type: text/plain".into(), extra.into()],
             ..Default::default()
         });
-        let r = c
-            .get(gw.url("/"))
-            .header("accept-encoding", "gzip")
-            .send()
-            .await
-            .unwrap();
+        let r = gzip_get().await.unwrap();
         assert_eq!(r.status().as_u16(), status, "{what}");
         assert!(
             r.headers().get("content-encoding").is_none(),
@@ -644,12 +640,7 @@ async fn compression_by_type_size_and_accept_encoding() {
         headers: vec!["Content-Type: text/html".into()],
         ..Default::default()
     });
-    let r = c
-        .get(gw.url("/"))
-        .header("accept-encoding", "gzip")
-        .send()
-        .await
-        .unwrap();
+    let r = gzip_get().await.unwrap();
     assert_eq!(r.headers()["content-encoding"], "gzip", "a 404 page");
     // Already encoded by the backend: never compressed twice.
     let pre: Vec<u8> = vec![
@@ -1114,25 +1105,34 @@ async fn rate_limits_hold_within_5_percent_under_load_locally_and_across_gateway
     assert_within_5_percent("two gateways, one Redis", ok, refused, secs, 50.0, 10.0);
 }
 
+/// Send `request` with a 5-byte body, then `next` on the same connection; all that came back
+/// until the gateway closed.
+async fn body_then_next(addr: std::net::SocketAddr, request: &str, next: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let first = format!("{request} HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello");
+    s.write_all(first.as_bytes()).await.unwrap();
+    s.write_all(next.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("no end of stream")
+        .unwrap();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_reply_before_the_body_reads_on_briefly_never_the_whole_body() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = Upstream::start().await;
     let gw = with_filters(&up, "      - { kind: auth, api_keys: [key-0001] }\n", "");
     // A small body is read past: the connection stays open for the next request.
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
-        .await
-        .unwrap();
-    s.write_all(b"GET /b HTTP/1.1\r\nHost: a\r\nX-API-Key: key-0001\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
-        .await
-        .expect("no end of stream")
-        .unwrap();
-    let text = String::from_utf8_lossy(&got);
+    let text = body_then_next(
+        gw.addr,
+        "POST /a",
+        "GET /b HTTP/1.1\r\nHost: a\r\nX-API-Key: key-0001\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 401"), "{text}");
     assert_eq!(text.matches("HTTP/1.1 ").count(), 2, "{text}");
     assert!(text.contains("HTTP/1.1 200"), "{text}");
@@ -1181,19 +1181,12 @@ async fn a_filter_reply_before_the_body_reads_on_briefly_never_the_whole_body() 
         "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - {{ name: api, upstream: u, match: {{ path_prefix: /api }} }}\n",
         up.addr
     ));
-    let mut s = tokio::net::TcpStream::connect(routed.addr).await.unwrap();
-    s.write_all(b"POST /nope HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
-        .await
-        .unwrap();
-    s.write_all(b"GET /api/b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
-        .await
-        .expect("no end of stream")
-        .unwrap();
-    let text = String::from_utf8_lossy(&got);
+    let text = body_then_next(
+        routed.addr,
+        "POST /nope",
+        "GET /api/b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 404"), "{text}");
     assert!(text.contains("HTTP/1.1 200"), "{text}");
     assert_eq!(up.count(), 2);
