@@ -70,6 +70,54 @@ async fn cors_preflight_simple_requests_and_vary() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_cors_policy_replaces_the_upstreams() {
+    // A backend that allows every origin, with credentials, behind a route that allows one.
+    let up = Upstream::with(common::Behavior {
+        headers: vec![
+            "Access-Control-Allow-Origin: *".into(),
+            "Access-Control-Allow-Credentials: true".into(),
+            "Access-Control-Expose-Headers: X-Secret".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let gw = with_filters(
+        &up,
+        "      - { kind: cors, allow_origins: [\"https://app.example.com\"] }\n",
+        "",
+    );
+    let c = client();
+    for origin in [Some("https://evil.test"), None] {
+        let mut r = c.get(gw.url("/x"));
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        let h = r.send().await.unwrap().headers().clone();
+        for f in [
+            "access-control-allow-origin",
+            "access-control-allow-credentials",
+            "access-control-expose-headers",
+        ] {
+            assert!(
+                h.get(f).is_none(),
+                "{origin:?}: the upstream's {f} passed: {h:?}"
+            );
+        }
+    }
+    let h = c
+        .get(gw.url("/x"))
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap()
+        .headers()
+        .clone();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert!(h.get("access-control-allow-credentials").is_none(), "{h:?}");
+    assert!(h.get("access-control-expose-headers").is_none(), "{h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn security_headers_defaults_and_overrides() {
     let up = Upstream::start().await;
     let gw = with_filters(

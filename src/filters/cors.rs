@@ -67,6 +67,21 @@ pub struct Cors {
 #[derive(Clone, Default)]
 struct AllowedOrigins(std::collections::HashMap<usize, HeaderValue>);
 
+/// The upstream's own CORS response fields were removed: the first `cors` filter to see the
+/// response does it, so the gateway's policy is the only one the browser sees.
+#[derive(Clone)]
+struct UpstreamCorsRemoved;
+
+/// CORS response fields an upstream may send that would widen the gateway's policy.
+const CORS_RESPONSE_FIELDS: [header::HeaderName; 6] = [
+    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+    header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+    header::ACCESS_CONTROL_EXPOSE_HEADERS,
+    header::ACCESS_CONTROL_ALLOW_METHODS,
+    header::ACCESS_CONTROL_ALLOW_HEADERS,
+    header::ACCESS_CONTROL_MAX_AGE,
+];
+
 impl Cors {
     fn id(&self) -> usize {
         self as *const Cors as usize
@@ -202,6 +217,14 @@ impl Filter for Cors {
     }
 
     fn on_response(&self, resp: &mut ResponseHeader, cx: &mut FilterCtx<'_>) {
+        // An upstream answering `Access-Control-Allow-Origin: *` (or echoing any origin) would
+        // otherwise open what the route's policy keeps closed.
+        if cx.state.get::<UpstreamCorsRemoved>().is_none() {
+            for f in &CORS_RESPONSE_FIELDS {
+                resp.remove_header(f);
+            }
+            cx.state.insert(UpstreamCorsRemoved);
+        }
         let _ = resp.append_header(header::VARY, "Origin");
         let Some(origin) = cx
             .state
