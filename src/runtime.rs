@@ -48,6 +48,17 @@ impl RuntimeState {
     /// Compile `config`, carrying live state over from `previous` (a reload). Fails only when
     /// the access log destination cannot be opened.
     pub fn build(config: Config, previous: Option<&RuntimeState>) -> Result<RuntimeState, String> {
+        // The one step that can fail goes first: a backend's metric series exist from when it
+        // is built, and a failed build must leave none behind.
+        let access_log = match &config.access_log {
+            None => None,
+            Some(cfg) => match previous.and_then(|p| p.access_log.as_ref()) {
+                Some(log) if log.config == *cfg => Some(Arc::clone(log)),
+                _ => Some(Arc::new(AccessLog::start(cfg).map_err(|e| {
+                    format!("access_log.path: cannot open {:?}: {e}", cfg.path)
+                })?)),
+            },
+        };
         let upstreams = config
             .upstreams
             .iter()
@@ -60,15 +71,6 @@ impl RuntimeState {
                 }
             })
             .collect();
-        let access_log = match &config.access_log {
-            None => None,
-            Some(cfg) => match previous.and_then(|p| p.access_log.as_ref()) {
-                Some(log) if log.config == *cfg => Some(Arc::clone(log)),
-                _ => Some(Arc::new(AccessLog::start(cfg).map_err(|e| {
-                    format!("access_log.path: cannot open {:?}: {e}", cfg.path)
-                })?)),
-            },
-        };
         let router = Router::new(config.routes.clone());
         let compression = config
             .filters

@@ -75,7 +75,7 @@ impl Backend {
         &self.label
     }
 
-    /// Record one attempt's time to the response head, as a backend of `upstream`.
+    /// Record one attempt's time to the response head.
     pub fn observe_upstream_duration(&self, seconds: f64) {
         self.duration.observe(seconds);
     }
