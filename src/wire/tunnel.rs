@@ -249,12 +249,15 @@ impl Pipe {
                 self.waiting_since = None;
             }
             if self.unflushed {
-                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                // A buffered writer (the client's connection has Pingora's write buffer, or
+                // TLS) takes bytes it cannot send yet: a flush that waits is the writer
+                // taking nothing, and timed as such.
+                ready!(self.stalls(Pin::new(&mut *w).poll_flush(cx)))?;
                 self.unflushed = false;
             }
             if self.eof {
                 // The other side may be gone already; the direction is done either way.
-                let _ = ready!(Pin::new(&mut *w).poll_shutdown(cx));
+                let _ = ready!(self.stalls(Pin::new(&mut *w).poll_shutdown(cx)));
                 self.finished = true;
                 return Poll::Ready(Ok(()));
             }
@@ -284,6 +287,23 @@ impl Pipe {
         // Let other tasks run; come back at once.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+impl Pipe {
+    /// A flush or shutdown of the writer: while it waits, this direction waits on the writer
+    /// (from the first wait on); once done, it no longer does.
+    fn stalls(&mut self, p: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
+        match p {
+            Poll::Pending => {
+                self.waiting_since.get_or_insert_with(Instant::now);
+                Poll::Pending
+            }
+            Poll::Ready(r) => {
+                self.waiting_since = None;
+                Poll::Ready(r)
+            }
+        }
     }
 }
 
@@ -421,6 +441,36 @@ mod tests {
             waited >= Duration::from_secs(20) && waited < Duration::from_secs(21),
             "{waited:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_behind_a_write_buffer_that_does_not_read_times_out_too() {
+        // As the client's connection is (Pingora's 1460-byte write buffer): small writes are
+        // taken into the buffer at once, and then its flush waits.
+        let (client, c) = tokio::io::duplex(1024);
+        let client = tokio::io::BufWriter::with_capacity(4096, client);
+        let (backend, mut b) = tokio::io::duplex(1024);
+        let started = Instant::now();
+        let tunnel = tokio::spawn(relay(client, Vec::new(), backend, Vec::new(), T));
+        // The backend writes in small pieces and keeps writing; the client reads nothing.
+        let talk = tokio::spawn(async move {
+            while b.write_all(&[7u8; 100]).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let o = tokio::time::timeout(Duration::from_secs(60), tunnel)
+            .await
+            .expect("the tunnel waited on a flush with no timeout")
+            .unwrap();
+        talk.abort();
+        drop(c);
+        let e = o.error.unwrap();
+        assert!(
+            e.to_string().contains("the client took nothing for 20s"),
+            "{e}"
+        );
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_secs(21), "{waited:?}");
     }
 
     #[tokio::test(start_paused = true)]
