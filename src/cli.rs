@@ -121,9 +121,16 @@ pub fn main_with(filters: FilterRegistry) -> ExitCode {
 }
 
 /// `RUST_LOG` if set, else the configured `server.log_level` (info before a configuration loads).
+///
+/// Without `RUST_LOG` the logger's own filter lets everything through and `log`'s global
+/// maximum does the filtering, so that a reload can raise the level as well as lower it.
 fn init_logging(level: &str) {
-    let env = env_logger::Env::default().default_filter_or(level);
+    let from_env = std::env::var_os("RUST_LOG").is_some();
+    let env = env_logger::Env::default().default_filter_or(if from_env { level } else { "trace" });
     let _ = env_logger::Builder::from_env(env)
         .format_timestamp_millis()
         .try_init();
+    if !from_env && let Ok(level) = level.parse() {
+        log::set_max_level(level);
+    }
 }

@@ -427,6 +427,61 @@ async fn breaker_state_survives_a_reload_of_an_unchanged_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_an_upstream_and_rotates_the_admin_token() {
+    let a = Upstream::start().await;
+    let b = Upstream::start().await;
+    let (old_token, new_token) = ("first-token-0123456789", "second-token-0123456789");
+    let gw = GatewayConfig::new(routes_to(a.addr))
+        .admin(&format!("token: {old_token}"))
+        .start();
+    let admin = |p: &str| format!("http://{}{p}", gw.admin);
+    let config = |token: &str| client().get(admin("/config")).bearer_auth(token).send();
+    let pool = |c: &serde_json::Value| c["server"]["upstream_keepalive_pool_size"].clone();
+    let before: serde_json::Value =
+        serde_json::from_str(&config(old_token).await.unwrap().text().await.unwrap()).unwrap();
+    // A second upstream (its default pool raises the derived total) and a new token.
+    let conf = gw.config_path();
+    let text = std::fs::read_to_string(&conf)
+        .unwrap()
+        .replace(old_token, new_token)
+        .replace(
+            "routes: [",
+            &format!(
+                "  v:\n    backends: [{{ address: \"{}\" }}]\nroutes: [{{ name: v, upstream: v, match: {{ path_prefix: /v }} }}, ",
+                b.addr
+            ),
+        );
+    std::fs::write(&conf, text).unwrap();
+    let r = client()
+        .post(admin("/reload"))
+        .bearer_auth(old_token)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    assert_eq!(status, 200, "{}\n{}", r.text().await.unwrap(), gw.log());
+    assert_eq!(get(&gw.url("/v/x")).await.0, 200);
+    assert_eq!(b.count(), 1, "the new upstream serves its route");
+    assert_eq!(config(old_token).await.unwrap().status(), 401);
+    let after = config(new_token).await.unwrap();
+    assert_eq!(after.status(), 200);
+    let after: serde_json::Value = serde_json::from_str(&after.text().await.unwrap()).unwrap();
+    assert_eq!(
+        pool(&after),
+        pool(&before),
+        "/config shows the pool the process runs with"
+    );
+    // The scheme is case-insensitive.
+    let lower = client()
+        .get(admin("/upstreams"))
+        .header("authorization", format!("bearer {new_token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_on_change_picks_up_an_edited_file_once_and_skips_a_broken_one() {
     let one = Upstream::start().await;
     let two = Upstream::start().await;

@@ -201,6 +201,21 @@ pub struct ServerSettings {
     pub preserve_header_case: bool,
     /// Client connection caps and timeouts.
     pub connections: ConnectionLimits,
+    /// The settings above that have a derived default, as written (`None`: not written).
+    pub written: WrittenServer,
+}
+
+/// The `server:` settings whose defaults are derived (from the host's CPUs, from the sum of
+/// the upstreams' pools), as the file gave them: a reload compares these, so that adding an
+/// upstream or a changed CPU quota is not taken for a changed setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WrittenServer {
+    /// `server.threads`.
+    pub threads: Option<usize>,
+    /// `server.work_stealing`.
+    pub work_stealing: Option<bool>,
+    /// `server.upstream_keepalive_pool_size`.
+    pub upstream_keepalive_pool_size: Option<usize>,
 }
 
 /// Client connection caps and timeouts (`server.max_connections…`, `…_timeout`).

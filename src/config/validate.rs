@@ -21,7 +21,7 @@ use super::{
     AccessLogConfig, AdminConfig, BackendConfig, BreakerSettings, CacheConfig, Config, ConfigError,
     ConnectionLimits, Discovery, FailurePolicy, HashKey, HeadLimits, HealthCheck, HostPattern,
     Http2Settings, ListenerConfig, ListenerTls, PathMatch, RetryPolicy, RouteCache, RouteConfig,
-    ServerSettings, UpstreamConfig,
+    ServerSettings, UpstreamConfig, WrittenServer,
 };
 
 /// Highest accepted backend weight.
@@ -281,6 +281,11 @@ fn server_settings(file: &FileConfig, errs: &mut Errors) -> ServerSettings {
         underscore_headers: s.underscore_headers,
         preserve_header_case: s.preserve_header_case,
         connections: connection_limits(s, errs),
+        written: WrittenServer {
+            threads: s.threads,
+            work_stealing: s.work_stealing,
+            upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+        },
         reload_on_change: match s.reload_on_change {
             Some(d) if d < std::time::Duration::from_millis(100) => {
                 errs.push(

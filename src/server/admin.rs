@@ -36,41 +36,54 @@ pub struct Admin {
     state: Arc<ArcSwap<RuntimeState>>,
     reloader: Arc<Reloader>,
     lifecycle: Arc<Lifecycle>,
-    token: Option<String>,
 }
 
 impl Admin {
-    /// The admin API over `state`.
+    /// The admin API over `state` (whose `admin.token` it checks: a reload rotates it).
     pub fn new(
         state: Arc<ArcSwap<RuntimeState>>,
         reloader: Arc<Reloader>,
         lifecycle: Arc<Lifecycle>,
-        token: Option<String>,
     ) -> Admin {
         Admin {
             state,
             reloader,
             lifecycle,
-            token,
         }
     }
 
     fn authorized(&self, session: &ServerSession) -> bool {
-        let Some(token) = &self.token else {
+        let state = self.state.load();
+        let Some(token) = state.config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
             return true;
         };
         let given = session
             .req_header()
             .headers
             .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .and_then(|v| bearer(v.as_bytes()))
             .unwrap_or(b"");
-        constant_time_eq(given, token.as_bytes())
+        token_matches(given, token.as_bytes())
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The credentials of an `Authorization: Bearer …` value (the scheme is case-insensitive,
+/// RFC 9110 §11.1).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+}
+
+/// Compares digests in constant time, so that neither the bytes nor the length of the token
+/// show in the time an answer takes.
+fn token_matches(given: &[u8], token: &[u8]) -> bool {
+    let a = ring::digest::digest(&ring::digest::SHA256, given);
+    let b = ring::digest::digest(&ring::digest::SHA256, token);
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn respond(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -392,8 +405,18 @@ mod tests {
 
     #[test]
     fn token_comparison() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(token_matches(b"abc", b"abc"));
+        assert!(!token_matches(b"abc", b"abd"));
+        assert!(!token_matches(b"abc", b"abcd"));
+        assert!(!token_matches(b"", b"abc"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer(b"Bearer tok"), Some(&b"tok"[..]));
+        assert_eq!(bearer(b"bearer tok"), Some(&b"tok"[..]));
+        assert_eq!(bearer(b"BEARER tok"), Some(&b"tok"[..]));
+        assert_eq!(bearer(b"Basic dG9r"), None);
+        assert_eq!(bearer(b"Bearer"), None);
     }
 }

@@ -185,7 +185,6 @@ pub fn build(
             Arc::clone(&state),
             Arc::clone(&reloader),
             Arc::clone(&lifecycle),
-            a.token,
         );
         server.add_service(admin::service(a.address, app));
     }

@@ -128,7 +128,7 @@ impl Reloader {
     }
 
     fn try_reload(&self) -> Result<(), String> {
-        let config = Config::load_with(&self.path, &self.filters).map_err(|e| e.to_string())?;
+        let mut config = Config::load_with(&self.path, &self.filters).map_err(|e| e.to_string())?;
         let old = self.state.load_full();
         let fixed = restart_only_changes(&old.config, &config);
         if !fixed.is_empty() {
@@ -138,12 +138,15 @@ impl Reloader {
                 fixed.join(", ")
             ));
         }
-        if config.server.log_level != old.config.server.log_level
-            && std::env::var_os("RUST_LOG").is_none()
-            && let Ok(level) = config.server.log_level.parse()
-        {
-            log::set_max_level(level);
+        // The process keeps the derived settings it started with (and `/config` shows those).
+        for (what, was, now) in derived_changes(&old.config.server, &config.server) {
+            log::warn!(
+                "{what} is {was}; the reloaded configuration makes it {now} from the next restart or upgrade"
+            );
         }
+        config.server.threads = old.config.server.threads;
+        config.server.work_stealing = old.config.server.work_stealing;
+        config.server.upstream_keepalive_pool_size = old.config.server.upstream_keepalive_pool_size;
         let new = Arc::new(RuntimeState::build(config, Some(&old))?);
         // Listeners are unchanged (checked above), so the resolvers line up with them.
         for (resolver, l) in self.resolvers.iter().zip(&new.config.listeners) {
@@ -152,6 +155,13 @@ impl Reloader {
             }
         }
         self.state.store(Arc::clone(&new));
+        // Only once nothing can fail: a refused reload leaves the level as it was.
+        if new.config.server.log_level != old.config.server.log_level
+            && std::env::var_os("RUST_LOG").is_none()
+            && let Ok(level) = new.config.server.log_level.parse()
+        {
+            log::set_max_level(level);
+        }
         crate::upstream::forget_removed(&old.upstreams, &new.upstreams);
         let _ = self.changed.send(new);
         Ok(())
@@ -170,12 +180,19 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if sockets(old) != sockets(new) {
         out.push("listeners");
     }
-    if old.admin != new.admin {
+    // The token is read per request: a rotated one applies.
+    let address = |c: &Config| c.admin.as_ref().map(|a| a.address);
+    if address(old) != address(new) {
         out.push("admin");
     }
-    // Settings read per request (or by the logger) reload like the rest.
+    // Settings read per request (or by the logger) reload like the rest. Those with a derived
+    // default compare as written: the derived value may move with the upstreams or the CPUs,
+    // and the running process keeps its own (`derived_changes`).
     let comparable = |s: &ServerSettings| ServerSettings {
         log_level: String::new(),
+        threads: 0,
+        work_stealing: false,
+        upstream_keepalive_pool_size: 0,
         head: new.server.head,
         underscore_headers: new.server.underscore_headers,
         preserve_header_case: new.server.preserve_header_case,
@@ -188,6 +205,37 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.cache != new.cache {
         out.push("cache");
+    }
+    out
+}
+
+/// Derived server settings that a reload changed (each as written the same, or not at all):
+/// the process keeps the values it started with.
+fn derived_changes(
+    old: &ServerSettings,
+    new: &ServerSettings,
+) -> Vec<(&'static str, String, String)> {
+    let mut out = Vec::new();
+    if old.threads != new.threads {
+        out.push((
+            "server.threads",
+            old.threads.to_string(),
+            new.threads.to_string(),
+        ));
+    }
+    if old.work_stealing != new.work_stealing {
+        out.push((
+            "server.work_stealing",
+            old.work_stealing.to_string(),
+            new.work_stealing.to_string(),
+        ));
+    }
+    if old.upstream_keepalive_pool_size != new.upstream_keepalive_pool_size {
+        out.push((
+            "server.upstream_keepalive_pool_size",
+            old.upstream_keepalive_pool_size.to_string(),
+            new.upstream_keepalive_pool_size.to_string(),
+        ));
     }
     out
 }
