@@ -13,10 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pingora::cache::CacheKey;
+use pingora::cache::NoCacheReason;
 use pingora::cache::eviction::lru::Manager;
 use pingora::cache::eviction::{CacheEntryId, CacheEntryKey, EvictionManager};
 use pingora::cache::key::CompactCacheKey;
 use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora::cache::predictor::{CacheablePredictor, Predictor};
 use pingora::cache::storage::PurgeTarget;
 
 use crate::config::CacheConfig;
@@ -24,6 +26,38 @@ use storage::{MemoryStorage, StorageStats, primary_target};
 
 /// LRU shards (each with its own lock).
 const SHARDS: usize = 16;
+
+/// URLs remembered as too large, per predictor shard (16 shards).
+const PREDICTED_PER_SHARD: usize = 1024;
+
+/// pingora-cache's predictor, remembering only responses too large to store.
+///
+/// Pingora's own would also remember every response its origin marked uncacheable (and every
+/// custom reason), so that one request carrying `Authorization`, or a body, would take its URL
+/// out of the cache for the requests after it. A URL is forgotten when a response to it is
+/// cacheable again, or by the LRU.
+pub struct SizePredictor(Predictor<16>);
+
+impl CacheablePredictor for SizePredictor {
+    fn cacheable_prediction(&self, key: &CacheKey) -> bool {
+        self.0.cacheable_prediction(key)
+    }
+
+    fn predicted_uncacheable_reason(&self, key: &CacheKey) -> Option<NoCacheReason> {
+        self.0.predicted_uncacheable_reason(key)
+    }
+
+    fn mark_cacheable(&self, key: &CacheKey) -> bool {
+        self.0.mark_cacheable(key)
+    }
+
+    fn mark_uncacheable(&self, key: &CacheKey, reason: NoCacheReason) -> Option<bool> {
+        match reason {
+            NoCacheReason::ResponseTooLarge => self.0.mark_uncacheable(key, reason),
+            _ => None,
+        }
+    }
+}
 
 /// The process's cache.
 pub struct Cache {
@@ -35,6 +69,9 @@ pub struct Cache {
     pub lock: &'static CacheKeyLockImpl,
     /// How long the others wait for it.
     pub lock_timeout: Duration,
+    /// URLs whose last response was too large to store: looked up no more (so that a
+    /// `Range` request reaches the origin, and a body without `Content-Length` is not cut).
+    pub predictor: &'static SizePredictor,
     /// Entries purged through the admin API or invalidated by unsafe requests.
     purged: AtomicU64,
     /// The configured limit.
@@ -83,6 +120,10 @@ impl Cache {
             eviction: Box::leak(Box::new(Manager::with_capacity(c.max_size, items))),
             lock: Box::leak(lock),
             lock_timeout: c.lock_timeout,
+            predictor: Box::leak(Box::new(SizePredictor(Predictor::new(
+                PREDICTED_PER_SHARD,
+                None,
+            )))),
             purged: AtomicU64::new(0),
             max_size: c.max_size,
         }))

@@ -112,8 +112,14 @@ pub fn decide(
         .map(after)
         .or_else(|| calculate_expires_header_time(resp))
         .unwrap_or_else(|| after(route.ttl));
-    let defaults =
-        CacheMetaDefaults::new(|_| None, route.stale_while_revalidate, route.stale_if_error);
+    // `no-cache` forbids serving the copy unvalidated (RFC 9111 §4.2.4, §5.2.2.4): the
+    // route's stale windows do not apply to it (the origin's own `stale-*` directives do).
+    let (swr, sie) = if cc.as_ref().is_some_and(|c| c.no_cache()) {
+        (0, 0)
+    } else {
+        (route.stale_while_revalidate, route.stale_if_error)
+    };
+    let defaults = CacheMetaDefaults::new(|_| None, swr, sie);
     let (swr, sie) = calculate_serve_stale_durations(cc.as_ref(), &defaults);
     let mut header = resp.clone();
     if let Some(cc) = &cc {
@@ -164,6 +170,39 @@ mod tests {
             }),
             RespCacheable::Uncacheable(_) => None,
         }
+    }
+
+    #[test]
+    fn the_route_stale_windows_do_not_cover_no_cache() {
+        let mut r = route();
+        r.stale_while_revalidate = 30;
+        let now = SystemTime::now();
+        // (stale-while-revalidate, stale-if-error) a second after the copy went stale.
+        let windows = |headers: &[(&str, &str)]| match decide(
+            &r,
+            &req(false),
+            false,
+            &resp(200, headers),
+            now,
+        ) {
+            RespCacheable::Cacheable(m) => {
+                let t = m.fresh_until() + Duration::from_secs(1);
+                (m.serve_stale_while_revalidate(t), m.serve_stale_if_error(t))
+            }
+            RespCacheable::Uncacheable(_) => panic!("not stored"),
+        };
+        assert_eq!(windows(&[("cache-control", "max-age=60")]), (true, true));
+        assert_eq!(windows(&[("cache-control", "no-cache")]), (false, false));
+        assert_eq!(
+            windows(&[("cache-control", "no-cache, stale-if-error=60")]),
+            (false, true),
+            "the origin's own directive"
+        );
+        // `no-cache=field` is not the unqualified directive.
+        assert_eq!(
+            windows(&[("cache-control", "no-cache=\"set-cookie\", max-age=60")]),
+            (true, true)
+        );
     }
 
     #[test]

@@ -91,15 +91,28 @@ fn host<'a>(session: &'a Session, ctx: &'a RequestCtx) -> &'a str {
 }
 
 /// `request_cache_filter`: GET and HEAD on a caching route look up the cache; a successful
-/// unsafe method will invalidate the URL.
+/// unsafe method, on any route, will invalidate the URL (the cache is the process's, and the
+/// route that writes a URL is often not the one that caches its reads: RFC 9111 §4.4).
 pub fn enable(session: &mut Session, ctx: &mut RequestCtx) {
-    let Some(policy) = route_cache(ctx) else {
-        return;
-    };
     let Some(cache) = cache::get() else {
         return;
     };
     let method = session.req_header().method.clone();
+    if matches!(
+        method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH | http::Method::DELETE
+    ) {
+        let req = session.req_header();
+        ctx.invalidate = Some(key::both_schemes(
+            host(session, ctx),
+            req.uri.path(),
+            req.uri.query(),
+        ));
+        return;
+    }
+    let Some(policy) = route_cache(ctx) else {
+        return;
+    };
     if method == http::Method::GET || method == http::Method::HEAD {
         // A body or a method override the application may answer by: no lookup (a stored
         // answer to the plain URL would stand in for it) and, by `policy`, no store.
@@ -113,22 +126,12 @@ pub fn enable(session: &mut Session, ctx: &mut RequestCtx) {
         session.cache.enable(
             cache.storage,
             Some(cache.eviction),
-            None,
+            Some(cache.predictor),
             Some(cache.lock),
             Some(overrides),
         );
         session.cache.set_max_file_size_bytes(max_object_size);
         ctx.cache_status = Some(CacheStatus::Bypass);
-    } else if matches!(
-        method,
-        http::Method::POST | http::Method::PUT | http::Method::PATCH | http::Method::DELETE
-    ) {
-        let req = session.req_header();
-        ctx.invalidate = Some(key::both_schemes(
-            host(session, ctx),
-            req.uri.path(),
-            req.uri.query(),
-        ));
     }
 }
 
