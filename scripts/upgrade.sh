@@ -18,9 +18,16 @@ pid_file=${pid_file:-/tmp/tollgate.pid}
 old=$(cat "$pid_file")
 kill -0 "$old"                              # the old process must be running
 
-"$bin" -u -d -c "$conf"                     # daemonizes once it has started
+# The new process waits for the sockets before it daemonizes, and they come only once the old
+# one gets SIGQUIT: start it in the background, then signal.
+"$bin" -u -d -c "$conf" &
+launcher=$!
 sleep 1                                     # let it reach the upgrade socket
 kill -QUIT "$old"
+if ! wait "$launcher"; then                 # it returns once the daemon has forked off
+  echo "the new binary did not start; the old pid $old may be draining: restart it if so" >&2
+  exit 1
+fi
 for _ in $(seq 1 60); do
   kill -0 "$old" 2>/dev/null || { echo "upgraded: old pid $old exited, new pid $(cat "$pid_file")"; exit 0; }
   sleep 1

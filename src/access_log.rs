@@ -70,9 +70,13 @@ pub struct Entry<'a> {
 }
 
 /// A running access log.
-#[derive(Debug)]
 pub struct AccessLog {
     shared: Arc<Shared>,
+    /// The destination, until the writer thread takes it at the first line: the thread starts
+    /// then, not when the log is opened, because the first log is opened before Pingora forks
+    /// into the background (`-d`), and a thread does not survive a fork.
+    out: Mutex<Option<Box<dyn Write + Send>>>,
+    started: std::sync::Once,
     format: AccessLogFormat,
     /// The configuration it was started from (a reload keeps the log when unchanged).
     pub config: AccessLogConfig,
@@ -88,27 +92,41 @@ struct Shared {
 }
 
 impl AccessLog {
-    /// Open the destination and start the writer thread.
+    /// Open the destination (the writer thread starts at the first line).
     pub fn start(config: &AccessLogConfig) -> std::io::Result<AccessLog> {
         let out: Box<dyn Write + Send> = match config.path.as_str() {
             "stdout" => Box::new(std::io::stdout()),
             "stderr" => Box::new(std::io::stderr()),
             path => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
         };
-        let shared = Arc::new(Shared::default());
-        let theirs = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("tollgate-access-log".into())
-            .spawn(move || writer(&theirs, out))?;
         Ok(AccessLog {
-            shared,
+            shared: Arc::new(Shared::default()),
+            out: Mutex::new(Some(out)),
+            started: std::sync::Once::new(),
             format: config.format,
             config: config.clone(),
         })
     }
 
+    /// Start the writer thread, once.
+    fn start_writer(&self) {
+        self.started.call_once(|| {
+            let Some(out) = self.out.lock().take() else {
+                return;
+            };
+            let theirs = Arc::clone(&self.shared);
+            if let Err(e) = std::thread::Builder::new()
+                .name("tollgate-access-log".into())
+                .spawn(move || writer(&theirs, out))
+            {
+                log::error!("access log: cannot start its writer thread: {e}");
+            }
+        });
+    }
+
     /// Queue one entry; never blocks on the destination.
     pub fn log(&self, e: &Entry<'_>) {
+        self.start_writer();
         SCRATCH.with_borrow_mut(|line| {
             line.clear();
             format_line(self.format, e, line);
@@ -116,6 +134,15 @@ impl AccessLog {
                 metrics().access_log_dropped.inc();
             }
         });
+    }
+}
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("config", &self.config)
+            .field("started", &self.started.is_completed())
+            .finish_non_exhaustive()
     }
 }
 

@@ -67,6 +67,8 @@ pub fn main_with(filters: FilterRegistry) -> ExitCode {
             "/etc/tollgate/tollgate.yaml"
         })
     });
+    // Absolute, so that a reload still finds the file once `-d` has moved the process to `/`.
+    let path = std::path::absolute(&path).unwrap_or(path);
     let config = match Config::load_with(&path, &filters) {
         Ok(c) => c,
         Err(errors) => {

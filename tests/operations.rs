@@ -749,3 +749,124 @@ async fn removing_a_health_check_on_reload_brings_unhealthy_backends_back() {
         "the backend's own answer, not the gateway's 503"
     );
 }
+
+/// The pid in `path`, once it names a live process other than `not`.
+fn pid_in(path: &std::path::Path, not: Option<i32>, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            && Some(pid) != not
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        {
+            return Some(pid);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_script_replaces_a_daemon_whose_access_log_keeps_writing() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let [port, admin] = common::reserve_ports::<2>();
+    let conf = dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  threads: 1\n  grace_period: 0s\n  graceful_shutdown_timeout: 1s\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\nlisteners: [{{ address: \"127.0.0.1:{port}\" }}]\nadmin: {{ address: \"127.0.0.1:{admin}\" }}\naccess_log: {{ format: json, path: {d}/access.log }}\n{}",
+            routes_to(up.addr)
+        ),
+    )
+    .unwrap();
+    let pid_file = dir.path().join("tollgate.pid");
+    let log = dir.path().join("access.log");
+    let lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let url = format!("http://127.0.0.1:{port}/x");
+    // `-d` from a relative path, as an operator would start it from the config's directory.
+    let started = Command::new(common::binary())
+        .current_dir(dir.path())
+        .args(["-d", "-c", "tollgate.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(started.success());
+    let old = pid_in(&pid_file, None, Duration::from_secs(10)).expect("the daemon's pid");
+    let _old = Daemon(old);
+    assert!(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok())
+        .await
+    );
+    assert_eq!(get(&url).await.0, 200);
+    // The daemon's access log is written (its writer thread did not stay behind in the parent).
+    assert!(
+        eventually(Duration::from_secs(5), || lines() == 1).await,
+        "the daemon wrote no access log line"
+    );
+    // A reload after the fork still finds the file given by a relative path.
+    let r = client()
+        .post(format!("http://127.0.0.1:{admin}/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/upgrade.sh");
+    // To a file: the new daemon keeps the script's stdout and stderr open.
+    let out_path = dir.path().join("upgrade.out");
+    let out_file = std::fs::File::create(&out_path).unwrap();
+    let status = tokio::task::spawn_blocking({
+        let conf = conf.clone();
+        move || {
+            Command::new("bash")
+                .arg(script)
+                .arg(common::binary())
+                .arg(&conf)
+                .stdout(out_file.try_clone().unwrap())
+                .stderr(out_file)
+                .status()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let new = pid_in(&pid_file, Some(old), Duration::from_secs(5));
+    let _new = new.map(Daemon);
+    assert!(
+        status.success(),
+        "upgrade.sh failed: {}",
+        std::fs::read_to_string(&out_path).unwrap_or_default()
+    );
+    assert!(new.is_some(), "no new daemon's pid");
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), None).is_err(),
+        "the old process is still running"
+    );
+    assert_eq!(get(&url).await.0, 200);
+    assert!(
+        eventually(Duration::from_secs(5), || lines() == 2).await,
+        "the upgraded daemon wrote no access log line"
+    );
+}
+
+/// A daemon started by a test: stopped (SIGTERM) when the test ends, whatever happens.
+struct Daemon(i32);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGTERM);
+    }
+}
