@@ -48,7 +48,7 @@ pub fn config(data: &[u8]) {
         Ok(config) => {
             let router = Router::new(config.routes.clone());
             assert_eq!(router.routes().len(), config.routes.len());
-            let _ = config.tls_files();
+            let _ = config.watched_files();
         }
         Err(errors) => {
             assert!(!errors.errors.is_empty(), "an Err without any error");

@@ -870,3 +870,72 @@ impl Drop for Daemon {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGTERM);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_upstreams_only_when_asked() {
+    let down = Upstream::with(Behavior {
+        status: 500,
+        ..Behavior::default()
+    })
+    .await;
+    let body = format!(
+        "upstreams:\n  u:\n    backends: [{{ address: \"{}\" }}]\n    health_check: {{ kind: http, path: /healthz, interval: 100ms, timeout: 500ms, healthy: 2, unhealthy: 2 }}\nroutes: [{{ name: all, upstream: u }}]\n",
+        down.addr
+    );
+    let process = TestGateway::start(&body);
+    let upstreams = GatewayConfig::new(body)
+        .admin("readiness: upstreams")
+        .start();
+    let ready = |gw: &TestGateway| {
+        let url = format!("http://{}/health/ready", gw.admin);
+        async move { get(&url).await }
+    };
+    let unhealthy = format!("backend {} is unhealthy", down.addr);
+    for gw in [&process, &upstreams] {
+        assert!(eventually(Duration::from_secs(5), || gw.log().contains(&unhealthy)).await);
+    }
+    // By default one failed upstream does not take the replica out of its load balancer.
+    assert_eq!(ready(&process).await.0, 200);
+    let (status, body) = ready(&upstreams).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("upstream u has no healthy backend"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_file_is_picked_up_by_reload_on_change() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("admin-token");
+    std::fs::write(&file, "first-token-0123456789\n").unwrap();
+    let gw = GatewayConfig::new(routes_to(up.addr))
+        .admin(&format!("token_file: {}", file.display()))
+        .server("reload_on_change: 100ms")
+        .start();
+    let status = |token: &'static str| {
+        let url = format!("http://{}/upstreams", gw.admin);
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(status("first-token-0123456789").await, 200);
+    // As a Kubernetes Secret is updated: the file is replaced, the configuration is not.
+    let tmp = dir.path().join("admin-token.new");
+    std::fs::write(&tmp, "second-token-0123456789\n").unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status("second-token-0123456789").await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the new token was not applied\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status("first-token-0123456789").await, 401);
+}

@@ -364,6 +364,23 @@ pub struct AdminSection {
     /// Allow a non-loopback address without a token. Default false.
     #[serde(default)]
     pub allow_insecure: bool,
+    /// What `/health/ready` answers for. Default `process`.
+    #[serde(default)]
+    pub readiness: Readiness,
+}
+
+/// What `/health/ready` reports on (`admin.readiness`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Readiness {
+    /// The process: ready unless it is shutting down. Upstream trouble is for metrics and
+    /// `/upstreams`: every replica sees the same backends, and taking them all out of a load
+    /// balancer at once would turn one failed upstream into an outage of every route.
+    #[default]
+    Process,
+    /// The process, and every upstream has a backend (and a healthy one, unless health checks
+    /// fail open).
+    Upstreams,
 }
 
 fn default_admin_address() -> String {

@@ -22,7 +22,8 @@ use crate::filters::{Filter, FilterRegistry};
 pub use crate::upstream::breaker::BreakerSettings;
 pub use error::{ConfigError, ConfigErrors};
 pub use file::{
-    AccessLogFormat, Balance, FailureKind, HealthCheckKind, UnderscoreHeaders, UpstreamProtocol,
+    AccessLogFormat, Balance, FailureKind, HealthCheckKind, Readiness, UnderscoreHeaders,
+    UpstreamProtocol,
 };
 pub use validate::{MAX_POOL_SIZE, MAX_RETRIES, MAX_WEIGHT};
 
@@ -53,8 +54,8 @@ impl ListenerConfig {
 
 impl Config {
     /// Files besides the configuration file itself that a reload reads again: listener
-    /// certificates and keys, upstream CA bundles and client certificates.
-    pub fn tls_files(&self) -> Vec<&str> {
+    /// certificates and keys, upstream CA bundles and client certificates, the admin token file.
+    pub fn watched_files(&self) -> Vec<&str> {
         let listeners = self
             .listeners
             .iter()
@@ -67,7 +68,8 @@ impl Config {
             .filter_map(|u| u.tls.as_ref())
             .flat_map(|t| [&t.ca_file, &t.client_cert, &t.client_key])
             .filter_map(|f| f.as_deref());
-        listeners.chain(upstreams).collect()
+        let admin = self.admin.iter().filter_map(|a| a.token_file.as_deref());
+        listeners.chain(upstreams).chain(admin).collect()
     }
 }
 
@@ -157,6 +159,10 @@ pub struct AdminConfig {
     pub address: SocketAddr,
     /// Bearer token, if required.
     pub token: Option<String>,
+    /// The file the token was read from (watched by `reload_on_change`).
+    pub token_file: Option<String>,
+    /// What `/health/ready` reports on.
+    pub readiness: Readiness,
 }
 
 /// `access_log:` after validation.

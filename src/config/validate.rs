@@ -453,7 +453,12 @@ fn admin(a: &AdminSection, errs: &mut Errors) -> Option<AdminConfig> {
             ),
         );
     }
-    ok.then_some(AdminConfig { address, token })
+    ok.then_some(AdminConfig {
+        address,
+        token,
+        token_file: a.token_file.clone(),
+        readiness: a.readiness,
+    })
 }
 
 fn socket_addr(value: &str, path: &str, errs: &mut Errors) -> Option<SocketAddr> {

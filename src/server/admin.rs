@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 
 use super::control::Lifecycle;
 use super::reload::Reloader;
-use crate::config::{Config, Discovery, HostPattern, PathMatch};
+use crate::config::{Config, Discovery, HostPattern, PathMatch, Readiness};
 use crate::metrics;
 use crate::runtime::RuntimeState;
 
@@ -158,6 +158,14 @@ pub fn not_ready(state: &RuntimeState, lifecycle: &Lifecycle) -> Vec<String> {
     if lifecycle.stopping() {
         reasons.push("shutting down".to_string());
     }
+    let by_upstreams = state
+        .config
+        .admin
+        .as_ref()
+        .is_some_and(|a| a.readiness == Readiness::Upstreams);
+    if !by_upstreams {
+        return reasons;
+    }
     for u in &state.upstreams {
         let members = u.members();
         if members.backends.is_empty() {
@@ -165,7 +173,9 @@ pub fn not_ready(state: &RuntimeState, lifecycle: &Lifecycle) -> Vec<String> {
                 "upstream {} has no backends (discovery found none yet)",
                 u.name
             ));
-        } else if u.config.health.is_some() && !members.backends.iter().any(|b| b.is_healthy()) {
+        } else if u.config.health.as_ref().is_some_and(|h| !h.fail_open)
+            && !members.backends.iter().any(|b| b.is_healthy())
+        {
             reasons.push(format!("upstream {} has no healthy backend", u.name));
         }
     }
@@ -381,6 +391,8 @@ pub fn effective_config(c: &Config) -> Value {
         "admin": c.admin.as_ref().map(|a| json!({
             "address": addr(a.address),
             "token": a.token.as_ref().map(|_| "<redacted>"),
+            "token_file": a.token_file,
+            "readiness": format!("{:?}", a.readiness).to_lowercase(),
         })),
         "trusted_proxies": c.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
         "access_log": c.access_log.as_ref().map(|a| json!({

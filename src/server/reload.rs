@@ -85,7 +85,7 @@ impl Reloader {
         let state = self.state.load();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         let config = self.path.to_string_lossy();
-        for path in std::iter::once(config.as_ref()).chain(state.config.tls_files()) {
+        for path in std::iter::once(config.as_ref()).chain(state.config.watched_files()) {
             path.hash(&mut h);
             match std::fs::read(path) {
                 Ok(bytes) => bytes.hash(&mut h),

@@ -495,7 +495,8 @@ def test_admin_token_secret_is_mounted_where_the_config_reads_it(case):
         assert cfg_admin == {"address": "0.0.0.0:9901", "allow_insecure": True}
         assert not secrets
         return
-    assert set(cfg_admin) == {"address", "token_file"}
+    assert set(cfg_admin) == {"address", "token_file", "readiness"}
+    assert cfg_admin["readiness"] == "upstreams"
     (vol,) = secrets
     (item,) = vol["secret"]["items"]
     assert item["key"] == "admin-token"
@@ -526,6 +527,7 @@ def test_schema_accepts_both_value_sets(chart):
     ({"replicaCout": 3}, "'replicaCout' not allowed"),
     ({"ports": {"http": -1}}, "/ports/http"),
     ({"ports": {"admin": 70000}}, "/ports/admin"),
+    ({"admin": {"readiness": "backends"}}, "/admin/readiness"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"image": {"tag": 1.2}}, "/image/tag"),
     ({"tls": {"unknownSni": "maybe"}}, "/tls/unknownSni"),

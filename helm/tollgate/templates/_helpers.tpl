@@ -143,6 +143,9 @@ owns. The ConfigMap and the checksum/config annotation both use this, byte for b
 {{- /* Probes reach the admin listener on the pod IP, so it cannot be loopback. */}}
 {{- $_ := set $admin "allow_insecure" true }}
 {{- end }}
+{{- with .Values.admin.readiness }}
+{{- $_ := set $admin "readiness" . }}
+{{- end }}
 {{- $_ := set $cfg "admin" $admin }}
 {{- toYaml $cfg }}
 {{- end }}
