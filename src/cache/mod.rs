@@ -115,9 +115,17 @@ impl Cache {
         // Capacity: a guess of the entry count, for preallocation only.
         let items = (c.max_size / 16_384).clamp(1024, 1 << 20);
         let lock: Box<CacheKeyLockImpl> = CacheLock::new_boxed(c.lock_timeout);
+        let storage: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new()));
+        let eviction: &'static Manager<SHARDS> =
+            Box::leak(Box::new(Manager::with_capacity(c.max_size, items)));
+        // A replaced copy leaves the LRU with the storage (the LRU tracks key and id).
+        storage.on_replace(move |key, id| {
+            let entry = CacheEntryKey::identified(key.clone(), CacheEntryId::new(id));
+            eviction.remove((&entry).into());
+        });
         Box::leak(Box::new(Cache {
-            storage: Box::leak(Box::new(MemoryStorage::new())),
-            eviction: Box::leak(Box::new(Manager::with_capacity(c.max_size, items))),
+            storage,
+            eviction,
             lock: Box::leak(lock),
             lock_timeout: c.lock_timeout,
             predictor: Box::leak(Box::new(SizePredictor(Predictor::new(
@@ -158,5 +166,57 @@ impl Cache {
         self.purged
             .fetch_add(removed.len() as u64, Ordering::Relaxed);
         removed.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::cache::storage::Storage;
+    use pingora::cache::trace::Span;
+
+    #[tokio::test]
+    async fn a_replaced_copy_leaves_the_lru() {
+        let cache = Cache::new(&CacheConfig {
+            max_size: 1 << 20,
+            lock_timeout: Duration::from_secs(1),
+        });
+        let key = CacheKey::new("/r", "");
+        let meta = || {
+            let header = pingora::http::ResponseHeader::build(200, None).unwrap();
+            let now = std::time::SystemTime::now();
+            pingora::cache::CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, header)
+        };
+        let span = Span::inactive().handle();
+        let mut admitted = 0;
+        for body in [&b"first copy"[..], b"second copy, longer"] {
+            let mut w = cache
+                .storage
+                .get_miss_handler(&key, &meta(), &span)
+                .await
+                .unwrap();
+            w.write_body(bytes::Bytes::copy_from_slice(body), true)
+                .await
+                .unwrap();
+            let id = w.entry_id().unwrap();
+            let pingora::cache::storage::MissFinishType::Created(weight) =
+                w.finish().await.unwrap()
+            else {
+                unreachable!()
+            };
+            // As pingora-cache admits a finished write.
+            let entry = CacheEntryKey::identified(key.to_compact(), id);
+            let _ = cache.eviction.admit(
+                entry,
+                weight,
+                std::time::SystemTime::now() + Duration::from_secs(60),
+            );
+            admitted = weight;
+        }
+        let (_, hit) = cache.storage.lookup(&key, &span).await.unwrap().unwrap();
+        assert_eq!(hit.get_eviction_weight(), admitted);
+        // Only the second copy is left to weigh.
+        assert_eq!(cache.eviction.total_size(), admitted);
+        assert_eq!(cache.eviction.total_items(), 1);
     }
 }

@@ -8,8 +8,9 @@
 //!   follow the writer through a `watch` channel). A writer that gives up (the response was too
 //!   large, the upstream failed) makes its readers fail rather than end short, so a truncated
 //!   body is never passed off as complete.
-//! - **Size.** Each finished entry weighs its body, its serialized header, its decoded header
-//!   when one is kept (estimated, `StoredMeta::len`) and a fixed overhead;
+//! - **Size.** Each finished entry weighs its body, [`CHUNK_OVERHEAD`] per chunk, its
+//!   serialized header, its decoded header when one is kept (estimated, `StoredMeta::len`) and
+//!   a fixed overhead;
 //!   pingora-cache's LRU manager admits it against `cache.max_size` and has the least recently
 //!   used entries purged here (`PurgeType::Eviction`). Objects still being written are not in
 //!   the weight yet: each is bounded by the route's `max_object_size`.
@@ -18,7 +19,9 @@
 //!   `CacheMeta` from the decoded copy instead of decompressing the header per hit (`CacheMeta` is
 //!   not `Clone`). "Exactly" is checked at store time: the rebuilt meta must serialize to the
 //!   stored bytes, or every hit decodes as before.
-//! - **Entries** carry ids, so an eviction decided for an older copy never removes a newer one.
+//! - **Entries** carry ids, so an eviction decided for an older copy never removes a newer one,
+//!   and a copy replaced by a newer one is dropped from the LRU too ([`MemoryStorage::on_replace`]):
+//!   it would otherwise keep its weight there, and push live entries out.
 //! - **Purge** by primary key removes every variant (`Vary`) of it and abandons writes in
 //!   progress, which then never land.
 
@@ -45,6 +48,10 @@ use tokio::sync::watch;
 
 /// Bytes counted per entry on top of its body and header (maps, `Arc`s, chunk list, LRU node).
 pub const ENTRY_OVERHEAD: usize = 256;
+
+/// Bytes counted per stored chunk on top of its bytes (its `Bytes` handle and the allocator's
+/// rounding): an origin flushing tiny chunks holds far more than its body.
+pub const CHUNK_OVERHEAD: usize = 64;
 
 /// Bytes counted per field of a decoded header on top of its name and value (the header map's
 /// entry and index, the case map's entry, two `Bytes` handles): the same with or without a
@@ -173,6 +180,9 @@ struct Progress {
 /// An object being written.
 struct Partial {
     id: u64,
+    /// Purged while being written: it never lands, and no new reader is given it (readers
+    /// already following it read it to its end).
+    abandoned: std::sync::atomic::AtomicBool,
     meta: Arc<StoredMeta>,
     chunks: RwLock<Vec<Bytes>>,
     progress: watch::Receiver<Progress>,
@@ -189,6 +199,9 @@ pub struct StorageStats {
     pub evictions: u64,
 }
 
+/// What [`MemoryStorage::on_replace`] calls.
+type OnReplace = dyn Fn(&CompactCacheKey, u64) + Send + Sync;
+
 /// The storage. Built once per process and leaked: pingora-cache wants `&'static`.
 #[derive(Default)]
 pub struct MemoryStorage {
@@ -200,12 +213,20 @@ pub struct MemoryStorage {
     bytes: AtomicUsize,
     count: AtomicUsize,
     evictions: AtomicU64,
+    /// Told of each finished object a newer copy replaced (its key and id), so that the LRU,
+    /// which tracks objects by key and id, forgets it instead of keeping its weight.
+    replaced: std::sync::OnceLock<Box<OnReplace>>,
 }
 
 impl MemoryStorage {
     /// An empty storage.
     pub fn new() -> MemoryStorage {
         MemoryStorage::default()
+    }
+
+    /// Call `f` with the key and id of every finished object a newer copy replaces (once).
+    pub fn on_replace(&self, f: impl Fn(&CompactCacheKey, u64) + Send + Sync + 'static) {
+        let _ = self.replaced.set(Box::new(f));
     }
 
     /// Current contents, for metrics.
@@ -225,6 +246,22 @@ impl MemoryStorage {
             PurgeTarget::Exact(e) => Some(e.entry_id()),
             PurgeTarget::Active(_) => None,
         };
+        if exact_id.is_none() {
+            // Writes in progress would land after the purge: abandon them. First, so that a
+            // write finishing meanwhile either lands before the entries go, or not at all
+            // (`Writer::finish` checks and stores under the `writing` lock).
+            for list in self
+                .writing
+                .read()
+                .iter()
+                .filter(|((p, v), _)| *p == primary && (variance.is_none() || *v == variance))
+                .map(|(_, list)| list)
+            {
+                for partial in list {
+                    partial.abandoned.store(true, Ordering::Release);
+                }
+            }
+        }
         let mut removed = Vec::new();
         {
             let mut entries = self.entries.write();
@@ -251,12 +288,6 @@ impl MemoryStorage {
                 }
             }
         }
-        if exact_id.is_none() {
-            // Writes in progress would land after the purge: abandon them.
-            self.writing
-                .write()
-                .retain(|(p, v), _| !(*p == primary && (variance.is_none() || *v == variance)));
-        }
         removed
     }
 }
@@ -269,11 +300,12 @@ impl Storage for MemoryStorage {
         _trace: &SpanHandle,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
         let slot = slot_of(key);
-        let partial = self
-            .writing
-            .read()
-            .get(&slot)
-            .and_then(|w| w.last().cloned());
+        let partial = self.writing.read().get(&slot).and_then(|w| {
+            w.iter()
+                .rev()
+                .find(|p| !p.abandoned.load(Ordering::Acquire))
+                .cloned()
+        });
         if let Some(p) = partial {
             return partial_hit(p).map(Some);
         }
@@ -291,6 +323,7 @@ impl Storage for MemoryStorage {
                     Box::new(CompleteHit {
                         entry: e,
                         next: 0,
+                        next_at: 0,
                         start: 0,
                         end,
                     }),
@@ -316,8 +349,9 @@ impl Storage for MemoryStorage {
             .get(&slot_of(key))
             .and_then(|w| w.iter().find(|p| p.id == id).cloned());
         match partial {
+            // Its own write, purged or not (the writer's client reads what it writes).
             Some(p) => partial_hit(p).map(Some),
-            // Finished (or purged) meanwhile: the stored copy, if any.
+            // Finished meanwhile: the stored copy, if any.
             None => self.lookup(key, trace).await,
         }
     }
@@ -336,6 +370,7 @@ impl Storage for MemoryStorage {
         });
         let partial = Arc::new(Partial {
             id,
+            abandoned: Default::default(),
             meta,
             chunks: RwLock::new(Vec::new()),
             progress: rx,
@@ -387,7 +422,7 @@ impl Storage for MemoryStorage {
         let Some(old) = entries.get_mut(&primary).and_then(|v| v.get_mut(&variance)) else {
             return Ok(false);
         };
-        let weight = old.body_len + meta.len() + ENTRY_OVERHEAD;
+        let weight = old.body_len + old.body.len() * CHUNK_OVERHEAD + meta.len() + ENTRY_OVERHEAD;
         self.bytes.fetch_add(weight, Ordering::Relaxed);
         self.bytes.fetch_sub(old.weight, Ordering::Relaxed);
         *old = Arc::new(Entry {
@@ -427,6 +462,9 @@ struct CompleteHit {
     entry: Arc<Entry>,
     /// Next chunk to look at.
     next: usize,
+    /// The body offset where chunk `next` starts (so a read never rescans from the front: an
+    /// object of many small chunks would make each hit quadratic).
+    next_at: usize,
     /// Byte range to return.
     start: usize,
     end: usize,
@@ -435,21 +473,16 @@ struct CompleteHit {
 #[async_trait]
 impl HandleHit for CompleteHit {
     async fn read_body(&mut self) -> Result<Option<Bytes>> {
-        // Chunk offsets are recomputed from the front; objects have few chunks.
-        let mut offset = 0;
-        for (i, chunk) in self.entry.body.iter().enumerate() {
-            let (from, to) = (offset, offset + chunk.len());
-            offset = to;
-            if i < self.next {
-                continue;
+        while let Some(chunk) = self.entry.body.get(self.next) {
+            let (from, to) = (self.next_at, self.next_at + chunk.len());
+            if from >= self.end {
+                break;
             }
-            self.next = i + 1;
+            self.next += 1;
+            self.next_at = to;
             let (a, b) = (self.start.max(from), self.end.min(to));
             if a < b {
                 return Ok(Some(chunk.slice(a - from..b - from)));
-            }
-            if from >= self.end {
-                break;
             }
         }
         self.next = self.entry.body.len();
@@ -479,7 +512,16 @@ impl HandleHit for CompleteHit {
         }
         self.start = start;
         self.end = end.map_or(len, |e| e.min(len));
+        // Skip the chunks before `start` once, here.
         self.next = 0;
+        self.next_at = 0;
+        while let Some(chunk) = self.entry.body.get(self.next) {
+            if self.next_at + chunk.len() > start {
+                break;
+            }
+            self.next_at += chunk.len();
+            self.next += 1;
+        }
         Ok(())
     }
 
@@ -593,12 +635,8 @@ impl HandleMiss for Writer {
             complete: true,
         });
         let meta = &self.partial.meta;
-        let weight = self.body_len + meta.len() + ENTRY_OVERHEAD;
+        let weight = self.body_len + chunks.len() * CHUNK_OVERHEAD + meta.len() + ENTRY_OVERHEAD;
         let s = self.storage;
-        // Still registered, or purged while being written (then it never lands).
-        if !self.unregister() {
-            return Ok(MissFinishType::Created(0));
-        }
         let entry = Arc::new(Entry {
             id: self.partial.id,
             meta: meta.clone(),
@@ -606,16 +644,31 @@ impl HandleMiss for Writer {
             body_len: self.body_len,
             weight,
         });
-        let old = s
-            .entries
-            .write()
-            .entry(self.slot.0)
-            .or_default()
-            .insert(self.slot.1, entry);
+        // Stored before it leaves the in-progress list, under its lock: a lookup meanwhile
+        // finds one or the other, and a purge either sees it stored or has abandoned it.
+        let old = {
+            let mut writing = s.writing.write();
+            let registered = self.take_from(&mut writing);
+            if !registered || self.partial.abandoned.load(Ordering::Acquire) {
+                return Ok(MissFinishType::Created(0));
+            }
+            s.entries
+                .write()
+                .entry(self.slot.0)
+                .or_default()
+                .insert(self.slot.1, entry)
+        };
         s.bytes.fetch_add(weight, Ordering::Relaxed);
         match old {
             Some(old) => {
                 s.bytes.fetch_sub(old.weight, Ordering::Relaxed);
+                if let Some(f) = s.replaced.get() {
+                    let key = CompactCacheKey {
+                        variance: self.slot.1.map(Box::new),
+                        ..primary_target(self.slot.0)
+                    };
+                    f(&key, old.id);
+                }
             }
             None => {
                 s.count.fetch_add(1, Ordering::Relaxed);
@@ -644,10 +697,13 @@ impl Drop for Writer {
 }
 
 impl Writer {
-    /// Take this write out of the in-progress list; whether it was still there (a purge
-    /// removes it).
-    fn unregister(&self) -> bool {
-        let mut writing = self.storage.writing.write();
+    /// Take this write out of the in-progress list.
+    fn unregister(&self) {
+        self.take_from(&mut self.storage.writing.write());
+    }
+
+    /// Take this write out of `writing`; whether it was there.
+    fn take_from(&self, writing: &mut HashMap<Slot, Vec<Arc<Partial>>>) -> bool {
         let Some(list) = writing.get_mut(&self.slot) else {
             return false;
         };
@@ -753,6 +809,108 @@ mod tests {
             plain.len(),
             plain.bytes.0.len() + plain.bytes.1.len() + fields + 4 * DECODED_FIELD_OVERHEAD
         );
+    }
+
+    fn span() -> SpanHandle {
+        pingora::cache::trace::Span::inactive().handle()
+    }
+
+    fn leaked() -> &'static MemoryStorage {
+        Box::leak(Box::new(MemoryStorage::new()))
+    }
+
+    /// Write `chunks` as one object under `key`; the finished write's weight.
+    async fn store(s: &'static MemoryStorage, key: &CacheKey, chunks: &[&[u8]]) -> usize {
+        let mut w = s.get_miss_handler(key, &meta(), &span()).await.unwrap();
+        for c in chunks {
+            w.write_body(Bytes::copy_from_slice(c), false)
+                .await
+                .unwrap();
+        }
+        w.write_body(Bytes::new(), true).await.unwrap();
+        match w.finish().await.unwrap() {
+            MissFinishType::Created(n) => n,
+            _ => unreachable!(),
+        }
+    }
+
+    async fn body(hit: &mut HitHandler) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(b) = hit.read_body().await.unwrap() {
+            out.extend_from_slice(&b);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_replaced_copy_is_reported_with_its_id_so_the_lru_forgets_it() {
+        let s = leaked();
+        let told = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&told);
+        s.on_replace(move |key, id| sink.lock().push((key.primary, id)));
+        let key = CacheKey::new("/a", "");
+        store(s, &key, &[b"one"]).await;
+        let first = s.lookup(&key, &span()).await.unwrap().unwrap().1.entry_id();
+        assert!(told.lock().is_empty());
+        store(s, &key, &[b"two"]).await;
+        assert_eq!(
+            told.lock().as_slice(),
+            &[(key.primary_bin(), first.unwrap().get())]
+        );
+        assert_eq!(s.stats().entries, 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_purged_midway_never_lands_but_its_own_reader_still_follows_it() {
+        let s = leaked();
+        let key = CacheKey::new("/p", "");
+        let mut w = s.get_miss_handler(&key, &meta(), &span()).await.unwrap();
+        let tag = w.streaming_write_tag().unwrap().to_vec();
+        w.write_body(Bytes::from_static(b"old "), false)
+            .await
+            .unwrap();
+        s.remove(PurgeTarget::Active(&primary_target(key.primary_bin())));
+        // Nobody new is given the abandoned write...
+        assert!(s.lookup(&key, &span()).await.unwrap().is_none());
+        // ...but the writer's own client is (Pingora looks it up by its tag).
+        let (_, mut own) = s
+            .lookup_streaming_write(&key, Some(&tag), &span())
+            .await
+            .unwrap()
+            .expect("the writer's own stream");
+        w.write_body(Bytes::from_static(b"body"), true)
+            .await
+            .unwrap();
+        assert!(matches!(
+            w.finish().await.unwrap(),
+            MissFinishType::Created(0)
+        ));
+        assert_eq!(body(&mut own).await, b"old body");
+        assert!(
+            s.lookup(&key, &span()).await.unwrap().is_none(),
+            "landed after the purge"
+        );
+        assert_eq!(s.stats().entries, 0);
+    }
+
+    #[tokio::test]
+    async fn many_small_chunks_are_weighed_and_read_and_sought_in_order() {
+        let s = leaked();
+        let key = CacheKey::new("/c", "");
+        let bytes: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let chunks: Vec<&[u8]> = bytes.chunks(2).collect();
+        let weight = store(s, &key, &chunks).await;
+        assert!(
+            weight >= bytes.len() + chunks.len() * CHUNK_OVERHEAD,
+            "{weight}"
+        );
+        let (_, mut hit) = s.lookup(&key, &span()).await.unwrap().unwrap();
+        assert_eq!(body(&mut hit).await, bytes);
+        let (_, mut hit) = s.lookup(&key, &span()).await.unwrap().unwrap();
+        hit.seek(10_001, Some(15_000)).unwrap();
+        assert_eq!(body(&mut hit).await, &bytes[10_001..15_000]);
+        hit.seek(0, Some(1)).unwrap();
+        assert_eq!(body(&mut hit).await, &bytes[..1]);
     }
 
     #[test]
