@@ -289,20 +289,39 @@ pub fn header_name(n: &str) -> Result<HeaderName, String> {
     HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("invalid header name {n:?}"))
 }
 
-/// Names of configuration keys whose values are secrets, in any filter (built-in or custom):
-/// an exact name, or a name ending in `_` plus one of them (`client_secret`, `api_token`).
-const SECRET_KEYS: &[&str] = &["secret", "password", "token", "api_keys", "credentials"];
+/// Words that make a configuration key (or a header name, `-` read as `_`) name a secret, in
+/// any filter (built-in or custom): a key containing one (`client_secret`, `api_token`,
+/// `db_password`), or ending in one of [`SECRET_SUFFIXES`] (`private_key`, `x-api-key`).
+const SECRET_WORDS: &[&str] = &[
+    "secret",
+    "password",
+    "passwd",
+    "passphrase",
+    "token",
+    "credential",
+    "api_keys",
+];
 
-/// A filter's configuration with secrets replaced by `"<redacted>"`: values of secret-named keys,
-/// and the password of any URL (`redis://:pw@host` → `redis://:<redacted>@host`).
+/// Endings that make a key name a secret, and whole names of credential-bearing headers (a
+/// `headers` filter's `set: {authorization: "Bearer …"}`).
+const SECRET_SUFFIXES: &[&str] = &["api_key", "apikey", "private_key", "access_key"];
+const SECRET_NAMES: &[&str] = &["authorization", "proxy_authorization", "cookie"];
+
+/// URL query parameters whose values are secrets (`redis://host/0?pass=…`).
+const SECRET_PARAMS: &[&str] = &["pass", "password", "passwd", "secret", "token"];
+
+fn secret_name(k: &str) -> bool {
+    let k = k.to_ascii_lowercase().replace('-', "_");
+    SECRET_WORDS.iter().any(|w| k.contains(w))
+        || SECRET_SUFFIXES.iter().any(|s| k.ends_with(s))
+        || SECRET_NAMES.contains(&k.as_str())
+}
+
+/// A filter's configuration with secrets replaced by `"<redacted>"`: values of secret-named keys
+/// (and header names), and the password of any URL (`redis://:pw@host` →
+/// `redis://:<redacted>@host`, `?pass=pw` → `?pass=<redacted>`).
 pub fn redacted(spec: &serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
-    let secret_name = |k: &str| {
-        let k = k.to_ascii_lowercase();
-        SECRET_KEYS
-            .iter()
-            .any(|s| k == *s || k.ends_with(&format!("_{s}")))
-    };
     match spec {
         Value::Object(map) => Value::Object(
             map.iter()
@@ -317,7 +336,7 @@ pub fn redacted(spec: &serde_json::Value) -> serde_json::Value {
                 .collect(),
         ),
         Value::Array(items) => Value::Array(items.iter().map(redacted).collect()),
-        Value::String(s) => Value::String(redact_url_password(s)),
+        Value::String(s) => Value::String(redact_url_query(&redact_url_password(s))),
         other => other.clone(),
     }
 }
@@ -335,6 +354,32 @@ fn redact_url_password(s: &str) -> String {
         Some((user, _)) => format!("{scheme}://{user}:<redacted>{}", &rest[at..]),
         None => s.to_string(),
     }
+}
+
+/// A URL's secret query parameters ([`SECRET_PARAMS`]) redacted; anything else unchanged.
+fn redact_url_query(s: &str) -> String {
+    let Some((base, query)) = s.contains("://").then(|| s.split_once('?')).flatten() else {
+        return s.to_string();
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((name, _)) if SECRET_PARAMS.contains(&name.to_ascii_lowercase().as_str()) => {
+                format!("{name}=<redacted>")
+            }
+            _ => p.to_string(),
+        })
+        .collect();
+    let mut out = format!("{base}?{}", params.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -361,6 +406,37 @@ mod redaction_tests {
                 "backend": {"url": "redis://:<redacted>@127.0.0.1:6379/0", "timeout": "100ms"},
                 "other": "redis://user@host",
                 "key": "client_ip",
+            })
+        );
+    }
+
+    #[test]
+    fn credential_headers_query_passwords_and_key_like_names_are_redacted() {
+        let spec = json!({
+            "kind": "headers",
+            "request": {
+                "set": {"Authorization": "Bearer upstream-key", "X-Api-Key": "k", "x-upstream-token": "t", "x-tenant": "blue"},
+                "add": {"cookie": "session=1"},
+                "remove": ["authorization"],
+            },
+            "backend": {"url": "redis+unix:///run/redis.sock?db=2&pass=pw#x"},
+            "private_key": "-----BEGIN",
+            "passphrase": "p",
+            "hash_key": "header:x-user",
+        });
+        assert_eq!(
+            redacted(&spec),
+            json!({
+                "kind": "headers",
+                "request": {
+                    "set": {"Authorization": "<redacted>", "X-Api-Key": "<redacted>", "x-upstream-token": "<redacted>", "x-tenant": "blue"},
+                    "add": {"cookie": "<redacted>"},
+                    "remove": ["authorization"],
+                },
+                "backend": {"url": "redis+unix:///run/redis.sock?db=2&pass=<redacted>#x"},
+                "private_key": "<redacted>",
+                "passphrase": "<redacted>",
+                "hash_key": "header:x-user",
             })
         );
     }
