@@ -939,3 +939,48 @@ async fn a_rotated_token_file_is_picked_up_by_reload_on_change() {
     }
     assert_eq!(status("first-token-0123456789").await, 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_at_most_64_requests_at_once() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&routes_to(up.addr));
+    let health = || {
+        let mut c = TcpStream::connect(gw.admin).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        out
+    };
+    // Connections that never send a request hold admin slots: add them until a request is
+    // refused (another client's kept-alive connection may hold a slot too).
+    let mut idle = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health().starts_with("HTTP/1.1 200") {
+        assert!(
+            Instant::now() < deadline,
+            "never refused, {} idle",
+            idle.len()
+        );
+        if idle.len() < 64 {
+            idle.push(TcpStream::connect(gw.admin).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        (60..=64).contains(&idle.len()),
+        "refused with {} idle connections",
+        idle.len()
+    );
+    // Freed, the slots serve again.
+    idle.clear();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !health().starts_with("HTTP/1.1 200") {
+        assert!(
+            Instant::now() < deadline,
+            "no request answered once slots were free"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

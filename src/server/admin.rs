@@ -15,13 +15,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::{Method, Response};
+use pingora::apps::ServerApp;
 use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
 use pingora::services::listening::Service;
 use serde_json::{Value, json};
 
@@ -405,10 +409,52 @@ pub fn effective_config(c: &Config) -> Value {
 }
 
 /// The admin service bound to `address`.
-pub fn service(address: SocketAddr, admin: Admin) -> Service<Admin> {
-    let mut svc = Service::new("tollgate admin".to_string(), admin);
+pub fn service(address: SocketAddr, admin: Admin) -> Service<AdminGuard> {
+    let guard = AdminGuard {
+        inner: Arc::new(admin),
+        open: AtomicUsize::new(0),
+    };
+    let mut svc = Service::new("tollgate admin".to_string(), guard);
     svc.add_tcp(&address.to_string());
     svc
+}
+
+/// Admin requests served at once; a connection over it is closed at once. The admin listener is
+/// outside the proxy's connection guard: this keeps a client (token or not) from holding the
+/// process's file descriptors through it.
+const MAX_ADMIN_REQUESTS: usize = 64;
+
+/// Longest one admin request may take, from waiting for its head (on a kept-alive connection,
+/// the wait for the next one) to its answer written; then the connection is closed. A scraper
+/// keeping its connection open across scrapes reconnects after it.
+const ADMIN_REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The admin application under [`MAX_ADMIN_REQUESTS`] and [`ADMIN_REQUEST_DEADLINE`].
+pub struct AdminGuard {
+    inner: Arc<Admin>,
+    open: AtomicUsize,
+}
+
+#[async_trait]
+impl ServerApp for AdminGuard {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= MAX_ADMIN_REQUESTS {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            log::debug!("admin: {MAX_ADMIN_REQUESTS} requests in progress; connection closed");
+            return None;
+        }
+        let served = tokio::time::timeout(
+            ADMIN_REQUEST_DEADLINE,
+            ServerApp::process_new(&self.inner, stream, shutdown),
+        )
+        .await;
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        served.ok().flatten()
+    }
 }
 
 #[cfg(test)]
