@@ -157,13 +157,15 @@ pub(super) fn validate(
         format: a.format,
         path: a.path.trim().to_string(),
     });
-    if let Some(a) = &access_log
-        && a.path.is_empty()
-    {
-        errs.push(
-            "access_log.path",
-            "must not be empty; use stdout, stderr or a file path",
-        );
+    if let Some(a) = &access_log {
+        if a.path.is_empty() {
+            errs.push(
+                "access_log.path",
+                "must not be empty; use stdout, stderr or a file path",
+            );
+        } else if let Err(why) = writable_log(&a.path) {
+            errs.push("access_log.path", why);
+        }
     }
 
     let filters = build_filters(&file.filters, "filters", registry, &mut errs);
@@ -410,6 +412,32 @@ fn listener_tls(t: &ListenerTlsSection, path: &str, errs: &mut Errors) -> Option
                 errs.push(format!("{path}.certificates[{i}].{}", e.key), e.message);
             }
             None
+        }
+    }
+}
+
+/// Whether the access log at `path` can be opened for appending (`tollgate -t` would otherwise
+/// pass a configuration the start then refuses): an existing regular file the process may
+/// write, or a new file in a directory it may write. Nothing is created.
+fn writable_log(path: &str) -> Result<(), String> {
+    use nix::unistd::{AccessFlags, access};
+    if matches!(path, "stdout" | "stderr") {
+        return Ok(());
+    }
+    let p = std::path::Path::new(path);
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => Err(format!("{path:?} is a directory")),
+        Ok(_) => access(p, AccessFlags::W_OK).map_err(|e| format!("cannot write {path:?}: {e}")),
+        Err(_) => {
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            match std::fs::metadata(dir) {
+                Ok(m) if m.is_dir() => access(dir, AccessFlags::W_OK | AccessFlags::X_OK)
+                    .map_err(|e| format!("cannot create {path:?} in {}: {e}", dir.display())),
+                _ => Err(format!("directory {} does not exist", dir.display())),
+            }
         }
     }
 }
