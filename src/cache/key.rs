@@ -101,8 +101,24 @@ pub fn variance(
     req: &RequestHeader,
     key_headers: &[HeaderName],
     vary: &[HeaderName],
+    trusted: bool,
 ) -> Option<HashBinary> {
     let mut b = VarianceBuilder::new();
+    if trusted {
+        // A trusted proxy's forwarding fields reach the origin as they are, and frameworks build
+        // absolute URLs (redirects, links) from them: each value is its own variant. Only those
+        // present count, so a request without them keeps the plain variant.
+        for name in FORWARDED_INPUTS {
+            let mut v = Vec::new();
+            for value in req.headers.get_all(name) {
+                v.extend_from_slice(value.as_bytes());
+                v.push(b'\n');
+            }
+            if !v.is_empty() {
+                b.add_owned_name_value(format!("forwarded-input:{name}"), v);
+            }
+        }
+    }
     for name in key_headers.iter().chain(vary) {
         let values: Vec<u8> = if name == http::header::ACCEPT_ENCODING {
             accepted_codings(req).into_bytes()
@@ -118,6 +134,17 @@ pub fn variance(
     }
     b.finalize()
 }
+
+/// Forwarding fields a trusted proxy sends that the origin may build URLs from, besides
+/// `X-Forwarded-Proto` (in the key's scheme) and `X-Forwarded-Host` (answers to one other than
+/// `Host` are not stored). Others' are removed before the cache sees them.
+const FORWARDED_INPUTS: [&str; 5] = [
+    "forwarded",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+];
 
 /// `Accept-Encoding` reduced to the codings that matter, in a fixed order (`br,gzip,zstd`).
 ///
@@ -286,6 +313,29 @@ mod tests {
     }
 
     #[test]
+    fn a_trusted_proxys_forwarding_fields_are_variants_and_their_absence_is_the_plain_one() {
+        let req = |fields: &[(&str, &str)]| {
+            let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+            for (k, v) in fields {
+                r.append_header(k.to_string(), *v).unwrap();
+            }
+            r
+        };
+        let v = |fields: &[(&str, &str)], trusted| variance(&req(fields), &[], &[], trusted);
+        let plain = v(&[], false);
+        assert_eq!(v(&[], true), plain);
+        assert_ne!(v(&[("x-forwarded-prefix", "/shop")], true), plain);
+        assert_ne!(
+            v(&[("x-forwarded-prefix", "/shop")], true),
+            v(&[("x-forwarded-prefix", "/blog")], true)
+        );
+        assert_ne!(v(&[("forwarded", "host=a;proto=https")], true), plain);
+        assert_ne!(v(&[("x-forwarded-port", "8443")], true), plain);
+        // Not from an untrusted peer (whose fields never reach the origin).
+        assert_eq!(v(&[("x-forwarded-prefix", "/shop")], false), plain);
+    }
+
+    #[test]
     fn accept_encoding_variants_are_normalised() {
         let req = |ae: &str| {
             let mut r = RequestHeader::build("GET", b"/", None).unwrap();
@@ -293,7 +343,7 @@ mod tests {
             r
         };
         let ae = [http::header::ACCEPT_ENCODING];
-        let v = |s: &str| variance(&req(s), &[], &ae);
+        let v = |s: &str| variance(&req(s), &[], &ae, false);
         assert_eq!(v("gzip, deflate, br"), v("br;q=0.9, gzip"));
         assert_ne!(v("gzip"), v("br"));
         assert_eq!(v("gzip, br;q=0"), v("gzip"));

@@ -11,7 +11,8 @@
 //! 5. it says `no-store` or `private`.
 //!
 //! Freshness: `s-maxage`, else `max-age` (minus the response's `Age`), else `Expires`, else the
-//! route's `ttl`; `no-cache` stores it as already stale, so every use is revalidated. Serving
+//! route's `ttl` for a status that allows a heuristic freshness (RFC 9110 §15.1: 200, 301,
+//! 404, …; a 302 without one is not stored); `no-cache` stores it as already stale, so every use is revalidated. Serving
 //! stale: the origin's `stale-while-revalidate` / `stale-if-error`, else the route's defaults;
 //! `must-revalidate`, `proxy-revalidate` and `s-maxage` forbid both. Header fields named by
 //! `private="…"` / `no-cache="…"` are removed from the stored copy.
@@ -25,6 +26,16 @@ use pingora::http::{RequestHeader, ResponseHeader};
 
 use super::key;
 use crate::config::RouteCache;
+
+/// Statuses a cache may give a freshness of its own (the route's `ttl`) when the origin gives
+/// none (RFC 9110 §15.1); others (302, 303, 307, most errors) are stored only with an explicit
+/// one.
+fn heuristically_cacheable(status: u16) -> bool {
+    matches!(
+        status,
+        200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
 
 /// Request fields some frameworks read as the method instead of the request line's.
 const METHOD_OVERRIDES: [&str; 3] = [
@@ -106,12 +117,17 @@ pub fn decide(
     let after = |ttl: Duration| {
         if ttl.is_zero() { stale } else { created + ttl }
     };
-    let fresh_until = cc
+    let explicit = cc
         .as_ref()
         .and_then(InterpretCacheControl::fresh_duration)
         .map(after)
-        .or_else(|| calculate_expires_header_time(resp))
-        .unwrap_or_else(|| after(route.ttl));
+        .or_else(|| calculate_expires_header_time(resp));
+    let fresh_until = match explicit {
+        Some(t) => t,
+        None if heuristically_cacheable(resp.status.as_u16()) => after(route.ttl),
+        // A 302 (a login redirect) says nothing of how long it holds: not stored.
+        None => return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache),
+    };
     // `no-cache` forbids serving the copy unvalidated (RFC 9111 §4.2.4, §5.2.2.4): the
     // route's stale windows do not apply to it (the origin's own `stale-*` directives do).
     let (swr, sie) = if cc.as_ref().is_some_and(|c| c.no_cache()) {
@@ -243,7 +259,16 @@ mod tests {
             "an invalid Expires is in the past"
         );
         assert_eq!(ttl(404, &[("cache-control", "max-age=60")], false), None);
-        assert_eq!(ttl(302, &[], false), Some(300));
+        assert_eq!(ttl(301, &[], false), Some(300));
+        assert_eq!(
+            ttl(302, &[], false),
+            None,
+            "no heuristic freshness for a 302"
+        );
+        assert_eq!(
+            ttl(302, &[("cache-control", "max-age=60")], false),
+            Some(60)
+        );
         assert_eq!(ttl(200, &[("set-cookie", "a=b")], false), None);
         assert_eq!(ttl(200, &[("vary", "*")], false), None);
     }

@@ -194,7 +194,8 @@ pub fn cacheable(session: &Session, resp: &ResponseHeader, ctx: &RequestCtx) -> 
 pub fn variance(meta: &CacheMeta, ctx: &RequestCtx, req: &RequestHeader) -> Option<HashBinary> {
     let policy = route_cache(ctx)?;
     let vary = key::vary_names(meta.headers()).unwrap_or_default();
-    key::variance(req, &policy.key_headers, &vary)
+    let trusted = ctx.client.is_some_and(|c| c.trusted);
+    key::variance(req, &policy.key_headers, &vary, trusted)
 }
 
 /// `should_serve_stale`: on an upstream failure (including every backend unavailable), or to
