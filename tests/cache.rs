@@ -906,3 +906,49 @@ async fn a_write_through_a_route_that_does_not_cache_invalidates_the_url() {
     assert_eq!(r.status(), 200);
     assert_eq!(cache_status(&gw, "/items/1").await, "MISS");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_refresh_of_an_api_key_route_reaches_the_origin() {
+    let up = Upstream::with(answering(
+        "k1",
+        &["Cache-Control: max-age=1, stale-while-revalidate=60"],
+    ))
+    .await;
+    let gw = TestGateway::start(&format!(
+        "upstreams: {{ u: {{ backends: [{{ address: \"{}\" }}] }} }}\nroutes:\n  - {{ name: api, upstream: u, cache: {{}}, filters: [{{ kind: auth, api_keys: [key-0123456789] }}] }}\n",
+        up.addr
+    ));
+    let key = [("x-api-key", "key-0123456789")];
+    assert_eq!(
+        get(&gw, "/k", &key).await,
+        (200, "MISS".into(), "k1".into())
+    );
+    assert_eq!(
+        get(&gw, "/k", &[]).await.0,
+        401,
+        "a hit still needs the key"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    up.set(answering("k2", &["Cache-Control: max-age=60"]));
+    let before = up.count();
+    assert_eq!(
+        get(&gw, "/k", &key).await,
+        (200, "STALE".into(), "k1".into())
+    );
+    // The refresh is rebuilt from the head as the client sent it (HTTP/1): the filters run on
+    // it again, and pass.
+    assert!(
+        common::eventually(Duration::from_secs(5), || up.count() > before).await,
+        "the background refresh never reached the origin\n{}",
+        gw.log()
+    );
+    let mut fresh = String::new();
+    for _ in 0..50 {
+        fresh = get(&gw, "/k", &key).await.2;
+        if fresh == "k2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fresh, "k2");
+}
