@@ -952,3 +952,26 @@ async fn the_background_refresh_of_an_api_key_route_reaches_the_origin() {
     }
     assert_eq!(fresh, "k2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_for_a_forwarded_prefix_is_not_served_without_it() {
+    let up = Upstream::with(answering("x", &["Cache-Control: max-age=60"])).await;
+    let gw = cached(&up, "{}", "trusted_proxies: [127.0.0.0/8]\n");
+    let shop = [("x-forwarded-prefix", "/shop")];
+    assert_eq!(get(&gw, "/f", &shop).await.1, "MISS");
+    // The first copy sits in the URL's first slot: a request without the field must not take it.
+    assert_eq!(get(&gw, "/f", &[]).await.1, "MISS");
+    assert_eq!(get(&gw, "/f", &[]).await.1, "HIT");
+    assert_eq!(get(&gw, "/f", &shop).await.1, "HIT");
+    // The client in `Forwarded` is not part of the variant.
+    let fwd = |v: &'static str| [("forwarded", v)];
+    assert_eq!(
+        get(&gw, "/g", &fwd("for=192.0.2.1;proto=https")).await.1,
+        "MISS"
+    );
+    assert_eq!(
+        get(&gw, "/g", &fwd("for=192.0.2.2;proto=https")).await.1,
+        "HIT"
+    );
+    assert_eq!(up.count(), 3);
+}

@@ -95,30 +95,38 @@ pub fn both_schemes(host: &str, path: &str, query: Option<&str>) -> [CacheKey; 2
     ["http", "https"].map(|scheme| keyed(primary(scheme, host, path, query)))
 }
 
-/// The variance of a request: the route's key headers plus the headers `vary` names.
-/// `None` when there is nothing to vary on.
+/// The variance of a request: a trusted proxy's forwarding inputs, the route's key headers,
+/// and the headers `vary` names.
+///
+/// Never `None`: the forwarding inputs are always one value (empty without them), so that a
+/// request without them never takes the copy stored for one with them (Pingora serves a URL's
+/// primary slot as it is to a request without a variance).
 pub fn variance(
     req: &RequestHeader,
     key_headers: &[HeaderName],
     vary: &[HeaderName],
     trusted: bool,
 ) -> Option<HashBinary> {
-    let mut b = VarianceBuilder::new();
+    // A trusted proxy's forwarding fields reach the origin as they are, and frameworks build
+    // absolute URLs (redirects, links) from them: each value is its own variant. Others' are
+    // removed before the origin sees them, and count as none.
+    let mut forwarded = Vec::new();
     if trusted {
-        // A trusted proxy's forwarding fields reach the origin as they are, and frameworks build
-        // absolute URLs (redirects, links) from them: each value is its own variant. Only those
-        // present count, so a request without them keeps the plain variant.
-        for name in FORWARDED_INPUTS {
-            let mut v = Vec::new();
+        for name in &FORWARDED_INPUTS {
             for value in req.headers.get_all(name) {
-                v.extend_from_slice(value.as_bytes());
-                v.push(b'\n');
-            }
-            if !v.is_empty() {
-                b.add_owned_name_value(format!("forwarded-input:{name}"), v);
+                forwarded.extend_from_slice(name.as_str().as_bytes());
+                forwarded.push(b':');
+                if name == http::header::FORWARDED {
+                    forwarded_url_parts(value.as_bytes(), &mut forwarded);
+                } else {
+                    forwarded.extend_from_slice(value.as_bytes());
+                }
+                forwarded.push(b'\n');
             }
         }
     }
+    let mut b = VarianceBuilder::new();
+    b.add_value("forwarded-inputs", &forwarded);
     for name in key_headers.iter().chain(vary) {
         let values: Vec<u8> = if name == http::header::ACCEPT_ENCODING {
             accepted_codings(req).into_bytes()
@@ -137,14 +145,31 @@ pub fn variance(
 
 /// Forwarding fields a trusted proxy sends that the origin may build URLs from, besides
 /// `X-Forwarded-Proto` (in the key's scheme) and `X-Forwarded-Host` (answers to one other than
-/// `Host` are not stored). Others' are removed before the cache sees them.
-const FORWARDED_INPUTS: [&str; 5] = [
-    "forwarded",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-scheme",
-    "x-forwarded-ssl",
+/// `Host` are not stored).
+const FORWARDED_INPUTS: [HeaderName; 5] = [
+    http::header::FORWARDED,
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-ssl"),
 ];
+
+/// The `host=` and `proto=` pairs of a `Forwarded` value (RFC 7239), element by element: the
+/// parts a URL is built from. `for=` and `by=` name the client and the proxy, and would make a
+/// variant per client.
+fn forwarded_url_parts(value: &[u8], out: &mut Vec<u8>) {
+    for element in value.split(|&b| b == b',') {
+        for pair in element.split(|&b| b == b';') {
+            let pair = pair.trim_ascii();
+            let key = pair.split(|&b| b == b'=').next().unwrap_or(b"");
+            if key.eq_ignore_ascii_case(b"host") || key.eq_ignore_ascii_case(b"proto") {
+                out.extend_from_slice(&pair.to_ascii_lowercase());
+                out.push(b';');
+            }
+        }
+        out.push(b',');
+    }
+}
 
 /// `Accept-Encoding` reduced to the codings that matter, in a fixed order (`br,gzip,zstd`).
 ///
@@ -323,14 +348,24 @@ mod tests {
         };
         let v = |fields: &[(&str, &str)], trusted| variance(&req(fields), &[], &[], trusted);
         let plain = v(&[], false);
+        // Always a variance, so that a plain request never takes a forwarded one's copy.
+        assert!(plain.is_some());
         assert_eq!(v(&[], true), plain);
         assert_ne!(v(&[("x-forwarded-prefix", "/shop")], true), plain);
         assert_ne!(
             v(&[("x-forwarded-prefix", "/shop")], true),
             v(&[("x-forwarded-prefix", "/blog")], true)
         );
-        assert_ne!(v(&[("forwarded", "host=a;proto=https")], true), plain);
         assert_ne!(v(&[("x-forwarded-port", "8443")], true), plain);
+        // `Forwarded`: the host and proto, not the client.
+        let fwd = |value| v(&[("forwarded", value)], true);
+        assert_ne!(fwd("host=a.test;proto=https"), plain);
+        assert_eq!(
+            fwd("for=192.0.2.1;host=a.test;proto=https"),
+            fwd("for=198.51.100.7;Host=a.test;proto=https;by=10.0.0.1")
+        );
+        assert_ne!(fwd("host=a.test"), fwd("host=b.test"));
+        assert_eq!(fwd("for=192.0.2.1"), fwd("for=198.51.100.7"));
         // Not from an untrusted peer (whose fields never reach the origin).
         assert_eq!(v(&[("x-forwarded-prefix", "/shop")], false), plain);
     }
