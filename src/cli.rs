@@ -82,6 +82,18 @@ pub fn main_with(filters: FilterRegistry) -> ExitCode {
         }
     };
     init_logging(&config.server.log_level);
+    if cli.test
+        && let Some(a) = &config.access_log
+        && let Err(why) = crate::config::writable_log(&a.path)
+    {
+        let errors = crate::config::ConfigErrors {
+            source: path.display().to_string(),
+            errors: vec![crate::config::ConfigError::new("access_log.path", why)],
+        };
+        eprintln!("{errors}");
+        eprintln!("{}: 1 error(s); configuration not loaded", path.display());
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
     if cli.test {
         println!(
             "{}: configuration OK ({} listener(s), {} upstream(s), {} route(s))",

@@ -32,6 +32,8 @@ pub struct RuntimeState {
     /// Whether any route or global filter compresses responses (the compression module is then
     /// armed for every request, to parse `Accept-Encoding`).
     pub compression: bool,
+    /// Whether any route caches (a successful unsafe request then invalidates its URL).
+    pub caching: bool,
     trusted_proxies: Vec<IpNet>,
     /// Request metrics per route (by index), and for requests no route took.
     route_metrics: Vec<RouteMetrics>,
@@ -82,10 +84,12 @@ impl RuntimeState {
             .iter()
             .map(|r| RouteMetrics::new(&r.name))
             .collect();
+        let caching = config.routes.iter().any(|r| r.cache.is_some());
         Ok(RuntimeState {
             route_metrics,
             unrouted_metrics: RouteMetrics::new("none"),
             compression,
+            caching,
             trusted_proxies: config.trusted_proxies.clone(),
             config: Arc::new(config),
             router,

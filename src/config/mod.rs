@@ -25,7 +25,7 @@ pub use file::{
     AccessLogFormat, Balance, FailureKind, HealthCheckKind, Readiness, UnderscoreHeaders,
     UpstreamProtocol,
 };
-pub use validate::{MAX_POOL_SIZE, MAX_RETRIES, MAX_WEIGHT};
+pub use validate::{MAX_POOL_SIZE, MAX_RETRIES, MAX_WEIGHT, writable_log};
 
 /// One client-facing listener.
 #[derive(Debug, Clone)]

@@ -163,8 +163,6 @@ pub(super) fn validate(
                 "access_log.path",
                 "must not be empty; use stdout, stderr or a file path",
             );
-        } else if let Err(why) = writable_log(&a.path) {
-            errs.push("access_log.path", why);
         }
     }
 
@@ -419,7 +417,11 @@ fn listener_tls(t: &ListenerTlsSection, path: &str, errs: &mut Errors) -> Option
 /// Whether the access log at `path` can be opened for appending (`tollgate -t` would otherwise
 /// pass a configuration the start then refuses): an existing regular file the process may
 /// write, or a new file in a directory it may write. Nothing is created.
-fn writable_log(path: &str) -> Result<(), String> {
+///
+/// Only `tollgate -t` asks: a start or reload opens the file and reports its own error, and a
+/// reload that keeps the log keeps its open file (whose path may have become unwritable, or be
+/// relative to a directory a daemon has left).
+pub fn writable_log(path: &str) -> Result<(), String> {
     use nix::unistd::{AccessFlags, access};
     if matches!(path, "stdout" | "stderr") {
         return Ok(());

@@ -94,6 +94,10 @@ fn host<'a>(session: &'a Session, ctx: &'a RequestCtx) -> &'a str {
 /// unsafe method, on any route, will invalidate the URL (the cache is the process's, and the
 /// route that writes a URL is often not the one that caches its reads: RFC 9111 §4.4).
 pub fn enable(session: &mut Session, ctx: &mut RequestCtx) {
+    // Nothing is stored unless a route caches: no lookup, nothing to invalidate.
+    if !ctx.state.as_ref().is_some_and(|s| s.caching) {
+        return;
+    }
     let Some(cache) = cache::get() else {
         return;
     };
