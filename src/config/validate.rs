@@ -157,13 +157,13 @@ pub(super) fn validate(
         format: a.format,
         path: a.path.trim().to_string(),
     });
-    if let Some(a) = &access_log {
-        if a.path.is_empty() {
-            errs.push(
-                "access_log.path",
-                "must not be empty; use stdout, stderr or a file path",
-            );
-        }
+    if let Some(a) = &access_log
+        && a.path.is_empty()
+    {
+        errs.push(
+            "access_log.path",
+            "must not be empty; use stdout, stderr or a file path",
+        );
     }
 
     let filters = build_filters(&file.filters, "filters", registry, &mut errs);
