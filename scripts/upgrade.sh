@@ -23,6 +23,11 @@ kill -0 "$old"                              # the old process must be running
 "$bin" -u -d -c "$conf" &
 launcher=$!
 sleep 1                                     # let it reach the upgrade socket
+if ! kill -0 "$launcher" 2>/dev/null; then  # gone already: keep the old process serving
+  wait "$launcher" || true
+  echo "the new binary exited before taking over; the old pid $old keeps serving" >&2
+  exit 1
+fi
 kill -QUIT "$old"
 if ! wait "$launcher"; then                 # it returns once the daemon has forked off
   echo "the new binary did not start; the old pid $old may be draining: restart it if so" >&2

@@ -326,7 +326,8 @@ pub fn redacted(spec: &serde_json::Value) -> serde_json::Value {
         Value::Object(map) => Value::Object(
             map.iter()
                 .map(|(k, v)| {
-                    let v = if secret_name(k) && !v.is_null() {
+                    // A flag or a number names no secret (`allow_credentials: true`).
+                    let v = if secret_name(k) && (v.is_string() || v.is_array() || v.is_object()) {
                         Value::String("<redacted>".into())
                     } else {
                         redacted(v)
@@ -423,6 +424,7 @@ mod redaction_tests {
             "private_key": "-----BEGIN",
             "passphrase": "p",
             "hash_key": "header:x-user",
+            "allow_credentials": true,
         });
         assert_eq!(
             redacted(&spec),
@@ -437,6 +439,7 @@ mod redaction_tests {
                 "private_key": "<redacted>",
                 "passphrase": "<redacted>",
                 "hash_key": "header:x-user",
+                "allow_credentials": true,
             })
         );
     }
