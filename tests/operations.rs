@@ -500,11 +500,14 @@ async fn reload_on_change_picks_up_an_edited_file_once_and_skips_a_broken_one() 
     // Edit the file (no signal, no POST): the next check reloads it, once.
     let conf = gw.config_path();
     let text = std::fs::read_to_string(&conf).unwrap();
-    std::fs::write(
-        &conf,
-        text.replace(&one.addr.to_string(), &two.addr.to_string()),
-    )
-    .unwrap();
+    // Replaced whole (as an editor or a ConfigMap update does): a check never sees it half
+    // written.
+    let replace = |content: &str| {
+        let tmp = conf.with_extension("new");
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, &conf).unwrap();
+    };
+    replace(&text.replace(&one.addr.to_string(), &two.addr.to_string()));
     let start = Instant::now();
     while two.count() == 0 && start.elapsed() < Duration::from_secs(5) {
         let _ = get(&gw.url("/x")).await;
@@ -524,7 +527,7 @@ async fn reload_on_change_picks_up_an_edited_file_once_and_skips_a_broken_one() 
 
     // A broken edit is refused once (counted), the old configuration keeps serving, and it is
     // not retried until the file changes again.
-    std::fs::write(&conf, "listeners: [oops\n").unwrap();
+    replace("listeners: [oops\n");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let m = metrics().await;
     assert_eq!(failures(&m), Some(1.0), "{m}");

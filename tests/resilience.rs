@@ -744,3 +744,37 @@ async fn discovery_that_found_nothing_yet_is_no_backend_even_with_a_health_check
         gw.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_is_ready_once_its_discovery_has_answered() {
+    let port = common::reserve_port();
+    let ip = Ipv4Addr::new(127, 0, 0, 2);
+    let _up = Upstream::with_on(SocketAddr::from((ip, port)), Behavior::default()).await;
+    let dns = DnsServer::start(&[ip]).await;
+    dns.set(None);
+    let gw = TestGateway::start(&format!(
+        "upstreams:\n  svc:\n    discovery: {{ kind: dns, name: api.svc.test, port: {port}, refresh: 200ms, nameservers: [\"{}\"] }}\nroutes: [{{ name: all, upstream: svc }}]\n",
+        dns.addr
+    ));
+    let ready = format!("http://{}/health/ready", gw.admin);
+    let (status, body) = common::get(&ready).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("upstream svc: discovery has not answered yet"),
+        "{body}"
+    );
+    dns.set(Some(&[ip]));
+    assert!(
+        eventually(Duration::from_secs(5), || gw
+            .log()
+            .contains("discovery added"))
+        .await,
+        "{}",
+        gw.log()
+    );
+    assert_eq!(common::get(&ready).await.0, 200);
+    // Once it has answered, a failing discovery keeps the last set and the process ready.
+    dns.set(None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(common::get(&ready).await.0, 200);
+}

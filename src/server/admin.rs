@@ -168,6 +168,16 @@ pub fn not_ready(state: &RuntimeState, lifecycle: &Lifecycle) -> Vec<String> {
         .as_ref()
         .is_some_and(|a| a.readiness == Readiness::Upstreams);
     if !by_upstreams {
+        // A new process is not ready before each discovery has answered once: it would take
+        // traffic its discovered upstreams cannot serve yet.
+        for u in &state.upstreams {
+            if !u.discovery_answered() {
+                reasons.push(format!(
+                    "upstream {}: discovery has not answered yet",
+                    u.name
+                ));
+            }
+        }
         return reasons;
     }
     for u in &state.upstreams {

@@ -228,6 +228,8 @@ pub struct Upstream {
     budget: Mutex<RetryBudget>,
     /// The discovered part of the member set, kept to rebuild on change.
     discovered: Mutex<BTreeSet<SocketAddr>>,
+    /// Discovery has answered at least once (readiness waits for it).
+    discovered_once: std::sync::atomic::AtomicBool,
     /// Resilience counters (retries, transitions, rejections, discovery failures).
     pub stats: stats::UpstreamStats,
 }
@@ -247,6 +249,7 @@ impl Upstream {
             in_flight: AtomicUsize::new(0),
             budget: Mutex::new(RetryBudget::new(cfg.retry.budget_percent, now)),
             discovered: Mutex::new(BTreeSet::new()),
+            discovered_once: Default::default(),
             stats: stats::UpstreamStats::default(),
             config: cfg.clone(),
         }
@@ -259,7 +262,9 @@ impl Upstream {
         let new = Upstream::new(cfg);
         if cfg.discovery.is_some() && cfg.discovery == old.config.discovery {
             let found = lock(&old.discovered).clone();
-            new.set_discovered(found);
+            if old.discovery_answered() {
+                new.set_discovered(found);
+            }
         }
         let previous = old.members();
         for b in &new.members().backends {
@@ -279,6 +284,11 @@ impl Upstream {
         }
     }
 
+    /// Whether this upstream's discovery (if it has one) has answered at least once.
+    pub fn discovery_answered(&self) -> bool {
+        self.config.discovery.is_none() || self.discovered_once.load(Ordering::Acquire)
+    }
+
     /// The current member set.
     pub fn members(&self) -> Arc<Members> {
         self.members.load_full()
@@ -290,6 +300,7 @@ impl Upstream {
         &self,
         found: BTreeSet<SocketAddr>,
     ) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        self.discovered_once.store(true, Ordering::Release);
         let mut discovered = lock(&self.discovered);
         if *discovered == found {
             return (Vec::new(), Vec::new());
