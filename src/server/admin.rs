@@ -439,7 +439,8 @@ const MAX_ADMIN_REQUESTS: usize = 64;
 /// keeping its connection open across scrapes reconnects after it.
 const ADMIN_REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
-/// The admin application under [`MAX_ADMIN_REQUESTS`] and [`ADMIN_REQUEST_DEADLINE`].
+/// The admin application, at most 64 requests at once and 30 s each (`MAX_ADMIN_REQUESTS`,
+/// `ADMIN_REQUEST_DEADLINE`).
 pub struct AdminGuard {
     inner: Arc<Admin>,
     open: AtomicUsize,
