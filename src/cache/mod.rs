@@ -27,7 +27,7 @@ use storage::{MemoryStorage, StorageStats, primary_target};
 /// LRU shards (each with its own lock).
 const SHARDS: usize = 16;
 
-/// URLs remembered as too large, per predictor shard (16 shards).
+/// URLs remembered as too large, per predictor shard ([`SHARDS`] of them).
 const PREDICTED_PER_SHARD: usize = 1024;
 
 /// pingora-cache's predictor, remembering only responses too large to store.
@@ -36,7 +36,7 @@ const PREDICTED_PER_SHARD: usize = 1024;
 /// custom reason), so that one request carrying `Authorization`, or a body, would take its URL
 /// out of the cache for the requests after it. A URL is forgotten when a response to it is
 /// cacheable again, or by the LRU.
-pub struct SizePredictor(Predictor<16>);
+pub struct SizePredictor(Predictor<SHARDS>);
 
 impl CacheablePredictor for SizePredictor {
     fn cacheable_prediction(&self, key: &CacheKey) -> bool {
@@ -57,6 +57,12 @@ impl CacheablePredictor for SizePredictor {
             _ => None,
         }
     }
+}
+
+/// The LRU tracks each object by key and id: forget exactly that one.
+fn forget(eviction: &Manager<SHARDS>, key: CompactCacheKey, id: u64) {
+    let entry = CacheEntryKey::identified(key, CacheEntryId::new(id));
+    eviction.remove((&entry).into());
 }
 
 /// The process's cache.
@@ -119,10 +125,7 @@ impl Cache {
         let eviction: &'static Manager<SHARDS> =
             Box::leak(Box::new(Manager::with_capacity(c.max_size, items)));
         // A replaced copy leaves the LRU with the storage (the LRU tracks key and id).
-        storage.on_replace(move |key, id| {
-            let entry = CacheEntryKey::identified(key.clone(), CacheEntryId::new(id));
-            eviction.remove((&entry).into());
-        });
+        storage.on_replace(move |key, id| forget(eviction, key.clone(), id));
         Box::leak(Box::new(Cache {
             storage,
             eviction,
@@ -153,15 +156,11 @@ impl Cache {
         let target = primary_target(key.primary_bin());
         let removed = self.storage.remove(PurgeTarget::Active(&target));
         for (variance, id) in &removed {
-            // The LRU tracks each object by key and id: forget exactly those.
-            let entry = CacheEntryKey::identified(
-                CompactCacheKey {
-                    variance: variance.map(Box::new),
-                    ..target.clone()
-                },
-                CacheEntryId::new(*id),
-            );
-            self.eviction.remove((&entry).into());
+            let key = CompactCacheKey {
+                variance: variance.map(Box::new),
+                ..target.clone()
+            };
+            forget(self.eviction, key, *id);
         }
         self.purged
             .fetch_add(removed.len() as u64, Ordering::Relaxed);

@@ -12,10 +12,11 @@
 //!
 //! Freshness: `s-maxage`, else `max-age` (minus the response's `Age`), else `Expires`, else the
 //! route's `ttl` for a status that allows a heuristic freshness (RFC 9110 §15.1: 200, 301,
-//! 404, …; a 302 without one is not stored); `no-cache` stores it as already stale, so every use is revalidated. Serving
-//! stale: the origin's `stale-while-revalidate` / `stale-if-error`, else the route's defaults;
-//! `must-revalidate`, `proxy-revalidate` and `s-maxage` forbid both. Header fields named by
-//! `private="…"` / `no-cache="…"` are removed from the stored copy.
+//! 404, …; a 302 without one is not stored); `no-cache` stores it as already stale, so every
+//! use is revalidated. Serving stale: the origin's `stale-while-revalidate` /
+//! `stale-if-error`, else the route's defaults (not for `no-cache`); `must-revalidate`,
+//! `proxy-revalidate` and `s-maxage` forbid both. Header fields named by `private="…"` /
+//! `no-cache="…"` are removed from the stored copy.
 
 use std::time::{Duration, SystemTime};
 

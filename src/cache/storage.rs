@@ -161,6 +161,11 @@ impl StoredMeta {
     }
 }
 
+/// What a finished object of `body_len` bytes in `chunks` chunks weighs against `max_size`.
+fn weigh(body_len: usize, chunks: usize, meta: &StoredMeta) -> usize {
+    body_len + chunks * CHUNK_OVERHEAD + meta.len() + ENTRY_OVERHEAD
+}
+
 /// A finished object.
 struct Entry {
     id: u64,
@@ -422,7 +427,7 @@ impl Storage for MemoryStorage {
         let Some(old) = entries.get_mut(&primary).and_then(|v| v.get_mut(&variance)) else {
             return Ok(false);
         };
-        let weight = old.body_len + old.body.len() * CHUNK_OVERHEAD + meta.len() + ENTRY_OVERHEAD;
+        let weight = weigh(old.body_len, old.body.len(), &meta);
         self.bytes.fetch_add(weight, Ordering::Relaxed);
         self.bytes.fetch_sub(old.weight, Ordering::Relaxed);
         *old = Arc::new(Entry {
@@ -635,7 +640,7 @@ impl HandleMiss for Writer {
             complete: true,
         });
         let meta = &self.partial.meta;
-        let weight = self.body_len + chunks.len() * CHUNK_OVERHEAD + meta.len() + ENTRY_OVERHEAD;
+        let weight = weigh(self.body_len, chunks.len(), meta);
         let s = self.storage;
         let entry = Arc::new(Entry {
             id: self.partial.id,

@@ -302,9 +302,11 @@ const SECRET_WORDS: &[&str] = &[
     "api_keys",
 ];
 
-/// Endings that make a key name a secret, and whole names of credential-bearing headers (a
-/// `headers` filter's `set: {authorization: "Bearer …"}`).
+/// Endings that make a key name a secret.
 const SECRET_SUFFIXES: &[&str] = &["api_key", "apikey", "private_key", "access_key"];
+
+/// Whole names of credential-bearing headers (a `headers` filter's
+/// `set: {authorization: "Bearer …"}`).
 const SECRET_NAMES: &[&str] = &["authorization", "proxy_authorization", "cookie"];
 
 /// URL query parameters whose values are secrets (`redis://host/0?pass=…`).

@@ -138,15 +138,7 @@ impl Reloader {
                 fixed.join(", ")
             ));
         }
-        // The process keeps the derived settings it started with (and `/config` shows those).
-        for (what, was, now) in derived_changes(&old.config.server, &config.server) {
-            log::warn!(
-                "{what} is {was}; the reloaded configuration makes it {now} from the next restart or upgrade"
-            );
-        }
-        config.server.threads = old.config.server.threads;
-        config.server.work_stealing = old.config.server.work_stealing;
-        config.server.upstream_keepalive_pool_size = old.config.server.upstream_keepalive_pool_size;
+        keep_derived(&old.config.server, &mut config.server);
         let new = Arc::new(RuntimeState::build(config, Some(&old))?);
         // Listeners are unchanged (checked above), so the resolvers line up with them.
         for (resolver, l) in self.resolvers.iter().zip(&new.config.listeners) {
@@ -187,7 +179,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     // Settings read per request (or by the logger) reload like the rest. Those with a derived
     // default compare as written: the derived value may move with the upstreams or the CPUs,
-    // and the running process keeps its own (`derived_changes`).
+    // and the running process keeps its own (`keep_derived`).
     let comparable = |s: &ServerSettings| ServerSettings {
         log_level: String::new(),
         threads: 0,
@@ -209,35 +201,29 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     out
 }
 
-/// Derived server settings that a reload changed (each as written the same, or not at all):
-/// the process keeps the values it started with.
-fn derived_changes(
-    old: &ServerSettings,
-    new: &ServerSettings,
-) -> Vec<(&'static str, String, String)> {
-    let mut out = Vec::new();
-    if old.threads != new.threads {
-        out.push((
-            "server.threads",
-            old.threads.to_string(),
-            new.threads.to_string(),
-        ));
+/// The process keeps the derived settings it started with (and `/config` shows those): each
+/// one the reloaded configuration would change (as written the same, or not at all) is put back,
+/// with a warning naming the value it takes at the next restart or upgrade.
+fn keep_derived(running: &ServerSettings, new: &mut ServerSettings) {
+    fn keep<T: PartialEq + std::fmt::Display + Copy>(what: &str, running: T, new: &mut T) {
+        if *new != running {
+            log::warn!(
+                "{what} is {running}; the reloaded configuration makes it {new} from the next restart or upgrade"
+            );
+            *new = running;
+        }
     }
-    if old.work_stealing != new.work_stealing {
-        out.push((
-            "server.work_stealing",
-            old.work_stealing.to_string(),
-            new.work_stealing.to_string(),
-        ));
-    }
-    if old.upstream_keepalive_pool_size != new.upstream_keepalive_pool_size {
-        out.push((
-            "server.upstream_keepalive_pool_size",
-            old.upstream_keepalive_pool_size.to_string(),
-            new.upstream_keepalive_pool_size.to_string(),
-        ));
-    }
-    out
+    keep("server.threads", running.threads, &mut new.threads);
+    keep(
+        "server.work_stealing",
+        running.work_stealing,
+        &mut new.work_stealing,
+    );
+    keep(
+        "server.upstream_keepalive_pool_size",
+        running.upstream_keepalive_pool_size,
+        &mut new.upstream_keepalive_pool_size,
+    );
 }
 
 fn unix_now() -> f64 {

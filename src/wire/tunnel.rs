@@ -288,9 +288,7 @@ impl Pipe {
         cx.waker().wake_by_ref();
         Poll::Pending
     }
-}
 
-impl Pipe {
     /// A flush or shutdown of the writer: while it waits, this direction waits on the writer
     /// (from the first wait on); once done, it no longer does.
     fn stalls(&mut self, p: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
